@@ -1,0 +1,32 @@
+# Two commands do all setup on a fresh machine:
+#   make run   -- create .venv if missing, install, run the main job
+#   make test  -- same setup with the test extra, then the test suite
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+TORCH  := torch==2.13.0
+
+.PHONY: run test bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# torch goes in first, pinned, so that no dependency pulls a CUDA build.
+$(STAMP): $(PY) pyproject.toml
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/pergrad explain --out runs/explain
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/step_ratio.py
+
+clean:
+	rm -rf $(VENV) runs build src/*.egg-info
