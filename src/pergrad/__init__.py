@@ -1,0 +1,25 @@
+"""pergrad: per-example gradients in one backward pass, and what mini-batch SGD averages.
+
+Public API:
+    PerExample, PerExampleResult: the engine.
+    register_rule, Rule: add a per-example rule for your own layer.
+    errors: UnsupportedModuleError, ExampleCouplingError, CaptureError.
+"""
+
+from .errors import CaptureError, ExampleCouplingError, PergradError, UnsupportedModuleError
+from .per_example import PerExample, PerExampleResult
+from .rules import Rule, register_rule, registered_rules
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CaptureError",
+    "ExampleCouplingError",
+    "PerExample",
+    "PerExampleResult",
+    "PergradError",
+    "Rule",
+    "UnsupportedModuleError",
+    "register_rule",
+    "registered_rules",
+]

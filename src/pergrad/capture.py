@@ -1,0 +1,187 @@
+"""Hooks that capture, per module and per call, the input activations and output gradients.
+
+The :class:`Capture` owns every hook and every saved tensor, and clears them: nothing is
+stored on the modules. A forward hook on each *target* module (one whose trainable
+parameters a rule computes) saves the call's inputs and registers tensor hooks on its
+outputs; those receive the gradient of the reduced loss during the backward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .errors import CaptureError, ExampleCouplingError, UnsupportedModuleError
+from .rules import FALLBACK, Call, Rule, rule_for
+from .rules.functional import output_tensors
+
+__all__ = ["Capture", "Target"]
+
+
+@dataclass
+class Target:
+    """A module whose trainable parameters a rule computes.
+
+    Attributes:
+        path: the module's name in ``model.named_modules()`` ("" for the model itself).
+        module: the module.
+        rule: its rule.
+        param_names: local parameter name -> name in ``model.named_parameters()``.
+        calls: the calls captured since the last backward.
+    """
+
+    path: str
+    module: nn.Module
+    rule: Rule
+    param_names: dict[str, str]
+    calls: list[Call]
+
+    def describe(self) -> str:
+        return f"{type(self.module).__name__} at '{self.path or '<model>'}'"
+
+
+def _detached(x: Any) -> Any:
+    return x.detach() if isinstance(x, Tensor) else x
+
+
+class Capture:
+    """Finds the target modules of a model, hooks them, and holds what the hooks saw.
+
+    Args:
+        model: the model.
+        on_unsupported: "error" raises for a trainable module without a rule; "fallback"
+            computes such a module alone with torch.func.
+
+    Raises:
+        UnsupportedModuleError: a module with trainable parameters and no rule, under "error".
+    """
+
+    def __init__(self, model: nn.Module, on_unsupported: str = "error"):
+        if on_unsupported not in ("error", "fallback"):
+            raise ValueError(f"on_unsupported must be 'error' or 'fallback', got {on_unsupported!r}.")
+        names = {id(p): name for name, p in model.named_parameters()}
+        self.targets: list[Target] = []
+        covered_prefixes: list[str] = []
+        for path, module in model.named_modules():
+            if any(path.startswith(prefix) for prefix in covered_prefixes):
+                continue
+            rule = rule_for(module)
+            own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+            if rule is None and own:
+                if on_unsupported == "error":
+                    raise UnsupportedModuleError(
+                        f"{type(module).__name__} at '{path or '<model>'}' has trainable "
+                        f"parameters {own} and no per-example rule. Register one with "
+                        f"pergrad.register_rule({type(module).__name__}, rule), pass "
+                        "on_unsupported='fallback' to compute it with torch.func, or freeze "
+                        "those parameters (requires_grad_(False))."
+                    )
+                rule = FALLBACK
+            if rule is None:
+                continue
+            if rule.covers_submodules:
+                covered_prefixes.append(f"{path}." if path else "")
+            params = {local: names[id(p)] for local, p in rule.parameters(module)}
+            if params:
+                self.targets.append(Target(path, module, rule, params, []))
+        self._paused = False
+        self._handles = [
+            t.module.register_forward_hook(self._forward_hook(t), with_kwargs=True) for t in self.targets
+        ]
+
+    def _forward_hook(self, target: Target):
+        def hook(module, args, kwargs, output):
+            if self._paused or not torch.is_grad_enabled():
+                return
+            outputs = output_tensors(output)
+            if not any(o.requires_grad for o in outputs):
+                return
+            call = Call(
+                tuple(_detached(a) for a in args),
+                {k: _detached(v) for k, v in kwargs.items()},
+                [None] * len(outputs),
+            )
+            for k, o in enumerate(outputs):
+                if o.requires_grad:
+                    o.register_hook(_store_grad(call, k))
+            target.calls.append(call)
+
+        return hook
+
+    def check_before_backward(self, n: int) -> None:
+        """Raise, before any gradient is computed, if the captured forward cannot be used.
+
+        Raises:
+            CaptureError: nothing captured since the last backward, or a call whose batch
+                size is not n.
+            ExampleCouplingError: a module that mixes examples (e.g. BatchNorm in training).
+        """
+        if self.targets and not any(t.calls for t in self.targets):
+            raise CaptureError(
+                "No forward pass was captured since the last backward: run the model's forward "
+                "(with gradients enabled, after creating PerExample) before each backward."
+            )
+        for t in self.targets:
+            if t.calls and (reason := t.rule.check(t.module)):
+                raise ExampleCouplingError(f"{t.describe()}: {reason}.")
+            for call in t.calls:
+                m = t.rule.batch_size(t.module, call)
+                if m != n:
+                    self.clear()
+                    raise CaptureError(
+                        f"{t.describe()} saw a batch of {m} examples but losses has {n}. Pass one "
+                        "loss per example (shape (n,), e.g. reduction='none'), keep the example "
+                        "axis first, and run forwards that are not backpropagated (evaluation) "
+                        "under torch.no_grad()."
+                    )
+
+    def reached_calls(self, target: Target) -> list[Call]:
+        """The calls of a target that the last backward reached."""
+        return [c for c in target.calls if c.reached]
+
+    def paused(self) -> "_Paused":
+        """Context in which forwards are not captured (rules that recompute a forward)."""
+        return _Paused(self)
+
+    def clear(self) -> None:
+        """Drop every saved tensor."""
+        for t in self.targets:
+            t.calls.clear()
+
+    def remove(self) -> None:
+        """Remove the hooks and drop every saved tensor."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.clear()
+
+    def parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Every covered parameter once, by its name in the model."""
+        seen = set()
+        for t in self.targets:
+            for local, p in t.rule.parameters(t.module):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield t.param_names[local], p
+
+
+def _store_grad(call: Call, k: int):
+    def hook(grad: Tensor) -> None:
+        previous = call.grad_outputs[k]
+        call.grad_outputs[k] = grad if previous is None else previous + grad
+
+    return hook
+
+
+class _Paused:
+    def __init__(self, capture: Capture):
+        self._capture = capture
+
+    def __enter__(self):
+        self._capture._paused = True
+
+    def __exit__(self, *exc):
+        self._capture._paused = False

@@ -1,0 +1,1 @@
+"""The ``pergrad`` command line: ``main.py`` builds the parser, one module per subcommand."""

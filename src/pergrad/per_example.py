@@ -1,0 +1,242 @@
+"""PerExample: the batch gradient and per-example gradient quantities from one backward pass.
+
+For losses ℓ₁…ℓₙ and the reduced loss L = (1/n) Σ ℓⱼ (``reduction="mean"``) or Σ ℓⱼ
+(``"sum"``), autograd fills ``p.grad`` with ∇L as usual while the capture records, per
+layer, the inputs ``a`` and output gradients ``g``. Each layer's rule splits ∇L into its n
+pieces ``P_j`` (``∇L = Σ_j P_j``); the gradient of example j's own loss is then
+``∇ℓⱼ = n·P_j`` for a mean and ``P_j`` for a sum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .capture import Capture
+
+__all__ = ["PerExample", "PerExampleResult"]
+
+_REDUCTIONS = ("mean", "sum")
+
+
+@dataclass(frozen=True)
+class PerExampleResult:
+    """What one :meth:`PerExample.backward` measured.
+
+    Every per-example quantity is about the gradient of example j's *own* loss ∇ℓⱼ,
+    whatever the reduction; only ``batch_grad_sq_norm`` depends on it.
+
+    Attributes:
+        sq_norms: (n,) ‖∇θ ℓⱼ‖² over all trainable parameters.
+        param_sq_norms: {parameter name: (n,)} the same, per parameter.
+        batch_grad_sq_norm: 0-dim tensor, ‖∇θ L‖² of the reduced loss (what this backward
+            added to ``.grad``).
+        n: number of examples.
+        reduction: "mean" or "sum".
+        grads: {parameter name: (n, *p.shape)} ∇θ ℓⱼ, when requested, else None.
+        second_moment: {parameter name: p.shape} Σⱼ (∇θ ℓⱼ)², when requested, else None.
+    """
+
+    sq_norms: Tensor
+    param_sq_norms: dict[str, Tensor]
+    batch_grad_sq_norm: Tensor
+    n: int
+    reduction: str
+    grads: dict[str, Tensor] | None = None
+    second_moment: dict[str, Tensor] | None = None
+
+    @property
+    def norms(self) -> Tensor:
+        """(n,) ‖∇θ ℓⱼ‖."""
+        return self.sq_norms.sqrt()
+
+
+class PerExample:
+    """Per-example gradient norms (and, on request, gradients and second moments) of a model.
+
+    Create it before the forward pass; it hooks the model until :meth:`remove` or the end of
+    a ``with`` block. Parameter names are those of ``model.named_parameters()``; frozen
+    parameters are skipped.
+
+    Args:
+        model: the model. Its examples must lie along the first axis of every layer's input
+            (for ``nn.MultiheadAttention``, as its ``batch_first`` says).
+        grads: also return per-example gradients, (n, *p.shape) per parameter.
+        second_moment: also return Σⱼ (∇ℓⱼ)² per parameter.
+        on_unsupported: "error" (default) raises for a trainable module without a rule;
+            "fallback" computes that module alone with torch.func.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+        >>> x, y = torch.randn(8, 3), torch.randn(8, 1)
+        >>> with PerExample(model) as pe:
+        ...     losses = ((model(x) - y) ** 2).sum(1)       # (8,), one loss per example
+        ...     result = pe.backward(losses)                # p.grad = ∇ losses.mean()
+        >>> result.sq_norms.shape
+        torch.Size([8])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        grads: bool = False,
+        second_moment: bool = False,
+        on_unsupported: str = "error",
+    ):
+        self.model = model
+        self.want_grads = grads
+        self.want_second_moment = second_moment
+        self._capture = Capture(model, on_unsupported)
+        counts: dict[str, int] = {}
+        for t in self._capture.targets:
+            for name in t.param_names.values():
+                counts[name] = counts.get(name, 0) + 1
+        # parameters used by more than one module need their pieces summed before squaring
+        self._shared = {name for name, k in counts.items() if k > 1}
+
+    def __enter__(self) -> "PerExample":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Remove every hook and saved tensor."""
+        self._capture.remove()
+
+    def backward(self, losses: Tensor, reduction: str = "mean") -> PerExampleResult:
+        """Backpropagate the reduced loss once and measure every example's gradient.
+
+        Args:
+            losses: (n,) one loss per example, with a graph back to the model. An example's
+                loss may itself sum or average over its tokens or pixels.
+            reduction: "mean" leaves ∇ (1/n) Σ ℓⱼ in ``.grad``; "sum" leaves ∇ Σ ℓⱼ. Like
+                autograd, the gradient is added to any ``.grad`` already there.
+
+        Returns:
+            A :class:`PerExampleResult`.
+
+        Raises:
+            ValueError: ``reduction`` unknown; ``losses`` not of shape (n,), without a graph,
+                or not finite.
+            CaptureError / ExampleCouplingError: see :meth:`Capture.check_before_backward`.
+            All are raised before anything is written into ``.grad``.
+        """
+        n = _check_losses(losses, reduction)
+        capture = self._capture
+        capture.check_before_backward(n)
+
+        params = dict(capture.parameters())
+        earlier = {name: p.grad for name, p in params.items()}
+        for p in params.values():
+            p.grad = None
+        reduced = losses.mean() if reduction == "mean" else losses.sum()
+        try:
+            reduced.backward()
+        finally:
+            fresh = {name: p.grad for name, p in params.items()}
+            for name, p in params.items():
+                if earlier[name] is not None:
+                    p.grad = earlier[name] if fresh[name] is None else earlier[name] + fresh[name]
+
+        batch_sq = sum(
+            (g.square().sum() for g in fresh.values() if g is not None), losses.new_zeros(())
+        )
+        scale = float(n) if reduction == "mean" else 1.0
+        try:
+            with torch.no_grad(), capture.paused():
+                per_param = self._per_parameter(n, scale, params)
+        finally:
+            capture.clear()
+
+        sq_norms = sum(per_param.sq.values(), losses.new_zeros(n).detach())
+        return PerExampleResult(
+            sq_norms=sq_norms,
+            param_sq_norms=per_param.sq,
+            batch_grad_sq_norm=batch_sq.detach(),
+            n=n,
+            reduction=reduction,
+            grads=per_param.grads if self.want_grads else None,
+            second_moment=per_param.second if self.want_second_moment else None,
+        )
+
+    def _per_parameter(self, n: int, scale: float, params: dict[str, nn.Parameter]) -> "_PerParameter":
+        """Run every target's rule and gather the results by parameter name, rescaled."""
+        out = _PerParameter()
+        shared_grads: dict[str, Tensor] = {}
+        for target in self._capture.targets:
+            calls = self._capture.reached_calls(target)
+            if not calls:
+                continue
+            need_grads = self.want_grads or any(g in self._shared for g in target.param_names.values())
+            if need_grads:
+                for local, piece in target.rule.per_example_grads(target.module, calls).items():
+                    name = target.param_names[local]
+                    grad = piece * scale
+                    shared_grads[name] = shared_grads[name] + grad if name in shared_grads else grad
+                continue
+            for local, sq in target.rule.sq_norms(target.module, calls).items():
+                out.sq[target.param_names[local]] = sq * scale**2
+            if self.want_second_moment:
+                for local, m in target.rule.second_moments(target.module, calls).items():
+                    out.second[target.param_names[local]] = m * scale**2
+        for name, grad in shared_grads.items():
+            out.sq[name] = grad.reshape(n, -1).square().sum(1)
+            out.grads[name] = grad
+            if self.want_second_moment:
+                out.second[name] = grad.square().sum(0)
+        # parameters no gradient reached: zeros, so every name is always present
+        for name, p in params.items():
+            if name not in out.sq:
+                out.sq[name] = p.new_zeros(n)
+                if self.want_grads:
+                    out.grads[name] = p.new_zeros((n, *p.shape))
+                if self.want_second_moment:
+                    out.second[name] = torch.zeros_like(p)
+        ordered = list(params)
+        return _PerParameter(
+            sq={k: out.sq[k] for k in ordered},
+            grads={k: out.grads[k] for k in ordered if k in out.grads},
+            second={k: out.second[k] for k in ordered if k in out.second},
+        )
+
+
+@dataclass
+class _PerParameter:
+    """Per-parameter results by name: squared norms (n,), gradients, second moments."""
+
+    sq: dict[str, Tensor] = field(default_factory=dict)
+    grads: dict[str, Tensor] = field(default_factory=dict)
+    second: dict[str, Tensor] = field(default_factory=dict)
+
+
+def _check_losses(losses: Tensor, reduction: str) -> int:
+    """Validate the per-example losses; return n."""
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}.")
+    if not isinstance(losses, Tensor):
+        raise ValueError(f"losses must be a tensor of shape (n,), got {type(losses).__name__}.")
+    if losses.dim() != 1:
+        hint = (
+            "a scalar: the loss was already reduced over the batch. Compute one loss per "
+            "example, e.g. F.cross_entropy(logits, y, reduction='none')"
+            if losses.dim() == 0
+            else f"of shape {tuple(losses.shape)}: reduce each example's loss over its other "
+            "axes first, e.g. losses.reshape(n, -1).mean(1)"
+        )
+        raise ValueError(f"losses must have shape (n,), one loss per example, but it is {hint}.")
+    if losses.shape[0] == 0:
+        raise ValueError("losses is empty: a batch needs at least one example.")
+    if losses.grad_fn is None:
+        raise ValueError(
+            "losses has no graph back to the model: compute it from the model's output with "
+            "gradients enabled (not under torch.no_grad(), not .detach()ed)."
+        )
+    if not torch.isfinite(losses.detach()).all():
+        bad = (~torch.isfinite(losses.detach())).nonzero().flatten().tolist()
+        raise ValueError(f"losses of examples {bad[:10]} are NaN or infinite; fix the data or the model first.")
+    return losses.shape[0]
+

@@ -1,0 +1,16 @@
+"""Per-layer rules. Every rule module is imported here, in one visible place, to register it."""
+
+from . import attention, conv, embedding, linear, norm  # noqa: F401  (registration)
+from ._registry import Call, Rule, register_rule, registered_rules, rule_for
+from .functional import FALLBACK, Batched, FunctionalRule
+
+__all__ = [
+    "Batched",
+    "Call",
+    "FALLBACK",
+    "FunctionalRule",
+    "Rule",
+    "register_rule",
+    "registered_rules",
+    "rule_for",
+]

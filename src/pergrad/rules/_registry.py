@@ -1,0 +1,143 @@
+"""The registry of per-layer rules, and the base class a rule implements.
+
+A *rule* turns what one module saw during a forward and backward pass into per-example
+quantities for that module's parameters. It is a stateless object: every method is a pure
+function of the module (for its hyper-parameters and weights) and the captured calls.
+
+Index letters used in every rule: ``n`` examples, ``t`` positions (sequence or spatial),
+``i`` input features, ``o`` output features.
+
+Scaling convention. A captured output gradient ``g`` is the gradient of the *reduced* loss
+``L`` (mean or sum over examples), so a rule's per-example pieces ``P_j`` satisfy
+``∇L = Σ_j P_j``. The engine rescales them into gradients of each example's own loss
+(``∇ℓ_j = n·P_j`` for a mean, ``P_j`` for a sum); rules never see the reduction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from torch import Tensor, nn
+
+__all__ = ["Call", "Rule", "register_rule", "rule_for", "registered_rules"]
+
+
+@dataclass
+class Call:
+    """One call of a module inside one forward pass.
+
+    Attributes:
+        args: the positional arguments, tensors detached.
+        kwargs: the keyword arguments, tensors detached.
+        grad_outputs: one entry per tensor output of the call, the gradient of the reduced
+            loss with respect to it, or ``None`` when no gradient reached that output.
+        rng_state: the random-number state just before the call, so that a rule that
+            recomputes the forward (dropout inside) sees the same random draws.
+    """
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    grad_outputs: list[Tensor | None] = field(default_factory=list)
+    rng_state: Any = None
+
+    @property
+    def reached(self) -> bool:
+        """Whether any gradient reached this call's outputs (else it contributes zero)."""
+        return any(g is not None for g in self.grad_outputs)
+
+
+class Rule:
+    """Per-example gradients of one module family.
+
+    Subclasses implement :meth:`per_example_grads`; they override :meth:`sq_norms` and
+    :meth:`second_moments` where a cheaper form exists than building the gradients.
+
+    Every method takes ``calls``, all the calls of the module in one forward pass that a
+    gradient reached (a module called several times shares its weights across calls: its
+    per-example gradient is the sum over calls, and norms include the cross terms).
+    """
+
+    #: Whether the rule also covers the parameters of the module's submodules
+    #: (for modules that use their children's weights functionally, like MultiheadAttention).
+    covers_submodules: bool = False
+
+    def check(self, module: nn.Module) -> str | None:
+        """Return why the module, as configured now, has no per-example gradients, or None."""
+        return None
+
+    def batch_size(self, module: nn.Module, call: Call) -> int:
+        """Number of examples in a call (the leading dim of the first input by default)."""
+        return call.args[0].shape[0]
+
+    def parameters(self, module: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+        """The trainable parameters this rule computes, with names relative to ``module``."""
+        for name, p in module.named_parameters(recurse=self.covers_submodules):
+            if p.requires_grad:
+                yield name, p
+
+    def per_example_grads(self, module: nn.Module, calls: list[Call]) -> dict[str, Tensor]:
+        """Per-example pieces of ∇L: ``{name: (n, *p.shape)}``, summed over calls."""
+        raise NotImplementedError
+
+    def sq_norms(self, module: nn.Module, calls: list[Call]) -> dict[str, Tensor]:
+        """Squared norms of the per-example pieces: ``{name: (n,)}``."""
+        return {k: flat_sq_norm(v) for k, v in self.per_example_grads(module, calls).items()}
+
+    def second_moments(self, module: nn.Module, calls: list[Call]) -> dict[str, Tensor]:
+        """Sums over examples of the squared pieces: ``{name: p.shape}`` = Σ_j P_j²."""
+        return {k: v.square().sum(0) for k, v in self.per_example_grads(module, calls).items()}
+
+
+def flat_sq_norm(x: Tensor) -> Tensor:
+    """(n, ...) -> (n,): squared Euclidean norm of each example's slice."""
+    return x.reshape(x.shape[0], -1).square().sum(1)
+
+
+_RULES: dict[type[nn.Module], Rule] = {}
+
+
+def register_rule(module_type: type[nn.Module], rule: Rule | None = None, *, overwrite: bool = False):
+    """Register the rule for a module class (and, through the MRO, its subclasses).
+
+    Usable as a function, ``register_rule(MyLayer, MyRule())``, or as a class decorator on a
+    :class:`Rule` subclass, ``@register_rule(MyLayer)``.
+
+    Args:
+        module_type: the ``nn.Module`` subclass the rule handles.
+        rule: a :class:`Rule` instance; omitted when used as a decorator.
+        overwrite: replace an existing rule for exactly this class instead of raising.
+
+    Raises:
+        ValueError: the class already has a rule and ``overwrite`` is False.
+        TypeError: ``module_type`` is not an ``nn.Module`` subclass or ``rule`` not a Rule.
+    """
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"register_rule expects an nn.Module subclass, got {module_type!r}.")
+
+    def add(r):
+        instance = r() if isinstance(r, type) else r
+        if not isinstance(instance, Rule):
+            raise TypeError(f"A rule must be a pergrad.rules.Rule, got {type(instance).__name__}.")
+        if module_type in _RULES and not overwrite:
+            raise ValueError(
+                f"{module_type.__name__} already has a rule ({type(_RULES[module_type]).__name__}); "
+                "pass overwrite=True to replace it."
+            )
+        _RULES[module_type] = instance
+        return r
+
+    return add if rule is None else add(rule)
+
+
+def rule_for(module: nn.Module) -> Rule | None:
+    """The rule for a module: the first registered class along ``type(module).__mro__``."""
+    for cls in type(module).__mro__:
+        if cls in _RULES:
+            return _RULES[cls]
+    return None
+
+
+def registered_rules() -> dict[type[nn.Module], Rule]:
+    """A copy of the registry: module class -> rule."""
+    return dict(_RULES)

@@ -1,0 +1,62 @@
+"""nn.Embedding: indices (n, *) -> vectors (n, *, d); weight (V, d).
+
+Example j's piece of the weight gradient has one non-zero row per distinct index it uses:
+row v is ``Σ_{t: idx_jt = v} g_jt``, summed over repeats, and the row of ``padding_idx`` stays
+zero. Norms and second moments are computed over the distinct (example, index) pairs only,
+about n·t·d work, never an (n, V, d) tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ._registry import Call, Rule, register_rule
+
+
+def _rows(module: nn.Embedding, calls: list[Call]) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Distinct (example, index) pairs and their summed gradient rows.
+
+    Returns:
+        example (u,), index (u,), rows (u, d) with ``rows[k] = Σ g`` over the positions of
+        ``example[k]`` that look up ``index[k]``; and n.
+    """
+    n = calls[0].args[0].shape[0]
+    vocab = module.num_embeddings
+    idx = torch.cat([c.args[0].reshape(n, -1) for c in calls], 1)  # (n, t)
+    g = torch.cat([c.grad_outputs[0].reshape(n, -1, module.embedding_dim) for c in calls], 1)
+    keys = (torch.arange(n, device=idx.device).unsqueeze(1) * vocab + idx).reshape(-1)
+    g = g.reshape(-1, module.embedding_dim)
+    if module.padding_idx is not None:
+        keep = idx.reshape(-1) != module.padding_idx
+        keys, g = keys[keep], g[keep]
+    unique, inverse = torch.unique(keys, return_inverse=True)
+    rows = g.new_zeros(unique.shape[0], g.shape[1]).index_add_(0, inverse, g)
+    return unique // vocab, unique % vocab, rows, n
+
+
+@register_rule(nn.Embedding)
+class EmbeddingRule(Rule):
+    """Weight (V, d): per example, gradient rows summed over repeated indices."""
+
+    def check(self, module):
+        if module.scale_grad_by_freq:
+            return (
+                "scale_grad_by_freq=True scales each row by its frequency in the whole batch, "
+                "which couples examples; construct the Embedding with scale_grad_by_freq=False"
+            )
+        return None
+
+    def per_example_grads(self, module, calls):
+        example, index, rows, n = _rows(module, calls)
+        out = rows.new_zeros(n, module.num_embeddings, module.embedding_dim)
+        out[example, index] = rows
+        return {"weight": out}
+
+    def sq_norms(self, module, calls):
+        example, _, rows, n = _rows(module, calls)
+        return {"weight": rows.new_zeros(n).index_add_(0, example, rows.square().sum(1))}
+
+    def second_moments(self, module, calls):
+        _, index, rows, _ = _rows(module, calls)
+        return {"weight": torch.zeros_like(module.weight).index_add_(0, index, rows.square())}

@@ -1,0 +1,130 @@
+"""Per-example gradients of any module by torch.func, for that module alone.
+
+For each example j, the module is run on a batch of one (example j's slice of every batched
+input) and differentiated with ``torch.func.vjp`` with respect to the module's parameters,
+with example j's slice of the captured output gradients as cotangent; ``vmap`` does all
+examples at once. This is exact for any module that treats examples independently, and costs
+about one more forward and backward of the module, batched. It is the rule of
+``on_unsupported="fallback"`` and of layers whose internals are not exposed to hooks
+(MultiheadAttention).
+
+Random draws inside the module (dropout) would differ from the original forward, so they
+raise an error instead of giving a wrong number.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+from torch.func import functional_call, vjp, vmap
+
+from ._registry import Call, Rule
+
+
+@dataclass(frozen=True)
+class Batched:
+    """Where the example axis of one tensor input or output is.
+
+    Attributes:
+        dim: the example axis.
+        keep: whether a batch of one still has that axis (re-inserted as size 1). False for
+            tensors whose batch-of-one layout has no example axis (see MultiheadAttention's
+            3-D masks, stored per example and head).
+    """
+
+    dim: int = 0
+    keep: bool = True
+
+
+def output_tensors(output: Any) -> list[Tensor]:
+    """The tensors among a module's outputs, in order (a tensor, or a tuple/list of them)."""
+    if isinstance(output, Tensor):
+        return [output]
+    if isinstance(output, (tuple, list)):
+        return [o for o in output if isinstance(o, Tensor)]
+    return []
+
+
+def _axis(b: Batched | None) -> int | None:
+    return None if b is None else b.dim
+
+
+class FunctionalRule(Rule):
+    """torch.func rule. Subclasses describe where the example axes are."""
+
+    def input_layout(self, module: nn.Module, call: Call, n: int):
+        """Inputs rearranged for vmap and where their example axes are.
+
+        Returns:
+            (args, kwargs, args_batched, kwargs_batched): the ``*_batched`` entries are a
+            :class:`Batched` or None (shared by all examples). By default a tensor whose
+            leading dim is n is batched along it; everything else is shared.
+        """
+
+        def where(x):
+            return Batched() if isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == n else None
+
+        return (
+            call.args,
+            call.kwargs,
+            tuple(where(a) for a in call.args),
+            {k: where(v) for k, v in call.kwargs.items()},
+        )
+
+    def output_layout(self, module: nn.Module, index: int) -> Batched:
+        """Where the example axis of the module's ``index``-th tensor output is."""
+        return Batched()
+
+    def per_example_grads(self, module, calls):
+        out: dict[str, Tensor] = {}
+        for call in calls:
+            for k, v in self._one_call(module, call).items():
+                out[k] = out[k] + v if k in out else v
+        return out
+
+    def _one_call(self, module: nn.Module, call: Call) -> dict[str, Tensor]:
+        n = self.batch_size(module, call)
+        params = {k: p.detach() for k, p in self.parameters(module)}
+        args, kwargs, args_b, kwargs_b = self.input_layout(module, call, n)
+        reached = [k for k, g in enumerate(call.grad_outputs) if g is not None]
+        out_b = [self.output_layout(module, k) for k in reached]
+        cotangents = tuple(call.grad_outputs[k] for k in reached)
+
+        def restore(x, b):
+            return x.unsqueeze(b.dim) if b is not None and b.keep else x
+
+        def one_example(args_j, kwargs_j, cotangents_j):
+            args_1 = tuple(restore(a, b) for a, b in zip(args_j, args_b))
+            kwargs_1 = {k: restore(v, kwargs_b[k]) for k, v in kwargs_j.items()}
+
+            def forward(p):
+                outputs = output_tensors(functional_call(module, p, args_1, kwargs_1))
+                return tuple(outputs[k] for k in reached)
+
+            _, pullback = vjp(forward, params)
+            return pullback(tuple(restore(c, b) for c, b in zip(cotangents_j, out_b)))[0]
+
+        in_dims = (
+            tuple(_axis(b) for b in args_b),
+            {k: _axis(b) for k, b in kwargs_b.items()},
+            tuple(_axis(b) for b in out_b),
+        )
+        try:
+            return vmap(one_example, in_dims=in_dims, randomness="error")(args, kwargs, cotangents)
+        except RuntimeError as err:
+            if "randomness" not in str(err):
+                raise
+            raise RuntimeError(
+                f"{type(module).__name__} draws random numbers in its forward (dropout?), so its "
+                "per-example gradients cannot be recomputed exactly. Set its dropout to 0 or "
+                "call .eval() on it."
+            ) from err
+
+
+class FallbackRule(FunctionalRule):
+    """The rule used for modules without one when ``on_unsupported="fallback"``."""
+
+
+FALLBACK = FallbackRule()
