@@ -1,21 +1,68 @@
-"""nn.MultiheadAttention, batch_first either way, through the torch.func rule.
+"""nn.MultiheadAttention, batch_first either way.
 
 Its projections are applied functionally inside ``F.multi_head_attention_forward`` (the
-``out_proj`` submodule's forward is never called), so no hook sees their inputs; the rule
-covers all the module's parameters, ``out_proj``'s included, by differentiating the whole
-module per example (see :mod:`.functional`).
+``out_proj`` submodule's forward is never called), so no hook sees their inputs. The rule
+rebuilds them from the captured call: with ``x_q`` (n, L, E), ``x_k``, ``x_v`` (n, S, ·) the
+inputs in batch-first layout, ``q = x_q W_qᵀ + b_q`` (likewise k, v), ``o`` (n, L, E) the
+heads' concatenated output and ``g`` (n, L, E) the captured output gradient, each projection
+is a weight applied at every position, so the sequence forms of :mod:`._sequence` apply to
+
+    out_proj: (o, g)        q: (x_q, ∂L/∂q)        k: (x_k, ∂L/∂k)        v: (x_v, ∂L/∂v)
+
+where ∂L/∂o = g W_out, and ∂L/∂(q, k, v) come from one backward through the attention core
+alone (softmax(q kᵀ/√d + mask) v for the whole batch), recomputed from the captured inputs.
+``in_proj_weight`` (3E, E) stacks the q, k, v blocks; their per-example pieces are disjoint
+rows, so squared norms add.
+
+Configurations the decomposition does not cover (``add_bias_kv``, ``add_zero_attn``, a loss
+that uses the returned attention weights) go through the torch.func rule
+(:mod:`.functional`), which is exact but slower. Attention dropout in training mode is
+refused: its random mask cannot be reproduced.
 
 Layouts: query/key/value (n, L, E) with ``batch_first`` else (L, n, E); key_padding_mask
-(n, S); attn_mask (L, S) shared, or (n·heads, L, S) per example; outputs (n, L, E) or
-(L, n, E), and attention weights (n, [heads,] L, S).
+(n, S); attn_mask (L, S) shared or (n·heads, L, S); outputs (n, L, E) or (L, n, E).
 """
 
 from __future__ import annotations
 
-from torch import nn
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-from ._registry import register_rule
+from . import _sequence as seq
+from ._registry import Call, register_rule
 from .functional import Batched, FunctionalRule
+
+_ARG_NAMES = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask")
+
+
+def _arguments(call: Call) -> dict:
+    """The call's arguments, all by keyword."""
+    kwargs = dict(call.kwargs)
+    kwargs.update(zip(_ARG_NAMES, call.args))
+    return kwargs
+
+
+def _additive(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """A boolean mask (True = not attended) as an additive float mask."""
+    if mask is None or mask.dtype != torch.bool:
+        return None if mask is None else mask.to(dtype)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+
+
+def _blocks(module: nn.MultiheadAttention) -> dict[str, tuple[str, ...]]:
+    """Parameter name -> the projections whose pieces it stacks along its first axis."""
+    blocks = {}
+    if module._qkv_same_embed_dim:
+        blocks["in_proj_weight"] = ("q", "k", "v")
+    else:
+        blocks.update(q_proj_weight=("q",), k_proj_weight=("k",), v_proj_weight=("v",))
+    if module.in_proj_bias is not None:
+        blocks["in_proj_bias"] = ("q", "k", "v")
+    blocks["out_proj.weight"] = ("out",)
+    if module.out_proj.bias is not None:
+        blocks["out_proj.bias"] = ("out",)
+    return blocks
 
 
 @register_rule(nn.MultiheadAttention)
@@ -30,26 +77,25 @@ class MultiheadAttentionRule(FunctionalRule):
             )
         return None
 
-    def _seq_dim(self, module) -> int:
+    def _batch_dim(self, module) -> int:
         return 0 if module.batch_first else 1
 
     def batch_size(self, module, call):
-        query = call.args[0] if call.args else call.kwargs["query"]
+        query = _arguments(call)["query"]
         if query.dim() != 3:
             raise ValueError(
                 "MultiheadAttention was called with unbatched (2-D) inputs; per-example "
                 "gradients need a batch: pass (n, L, E) with batch_first=True or (L, n, E)."
             )
-        return query.shape[self._seq_dim(module)]
+        return query.shape[self._batch_dim(module)]
+
+    # --- the torch.func path, for configurations the decomposition does not cover ---
 
     def input_layout(self, module, call, n):
-        seq = Batched(self._seq_dim(module))
-        names = ["query", "key", "value", "key_padding_mask", "need_weights", "attn_mask"]
-        kwargs = dict(call.kwargs)
-        kwargs.update(zip(names, call.args))  # all by keyword: one place to look them up
+        kwargs = _arguments(call)
         batched = {k: None for k in kwargs}
         for k in ("query", "key", "value"):
-            batched[k] = seq
+            batched[k] = Batched(self._batch_dim(module))
         if kwargs.get("key_padding_mask") is not None:
             batched["key_padding_mask"] = Batched(0)
         mask = kwargs.get("attn_mask")
@@ -59,4 +105,88 @@ class MultiheadAttentionRule(FunctionalRule):
         return (), kwargs, (), batched
 
     def output_layout(self, module, index):
-        return Batched(self._seq_dim(module) if index == 0 else 0)
+        return Batched(self._batch_dim(module) if index == 0 else 0)
+
+    def _decomposable(self, module, calls: list[Call]) -> bool:
+        plain = module.bias_k is None and not module.add_zero_attn
+        return plain and all(len(c.grad_outputs) < 2 or c.grad_outputs[1] is None for c in calls)
+
+    # --- the decomposition ---
+
+    def _sequences(self, module: nn.MultiheadAttention, call: Call) -> dict[str, tuple[Tensor, Tensor]]:
+        """Projection name -> (inputs (n, t, i), output gradients (n, t, o)), batch-first."""
+        kw = _arguments(call)
+        x_q, x_k, x_v, g = kw["query"], kw["key"], kw["value"], call.grad_outputs[0]
+        if not module.batch_first:
+            x_q, x_k, x_v, g = (t.transpose(0, 1) for t in (x_q, x_k, x_v, g))
+        n, L, E = x_q.shape
+        S, heads = x_k.shape[1], module.num_heads
+        if module._qkv_same_embed_dim:
+            w_q, w_k, w_v = module.in_proj_weight.chunk(3)
+        else:
+            w_q, w_k, w_v = module.q_proj_weight, module.k_proj_weight, module.v_proj_weight
+        b_q, b_k, b_v = (None,) * 3 if module.in_proj_bias is None else module.in_proj_bias.chunk(3)
+
+        mask = _additive(kw.get("attn_mask"), x_q.dtype)
+        if mask is not None:
+            mask = mask.reshape(-1, heads, L, S) if mask.dim() == 3 else mask
+        padding = _additive(kw.get("key_padding_mask"), x_q.dtype)
+        if padding is not None:
+            padding = padding.reshape(n, 1, 1, S)
+            mask = padding if mask is None else mask + padding
+
+        with torch.enable_grad():
+            q, k, v = (
+                F.linear(x, w.detach(), None if b is None else b.detach()).requires_grad_()
+                for x, w, b in ((x_q, w_q, b_q), (x_k, w_k, b_k), (x_v, w_v, b_v))
+            )
+
+            def split(t, length):  # (n, length, E) -> (n, heads, length, E/heads)
+                return t.reshape(n, length, heads, -1).transpose(1, 2)
+
+            o = F.scaled_dot_product_attention(split(q, L), split(k, S), split(v, S), attn_mask=mask)
+            o = o.transpose(1, 2).reshape(n, L, E)
+            g_q, g_k, g_v = torch.autograd.grad(o, (q, k, v), g @ module.out_proj.weight.detach())
+        return {"q": (x_q, g_q), "k": (x_k, g_k), "v": (x_v, g_v), "out": (o.detach(), g)}
+
+    def _stacked(self, module, calls):
+        """Calls concatenated along positions, per projection (weights shared across calls)."""
+        per_call = [self._sequences(module, c) for c in calls]
+        return {
+            name: tuple(torch.cat([s[name][j] for s in per_call], 1) for j in (0, 1))
+            for name in ("q", "k", "v", "out")
+        }
+
+    def _per_parameter(self, module, calls, weight_fn, bias_fn, combine):
+        seqs = self._stacked(module, calls)
+        out = {}
+        for name, _ in self.parameters(module):
+            parts = _blocks(module)[name]
+            fn = bias_fn if name.endswith("bias") else weight_fn
+            out[name] = combine([fn(*seqs[p]) for p in parts])
+        return out
+
+    def per_example_grads(self, module, calls):
+        if not self._decomposable(module, calls):
+            return super().per_example_grads(module, calls)
+        return self._per_parameter(
+            module, calls, seq.weight_grads, lambda a, g: seq.bias_grads(g), lambda xs: torch.cat(xs, 1)
+        )
+
+    def sq_norms(self, module, calls):
+        if not self._decomposable(module, calls):
+            return super().sq_norms(module, calls)
+        return self._per_parameter(
+            module, calls, seq.weight_sq_norms, lambda a, g: seq.bias_grads(g).square().sum(1), sum
+        )
+
+    def second_moments(self, module, calls):
+        if not self._decomposable(module, calls):
+            return super().second_moments(module, calls)
+        return self._per_parameter(
+            module,
+            calls,
+            seq.weight_second_moment,
+            lambda a, g: seq.bias_grads(g).square().sum(0),
+            lambda xs: torch.cat(xs, 0),
+        )

@@ -14,6 +14,7 @@ raise an error instead of giving a wrong number.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,7 +113,10 @@ class FunctionalRule(Rule):
             tuple(_axis(b) for b in out_b),
         )
         try:
-            return vmap(one_example, in_dims=in_dims, randomness="error")(args, kwargs, cotangents)
+            with warnings.catch_warnings():
+                # some ops (attention kernels) have no batching rule and loop over examples
+                warnings.filterwarnings("ignore", message="There is a performance drop")
+                return vmap(one_example, in_dims=in_dims, randomness="error")(args, kwargs, cotangents)
         except RuntimeError as err:
             if "randomness" not in str(err):
                 raise

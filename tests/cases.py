@@ -1,0 +1,175 @@
+"""Models that exercise every registered rule, for the conformance and identity tests.
+
+Each :class:`Case` builds a float64 model whose examples lie along axis 0 of its input, and
+inputs for any n. ``RULE_CASES`` maps each registered module class to the cases that cover
+it; a rule registered without cases fails the coverage test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    make_model: Callable[[], nn.Module]
+    make_input: Callable[[int, torch.Generator], Tensor]
+    on_unsupported: str = "error"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _randn(*shape):
+    return lambda n, gen: torch.randn(n, *shape, generator=gen, dtype=torch.float64)
+
+
+def _tokens(vocab, t, pad=None):
+    def make(n, gen):
+        idx = torch.randint(0, vocab, (n, t), generator=gen)
+        idx[:, 1] = idx[:, 0]  # a repeated index in every example
+        if pad is not None:
+            idx[:, -1] = pad
+        return idx
+
+    return make
+
+
+class Twice(nn.Module):
+    """One Linear called twice in a forward: shared weights across calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(torch.tanh(self.lin(x)))
+
+
+class TiedLM(nn.Module):
+    """Embedding tied to the output head: one Parameter in two modules."""
+
+    def __init__(self, vocab=11, d=6):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d, padding_idx=0)
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, idx):
+        return self.head(self.norm(self.emb(idx)))
+
+
+class Attention(nn.Module):
+    """MultiheadAttention fed batch-first; transposes inside when batch_first=False."""
+
+    def __init__(self, batch_first: bool, masked=False, kdim=None, use_weights=False, **options):
+        super().__init__()
+        self.batch_first, self.masked, self.use_weights = batch_first, masked, use_weights
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=batch_first, kdim=kdim, vdim=kdim, **options)
+        self.kv = nn.Linear(8, kdim) if kdim else nn.Identity()
+
+    def forward(self, x):  # x: (n, t, 8)
+        kv = self.kv(x)
+        q, kv = (x, kv) if self.batch_first else (x.transpose(0, 1), kv.transpose(0, 1))
+        mask = None
+        if self.masked:
+            mask = torch.zeros(x.shape[0], x.shape[1], dtype=torch.bool)
+            mask[:, -1] = True  # the last key of every example is padding
+        out, weights = self.attn(q, kv, kv, key_padding_mask=mask, need_weights=self.use_weights)
+        out = out if self.batch_first else out.transpose(0, 1)
+        return out + weights.square().sum(-1, keepdim=True) if self.use_weights else out
+
+
+class Scale(nn.Module):
+    """A layer with no rule: y = x ⊙ w (handled by the torch.func fallback)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(0.5, 1.5, d))
+
+    def forward(self, x):
+        return x * self.w
+
+
+def _eval_batchnorm(bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    return bn.eval()
+
+
+def _frozen_weight():
+    m = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
+    m[0].weight.requires_grad_(False)
+    m[2].bias.requires_grad_(False)
+    return m
+
+
+LINEAR = [
+    Case("linear-2d", lambda: nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)), _randn(5)),
+    Case("linear-seq", lambda: nn.Linear(6, 3), _randn(4, 6)),
+    Case("linear-seq-gram", lambda: nn.Linear(16, 16), _randn(3, 16)),
+    Case("linear-4d-nobias", lambda: nn.Linear(3, 2, bias=False), _randn(2, 3, 3)),
+    Case("linear-frozen", _frozen_weight, _randn(3)),
+    Case("linear-called-twice", Twice, _randn(4)),
+    Case("linear-tied-to-embedding", TiedLM, _tokens(11, 5, pad=0)),
+]
+CONV = [
+    Case("conv1d-stride-pad", lambda: nn.Conv1d(3, 4, 3, stride=2, padding=1), _randn(3, 9)),
+    Case("conv1d-same-dilated", lambda: nn.Conv1d(2, 3, 4, padding="same", dilation=2), _randn(2, 10)),
+    Case("conv2d-groups-dilation", lambda: nn.Conv2d(4, 6, 3, dilation=2, groups=2, padding=2), _randn(4, 7, 6)),
+    Case("conv2d-rect-stride", lambda: nn.Conv2d(2, 3, (2, 3), stride=(2, 1), bias=False), _randn(2, 6, 7)),
+    Case("conv2d-reflect", lambda: nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), _randn(2, 5, 5)),
+    Case("conv2d-circular-depthwise", lambda: nn.Conv2d(3, 3, 3, padding=1, padding_mode="circular", groups=3), _randn(3, 4, 5)),
+    Case("conv2d-gram", lambda: nn.Conv2d(8, 8, 3), _randn(8, 4, 4)),
+    Case("conv3d", lambda: nn.Conv3d(2, 3, (2, 3, 2), stride=(1, 2, 1), padding=(1, 0, 1)), _randn(2, 4, 5, 3)),
+]
+EMBEDDING = [
+    Case("embedding-repeats", lambda: nn.Embedding(7, 4), _tokens(7, 6)),
+    Case("embedding-padding-idx", lambda: nn.Embedding(7, 4, padding_idx=3), _tokens(7, 5, pad=3)),
+]
+NORMS = [
+    Case("layernorm-seq", lambda: nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6)), _randn(3, 4)),
+    Case("layernorm-2axes", lambda: nn.LayerNorm((3, 4)), _randn(2, 3, 4)),
+    Case("groupnorm", lambda: nn.Sequential(nn.Conv2d(2, 6, 3), nn.GroupNorm(3, 6)), _randn(2, 5, 5)),
+    Case("rmsnorm", lambda: nn.Sequential(nn.Linear(4, 5), nn.RMSNorm(5)), _randn(3, 4)),
+    Case("batchnorm1d-eval", lambda: nn.Sequential(nn.Linear(3, 4), _eval_batchnorm(nn.BatchNorm1d(4))), _randn(3)),
+    Case("batchnorm2d-eval", lambda: nn.Sequential(nn.Conv2d(2, 3, 2), _eval_batchnorm(nn.BatchNorm2d(3))), _randn(2, 4, 4)),
+]
+ATTENTION = [
+    Case("mha-batch-first", lambda: Attention(True), _randn(5, 8)),
+    Case("mha-seq-first-masked", lambda: Attention(False, masked=True), _randn(5, 8)),
+    Case("mha-kdim", lambda: Attention(True, kdim=6), _randn(4, 8)),
+    Case("mha-bias-kv-zero-attn", lambda: Attention(True, add_bias_kv=True, add_zero_attn=True), _randn(3, 8)),
+    Case("mha-loss-uses-weights", lambda: Attention(False, masked=True, use_weights=True), _randn(4, 8)),
+]
+FALLBACK = [
+    Case("fallback-custom-layer", lambda: nn.Sequential(nn.Linear(3, 4), Scale(4)), _randn(3), "fallback"),
+]
+
+RULE_CASES: dict[type[nn.Module], list[Case]] = {
+    nn.Linear: LINEAR,
+    nn.Conv1d: [c for c in CONV if c.name.startswith("conv1d")],
+    nn.Conv2d: [c for c in CONV if c.name.startswith("conv2d")],
+    nn.Conv3d: [c for c in CONV if c.name.startswith("conv3d")],
+    nn.Embedding: EMBEDDING + [LINEAR[-1]],
+    nn.LayerNorm: [c for c in NORMS if c.name.startswith("layernorm")],
+    nn.GroupNorm: [c for c in NORMS if c.name.startswith("groupnorm")],
+    nn.RMSNorm: [c for c in NORMS if c.name.startswith("rmsnorm")],
+    nn.modules.batchnorm._BatchNorm: [c for c in NORMS if c.name.startswith("batchnorm")],
+    nn.MultiheadAttention: ATTENTION,
+}
+ALL_CASES = LINEAR + CONV + EMBEDDING + NORMS + ATTENTION + FALLBACK
+
+
+def build(case: Case, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return case.make_model().double()
