@@ -47,6 +47,7 @@ def test_rule_matches_reference(case, n, reduction, grads):
             assert rel_err(result.grads[name], g) <= TOL, name
         batch = g.mean(0) if reduction == "mean" else g.sum(0)
         assert rel_err(model.get_parameter(name).grad, batch) <= TOL, name
+        assert rel_err(result.param_batch_grad_sq_norms[name], batch.square().sum()) <= TOL, name
     total = sum(g.reshape(n, -1).square().sum(1) for g in ref.values())
     assert rel_err(result.sq_norms, total) <= TOL
     batch_sq = sum((g.mean(0) if reduction == "mean" else g.sum(0)).square().sum() for g in ref.values())

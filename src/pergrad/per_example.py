@@ -42,6 +42,7 @@ class PerExampleResult:
     sq_norms: Tensor
     param_sq_norms: dict[str, Tensor]
     batch_grad_sq_norm: Tensor
+    param_batch_grad_sq_norms: dict[str, Tensor]
     n: int
     reduction: str
     grads: dict[str, Tensor] | None = None
@@ -142,9 +143,9 @@ class PerExample:
                 if earlier[name] is not None:
                     p.grad = earlier[name] if fresh[name] is None else earlier[name] + fresh[name]
 
-        batch_sq = sum(
-            (g.square().sum() for g in fresh.values() if g is not None), losses.new_zeros(())
-        )
+        zero = losses.new_zeros(()).detach()
+        param_batch_sq = {k: zero if g is None else g.square().sum() for k, g in fresh.items()}
+        batch_sq = sum(param_batch_sq.values(), zero)
         scale = float(n) if reduction == "mean" else 1.0
         try:
             with torch.no_grad(), capture.paused():
@@ -156,7 +157,8 @@ class PerExample:
         return PerExampleResult(
             sq_norms=sq_norms,
             param_sq_norms=per_param.sq,
-            batch_grad_sq_norm=batch_sq.detach(),
+            batch_grad_sq_norm=batch_sq,
+            param_batch_grad_sq_norms=param_batch_sq,
             n=n,
             reduction=reduction,
             grads=per_param.grads if self.want_grads else None,

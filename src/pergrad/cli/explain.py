@@ -57,7 +57,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser = subparsers.add_parser(
         "explain",
         help="show that a mini-batch gradient is the average of per-example gradients",
-        description=__doc__.splitlines()[0].replace("``", ""),
+        description="Print a worked example showing that a mini-batch gradient is the average "
+        "of the per-example gradients, and draw it on a loss surface as DIR/explain.png.",
     )
     parser.add_argument(
         "--examples",
@@ -323,8 +324,7 @@ def _batch_size(text: str) -> int:
         k = None
     if k is None or not MIN_BATCH <= k <= MAX_BATCH:
         raise argparse.ArgumentTypeError(
-            f"must be a whole number from {MIN_BATCH} to {MAX_BATCH}, got '{text}'; "
-            f"try --examples 3"
+            f"must be a whole number from {MIN_BATCH} to {MAX_BATCH}, got '{text}'"
         )
     return k
 

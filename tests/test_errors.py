@@ -1,0 +1,177 @@
+"""Bad input gives a clear error, raised before anything is written into .grad."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import pergrad
+from pergrad.rules import _registry
+from reference import per_example_loss
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+
+
+def _no_grads(model):
+    return all(p.grad is None for p in model.parameters())
+
+
+class Scale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(4, dtype=torch.float64))
+
+    def forward(self, x):
+        return x * self.w
+
+
+class ScaleRule(pergrad.Rule):
+    def per_example_grads(self, module, calls):
+        return {"w": sum(c.args[0] * c.grad_outputs[0] for c in calls)}
+
+
+@pytest.mark.parametrize(
+    "make_losses, message",
+    [
+        (lambda out: per_example_loss(out, 0 * out).mean(), "scalar"),
+        (lambda out: out, "shape"),
+        (lambda out: per_example_loss(out, 0 * out).detach(), "no graph"),
+        (lambda out: per_example_loss(out, 0 * out) * torch.tensor([1, float("nan"), 1, 1]), "NaN"),
+        (lambda out: per_example_loss(out, 0 * out)[:3], "batch of 4"),
+    ],
+    ids=["scalar", "2-d", "no-graph", "nan", "wrong-n"],
+)
+def test_bad_losses_are_refused_before_grad_is_touched(make_losses, message):
+    model = _mlp()
+    with pergrad.PerExample(model) as pe:
+        with pytest.raises((ValueError, pergrad.CaptureError), match=message):
+            pe.backward(make_losses(model(torch.randn(4, 3, dtype=torch.float64))))
+    assert _no_grads(model)
+
+
+def test_unknown_reduction():
+    model = _mlp()
+    with pergrad.PerExample(model) as pe:
+        with pytest.raises(ValueError, match="'mean' or 'sum'"):
+            pe.backward(per_example_loss(model(torch.randn(4, 3, dtype=torch.float64)), 0), "avg")
+
+
+def test_unsupported_layer_names_path_class_and_fixes():
+    model = nn.Sequential(nn.Linear(4, 4), Scale())
+    with pytest.raises(pergrad.UnsupportedModuleError) as err:
+        pergrad.PerExample(model)
+    text = str(err.value)
+    assert "Scale at '1'" in text and "register_rule" in text and "fallback" in text
+
+
+def test_on_unsupported_value_is_checked():
+    with pytest.raises(ValueError, match="on_unsupported"):
+        pergrad.PerExample(_mlp(), on_unsupported="ignore")
+
+
+def test_frozen_unsupported_layer_is_fine():
+    model = nn.Sequential(nn.Linear(4, 4), Scale()).double()
+    model[1].w.requires_grad_(False)
+    with pergrad.PerExample(model) as pe:
+        result = pe.backward(per_example_loss(model(torch.randn(3, 4, dtype=torch.float64)), 0))
+    assert list(result.param_sq_norms) == ["0.weight", "0.bias"]
+
+
+def test_register_rule_adds_a_user_layer(monkeypatch):
+    monkeypatch.setattr(_registry, "_RULES", dict(_registry._RULES))
+    pergrad.register_rule(Scale, ScaleRule())
+    with pytest.raises(ValueError, match="already has a rule"):
+        pergrad.register_rule(Scale, ScaleRule())
+    pergrad.register_rule(Scale, ScaleRule(), overwrite=True)
+    model = nn.Sequential(nn.Linear(4, 4), Scale()).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    with pergrad.PerExample(model, grads=True) as pe:
+        result = pe.backward(per_example_loss(model(x), 0))
+    torch.testing.assert_close(result.grads["1.w"].mean(0), model[1].w.grad)
+
+
+def test_register_rule_checks_its_arguments():
+    with pytest.raises(TypeError, match="nn.Module subclass"):
+        pergrad.register_rule(int, ScaleRule())
+    with pytest.raises(TypeError, match="pergrad.rules.Rule"):
+        pergrad.register_rule(Scale, object())
+
+
+@pytest.mark.parametrize(
+    "layer, x",
+    [
+        (nn.BatchNorm1d(3), torch.randn(4, 3)),
+        (nn.BatchNorm2d(3), torch.randn(4, 3, 2, 2)),
+        (nn.BatchNorm1d(3, track_running_stats=False).eval(), torch.randn(4, 3)),
+    ],
+    ids=["bn1d-train", "bn2d-train", "bn-no-running-stats"],
+)
+def test_batchnorm_that_mixes_examples_is_refused(layer, x):
+    model = nn.Sequential(layer, nn.Flatten(), nn.LazyLinear(2)).double()
+    model(x.double())
+    with pergrad.PerExample(model) as pe:
+        with pytest.raises(pergrad.ExampleCouplingError, match="mixes examples.*GroupNorm"):
+            pe.backward(per_example_loss(model(x.double()), 0))
+    assert _no_grads(model)
+
+
+def test_coupling_embedding_and_attention_dropout_are_refused():
+    emb = nn.Embedding(5, 2, scale_grad_by_freq=True)
+    with pergrad.PerExample(emb) as pe:
+        with pytest.raises(pergrad.ExampleCouplingError, match="scale_grad_by_freq"):
+            pe.backward(per_example_loss(emb(torch.tensor([[1, 1], [2, 3]])), 0))
+    attn = nn.MultiheadAttention(4, 2, dropout=0.1, batch_first=True)
+    with pergrad.PerExample(attn) as pe:
+        x = torch.randn(2, 3, 4)
+        with pytest.raises(pergrad.ExampleCouplingError, match="dropout"):
+            pe.backward(per_example_loss(attn(x, x, x)[0], 0))
+
+
+def test_fallback_refuses_random_draws():
+    class Noisy(Scale):
+        def forward(self, x):
+            return nn.functional.dropout(x * self.w, 0.5, training=True)
+
+    model = Noisy()
+    with pergrad.PerExample(model, on_unsupported="fallback") as pe:
+        with pytest.raises(RuntimeError, match="random numbers"):
+            pe.backward(per_example_loss(model(torch.randn(3, 4, dtype=torch.float64)), 0))
+
+
+def test_backward_twice_without_forward():
+    model = _mlp()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with pergrad.PerExample(model) as pe:
+        losses = per_example_loss(model(x), 0)
+        pe.backward(losses.clone())
+        grads = [p.grad.clone() for p in model.parameters()]
+        with pytest.raises(pergrad.CaptureError, match="No forward pass was captured"):
+            pe.backward(losses)
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
+
+
+def test_grad_accumulates_like_autograd_and_hooks_go_on_exit():
+    model = _mlp()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    per_example_loss(model(x), 0).mean().backward()
+    expected = [2 * p.grad for p in model.parameters()]
+    with pergrad.PerExample(model) as pe:
+        result = pe.backward(per_example_loss(model(x), 0))
+    for e, p in zip(expected, model.parameters()):
+        torch.testing.assert_close(p.grad, e)
+    fresh = sum(g.square().sum() for g in expected) / 4
+    torch.testing.assert_close(result.batch_grad_sq_norm, fresh)
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_unbatched_attention_input_is_refused():
+    attn = nn.MultiheadAttention(4, 2)
+    x = torch.randn(3, 4)
+    with pergrad.PerExample(attn) as pe:
+        out = attn(x, x, x)[0]
+        with pytest.raises(ValueError, match="unbatched"):
+            pe.backward(per_example_loss(out, 0))
