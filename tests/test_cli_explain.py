@@ -28,7 +28,7 @@ def run_explain(capsys, *args: str) -> tuple[int, str, str]:
 
 
 def table(stdout: str) -> dict[str, list[float]]:
-    """The table rows of the report: row label -> [loss, gradient entries...] (loss may be absent)."""
+    """The report's table: row label -> [loss (absent in the autograd row), gradient...]."""
     rows = {}
     for line in stdout.splitlines():
         label, cells = line[:LABEL_WIDTH].strip(), line[LABEL_WIDTH:]
@@ -48,17 +48,19 @@ def test_average_of_per_example_gradients_equals_autograd(tmp_path, capsys, k):
 
     average, autograd = rows["(1/B) Σ ∇ℓᵢ"], rows["∇ (1/B) Σ ℓᵢ"]
     assert len(average) == 6 and len(autograd) == 5  # the autograd row has no loss cell
-    mean = torch.tensor(examples, dtype=torch.float64).mean(0)
+    examples, average, autograd = (
+        torch.tensor(v, dtype=torch.float64) for v in (examples, average, autograd)
+    )
     # Printed to 5 decimals: averaging rounded numbers moves the last digit by at most one.
-    torch.testing.assert_close(torch.tensor(average), mean, atol=1.1e-5, rtol=0)
-    torch.testing.assert_close(torch.tensor(autograd), torch.tensor(average[1:]), atol=1.1e-5, rtol=0)
+    torch.testing.assert_close(average, examples.mean(0), atol=1.1e-5, rtol=0)
+    torch.testing.assert_close(autograd, average[1:], atol=1.1e-5, rtol=0)
 
     max_diff = float(re.search(r"max \|difference\| = (\S+)", out).group(1))
     assert max_diff < 1e-12
 
 
 def test_batch_gradients_match_closed_form():
-    # For f(x) = w·x + b and ℓ = ½(f(x) − y)²: ∇_w ℓ = (f(x) − y) x and ∇_b ℓ = f(x) − y.
+    # f(x) = w·x + b, ℓ = ½(f(x) − y)²: ∇_w ℓ = (f(x) − y) x and ∇_b ℓ = f(x) − y.
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(7, 4, generator=generator, dtype=torch.float64)
     y = torch.randn(7, generator=generator, dtype=torch.float64)

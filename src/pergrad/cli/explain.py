@@ -3,7 +3,7 @@
 On a 5-parameter linear regression it prints each example's loss and gradient, their average,
 and the gradient autograd gives for the mean loss, which agree to rounding. It then draws the
 same idea for a 2-parameter line ``y ≈ w·x + b``: each example's descent direction, their average
-and the full-data one, on the loss surface over ``(w, b)``, saved as ``OUT/explain.png``.
+and the full-data one, on the loss surface over ``(w, b)``, saved as ``DIR/explain.png``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
@@ -32,6 +33,7 @@ W_TRUE = (1.0, -2.0, 0.5, 3.0)  # the 4-feature data: y = x·w* + noise, no inte
 LINE_TRUE = (2.0, -1.0)  # the picture's data: y = w*·x + b* + noise, as (w*, b*)
 LINE_THETA = (0.0, 2.5)  # the picture's point θ = (w, b) where gradients are taken
 NOISE = 0.5
+_COLORS = {"example": "#f28e2b", "average": "#d62728", "full": "black"}
 
 
 @dataclass
@@ -93,9 +95,10 @@ def run(args: argparse.Namespace) -> int:
     batch = batch_gradients(model, x[index], y[index])
     print(format_report(batch, index, args.seed))
 
+    figure = draw_picture(index)
     png = args.out / "explain.png"
     try:
-        savefig_atomic(draw_picture(index), png, dpi=150)
+        savefig_atomic(figure, png, dpi=150)
     except OSError as err:
         return _error(f"cannot write {png} ({err.strerror}); pass a writable directory to --out")
     print(f"\npicture: {png}")
@@ -124,7 +127,7 @@ def regression_data(
 
 
 def squared_error(out: Tensor, y: Tensor) -> Tensor:
-    """Per-example loss ``ℓᵢ = ½ (f(xᵢ) − yᵢ)²`` for out (n, 1) and y (n,); returns (n,)."""
+    """Per-example loss ``ℓᵢ = ½ (f(xᵢ) − yᵢ)²``, (n,), of outputs out (n, 1) and targets y (n,)."""
     return 0.5 * (out.squeeze(1) - y).square()
 
 
@@ -169,7 +172,7 @@ def format_report(batch: BatchGradients, index: Tensor, seed: int) -> str:
         cells = "".join(f"{v:>+{col}.5f}" for v in values.tolist())
         return f"{label:<{label_width}}{loss:>{col}}{cells}"
 
-    header = f"{'':<{label_width}}{'loss ℓᵢ':>{col}}" + "".join(f"{s:>{col}}" for s in batch.labels)
+    header = f"{'':<{label_width}}" + "".join(f"{s:>{col}}" for s in ["loss ℓᵢ", *batch.labels])
     rule = "─" * len(header)
     lines = [
         "pergrad explain: a mini-batch gradient is the average of per-example gradients",
@@ -194,19 +197,20 @@ def format_report(batch: BatchGradients, index: Tensor, seed: int) -> str:
         "∇ (1/B) Σ ℓᵢ   p.grad after one ordinary backward of the mean loss",
         f"max |difference| = {max_diff:.1e}",
         "",
-        "The gradient of an average is the average of the gradients, ∇ (1/B) Σ ℓᵢ = (1/B) Σ ∇ℓᵢ,",
-        "so the two rows agree up to rounding. Drawn at random, the mini-batch average is an",
-        f"unbiased estimate of the full-data gradient over all {N_EXAMPLES} examples: right on average",
-        "over draws, noisy for any single one.",
+        "Why they agree: the gradient of an average is the average of the gradients,",
+        "    ∇ (1/B) Σ ℓᵢ  =  (1/B) Σ ∇ℓᵢ.",
+        "And because the B examples are drawn at random, this mini-batch average is an",
+        f"unbiased estimate of the full-data gradient over all {N_EXAMPLES} examples: right on",
+        "average over draws, noisy for any single one.",
     ]
     return "\n".join(lines)
 
 
 def draw_picture(index: Tensor) -> Figure:
-    """The loss surface of a line ``y ≈ w·x + b`` with the gradients at one point θ.
+    """The loss surface of a line ``y ≈ w·x + b`` over (w, b), with the gradients at θ.
 
-    Per-example, mini-batch and full-data descent directions (negative gradients) start at
-    ``LINE_THETA``, all scaled by one factor so they stay inside the axes.
+    Descent directions (negative gradients) start at ``LINE_THETA``: one per mini-batch
+    example, their average, and the full-data one, all scaled by one factor so they fit.
 
     Args:
         index: (B,) the dataset positions of the mini-batch examples.
@@ -215,64 +219,89 @@ def draw_picture(index: Tensor) -> Figure:
     model = _linear(torch.tensor(LINE_THETA[:1]), LINE_THETA[1])
     batch = batch_gradients(model, x[index], y[index])
     full = batch_gradients(model, x, y).autograd
+    # (B + 2, 2): each example's descent direction, then the mini-batch average, then full data.
+    steps = -torch.cat([batch.per_example, batch.per_example.mean(0, keepdim=True), full[None]])
+
     theta = np.array(LINE_THETA)
-    # Least squares gives the minimum of the mean loss over (w, b).
-    design = torch.cat([x, torch.ones_like(x)], 1)
-    optimum = torch.linalg.lstsq(design, y.unsqueeze(1)).solution.squeeze(1).numpy()
-
-    center = (theta + optimum) / 2
-    half = 0.75 * np.abs(theta - optimum).max() + 1.0
-    lo, hi = center - half, center + half
-    w_grid, b_grid = np.meshgrid(np.linspace(lo[0], hi[0], 300), np.linspace(lo[1], hi[1], 300))
-    x_np, y_np = x.squeeze(1).numpy(), y.numpy()
-    surface = 0.5 * np.mean(
-        (w_grid[..., None] * x_np + b_grid[..., None] - y_np) ** 2, axis=-1
-    )  # (300, 300) mean loss
-
-    steps = -np.concatenate([batch.per_example.numpy(), [batch.per_example.mean(0).numpy()]])
-    steps = np.concatenate([steps, [-full.numpy()]])  # (B + 2, 2): examples, average, full
-    scale = _arrow_scale(theta, steps, lo + 0.04 * 2 * half, hi - 0.04 * 2 * half)
+    design = torch.cat([x, torch.ones_like(x)], 1)  # (N, 2): the mean loss is least squares
+    optimum = torch.linalg.lstsq(design, y[:, None]).solution.squeeze(1).numpy()
+    half = 0.75 * np.abs(theta - optimum).max() + 1.0  # a square view around θ and the optimum
+    lo, hi = (theta + optimum) / 2 - half, (theta + optimum) / 2 + half
 
     fig = Figure(figsize=(7.2, 6.2), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    levels = np.geomspace(surface.min(), surface.max(), 24)
-    filled = ax.contourf(w_grid, b_grid, surface, levels=levels, norm=LogNorm(), cmap="Blues_r")
-    ax.contour(w_grid, b_grid, surface, levels=levels, colors="white", linewidths=0.3, alpha=0.6)
-    fig.colorbar(filled, ax=ax, label="mean loss L(w, b) over all examples (log scale)", format="{x:.2g}")
-
-    colors = {"example": "#f28e2b", "average": "#d62728", "full": "black"}
-    for step in steps[:-2]:
-        _arrow(ax, theta, theta + scale * step, colors["example"], width=1.2)
-    _arrow(ax, theta, theta + scale * steps[-2], colors["average"], width=3.0)
-    _arrow(ax, theta, theta + scale * steps[-1], colors["full"], width=3.0)
-    ax.plot(*theta, "o", color="black", markersize=6, zorder=5)
-    ax.annotate("θ", theta, xytext=(-12, 6), textcoords="offset points", fontsize=13)
+    _draw_surface(ax, x.squeeze(1).numpy(), y.numpy(), lo, hi)
+    margin = 0.08 * half
+    scale = _arrow_scale(theta, steps.numpy(), lo + margin, hi - margin)
+    _draw_arrows(ax, theta, scale * steps.numpy())
     ax.plot(*optimum, "*", color="white", markeredgecolor="black", markersize=15, zorder=5)
-
-    n_batch = len(index)
-    handles = [
-        Line2D([], [], color=colors["example"], lw=1.2, label=f"−∇ℓᵢ, each of the B = {n_batch} examples"),
-        Line2D([], [], color=colors["average"], lw=3.0, label="−(1/B) Σ ∇ℓᵢ, mini-batch average"),
-        Line2D([], [], color=colors["full"], lw=3.0, label=f"−∇L, full data (N = {N_EXAMPLES})"),
-        Line2D([], [], ls="", marker="o", color="black", label="θ, where gradients are taken"),
-        Line2D([], [], ls="", marker="*", markersize=12, color="white", markeredgecolor="black", label="minimum of L"),
-    ]
-    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize=9)
-    ax.set(
-        xlim=(lo[0], hi[0]),
-        ylim=(lo[1], hi[1]),
-        aspect="equal",
-        xlabel="weight w",
-        ylabel="bias b",
-    )
+    ax.set(xlim=(lo[0], hi[0]), ylim=(lo[1], hi[1]), aspect="equal")
+    ax.set(xlabel="weight w", ylabel="bias b")
     ax.set_title(
         "A mini-batch gradient is the average of per-example gradients\n"
         f"line y ≈ w·x + b on N = {N_EXAMPLES} points; descent directions at θ, "
         f"drawn at {scale:.2g} × length",
         fontsize=10.5,
     )
+    ax.legend(
+        handles=_legend_handles(len(index)),
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.1),
+        ncol=2,
+        fontsize=9,
+    )
     return fig
+
+
+def _draw_surface(ax: Axes, x: np.ndarray, y: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> None:
+    """Filled contours of the mean loss over the (w, b) box [lo, hi], levels spaced in log.
+
+    Args:
+        ax: where to draw; a colour bar is added next to it.
+        x: (N,) inputs.
+        y: (N,) targets.
+        lo, hi: (2,) the box's corners, as (w, b).
+    """
+    w, b = np.meshgrid(np.linspace(lo[0], hi[0], 300), np.linspace(lo[1], hi[1], 300))
+    loss = 0.5 * np.mean((w[..., None] * x + b[..., None] - y) ** 2, axis=-1)  # (300, 300)
+    levels = np.geomspace(loss.min(), loss.max(), 24)
+    filled = ax.contourf(w, b, loss, levels=levels, norm=LogNorm(), cmap="Blues_r")
+    ax.contour(w, b, loss, levels=levels, colors="white", linewidths=0.3, alpha=0.6)
+    ax.figure.colorbar(
+        filled, ax=ax, label="mean loss L(w, b) over all examples (log scale)", format="{x:.2g}"
+    )
+
+
+def _draw_arrows(ax: Axes, theta: np.ndarray, steps: np.ndarray) -> None:
+    """Arrows from θ (2,) by steps (B + 2, 2): examples (thin), then average and full (thick).
+
+    The thin arrows are drawn last, so that a short one stays visible on top of a thick one.
+    """
+    _arrow(ax, theta, theta + steps[-1], _COLORS["full"], width=3.0)
+    _arrow(ax, theta, theta + steps[-2], _COLORS["average"], width=3.0)
+    for step in steps[:-2]:
+        _arrow(ax, theta, theta + step, _COLORS["example"], width=1.2)
+    ax.plot(*theta, "o", color="black", markersize=6, zorder=5)
+    ax.annotate("θ", theta, xytext=(-12, 6), textcoords="offset points", fontsize=13)
+
+
+def _arrow(ax: Axes, start: np.ndarray, end: np.ndarray, color: str, width: float) -> None:
+    """One arrow from start (2,) to end (2,) in data coordinates."""
+    style = dict(arrowstyle="-|>", color=color, lw=width, mutation_scale=8 + 4 * width)
+    ax.annotate("", xy=end, xytext=start, arrowprops=dict(style, shrinkA=0, shrinkB=0))
+
+
+def _legend_handles(n_batch: int) -> list[Line2D]:
+    """Legend entries for the arrows and markers of :func:`draw_picture`."""
+    lines = {
+        f"−∇ℓᵢ, each of the B = {n_batch} examples": dict(color=_COLORS["example"], lw=1.2),
+        "−(1/B) Σ ∇ℓᵢ, mini-batch average": dict(color=_COLORS["average"], lw=3.0),
+        f"−∇L, full data (N = {N_EXAMPLES})": dict(color=_COLORS["full"], lw=3.0),
+        "θ, where gradients are taken": dict(ls="", marker="o", color="black"),
+        "minimum of L": dict(ls="", marker="*", markersize=12, color="white", mec="black"),
+    }
+    return [Line2D([], [], label=label, **style) for label, style in lines.items()]
 
 
 def _arrow_scale(start: np.ndarray, steps: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> float:
@@ -286,17 +315,6 @@ def _arrow_scale(start: np.ndarray, steps: np.ndarray, lo: np.ndarray, hi: np.nd
     room = np.where(steps > 0, hi - start, start - lo)  # (m, 2) room in each arrow's direction
     with np.errstate(divide="ignore"):
         return float(np.min(room / np.abs(steps)))
-
-
-def _arrow(ax, start: np.ndarray, end: np.ndarray, color: str, width: float) -> None:
-    """Draw one arrow from start (2,) to end (2,) in data coordinates."""
-    ax.annotate(
-        "",
-        xy=end,
-        xytext=start,
-        arrowprops=dict(arrowstyle="-|>", color=color, lw=width, shrinkA=0, shrinkB=0,
-                        mutation_scale=8 + 4 * width),
-    )
 
 
 def _linear(weight: Tensor, bias: float) -> nn.Linear:
@@ -334,7 +352,10 @@ def _prepare_out_dir(out_dir: Path) -> str | None:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        return f"cannot create --out directory '{out_dir}' ({err.strerror}); pass a directory you can write to"
+        return (
+            f"cannot create --out directory '{out_dir}' ({err.strerror}); "
+            "pass a directory you can write to"
+        )
     if not os.access(out_dir, os.W_OK | os.X_OK):
         return f"--out directory '{out_dir}' is not writable; pass a directory you can write to"
     return None
