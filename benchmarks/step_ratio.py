@@ -1,0 +1,328 @@
+"""Step-time ratio of a pergrad training step to a plain one, on three small CPU workloads.
+
+A *step* is: zero the gradients (``set_to_none``), forward, per-example losses, one backward.
+The plain step ends with ``losses.mean().backward()``; a pergrad step with
+``pe.backward(losses, reduction="mean")``, which also yields the per-example quantities. No
+optimizer update is timed (it is the same for both). Three pergrad modes are measured:
+
+    norms        PerExample(model)                      sq_norms only (the default mode)
+    norms+2nd    PerExample(model, second_moment=True)  sq_norms and Σⱼ (∇ℓⱼ)² per parameter
+    grads        PerExample(model, grads=True)          sq_norms and every (n, *p.shape) gradient
+
+Method. One model and one batch per workload serve every method. Before timing, each mode's
+result is checked against ``torch.func.vmap(grad(...))`` on the first examples of the same
+batch (and its ``.grad`` against the plain step's), so a wrong computation is never timed.
+After a warm-up, each of R rounds measures every method once, in an order rotated every
+round; the ratio of a mode in a round is its time over the plain time of that round, and the
+table reports the medians over rounds. One measurement averages as many consecutive steps of
+its method as last about ``--target-ms`` (at least one): a single millisecond-scale step on a
+shared CPU is too noisy, and whichever step runs first after any pause is slower. ``PerExample``
+is created before a measurement's timer starts and removed after it stops: hooking the model
+is a one-off cost in training, and no hook may be live during a plain step. The garbage
+collector is off while timing (tensors are freed by reference counting).
+
+Run: ``.venv/bin/python benchmarks/step_ratio.py`` (``make bench``); ``--quick`` for a smoke
+run, ``--help`` for the options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+import pergrad
+
+MODES = {
+    "norms": {},
+    "norms+2nd": {"second_moment": True},
+    "grads": {"grads": True},
+}
+RTOL = 1e-4  # float32 relative tolerance of the sanity checks
+CHECKED = 4  # examples checked against torch.func
+
+
+# --- workloads -------------------------------------------------------------------------------
+
+
+class MLP(nn.Sequential):
+    """64 → 512 → 512 → 10 with ReLU: (n, 64) -> (n, 10)."""
+
+    def __init__(self):
+        super().__init__(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+
+
+class SmallCNN(nn.Module):
+    """Two 3×3 convs 1 → 16 → 32 with ReLU and 2×2 max-pool, linear head: (n, 1, 28, 28) -> (n, 10)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.head = nn.Linear(32 * 7 * 7, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)  # (n, 16, 14, 14)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # (n, 32, 7, 7)
+        return self.head(x.flatten(1))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x)); (n, t, d) -> (n, t, d)."""
+
+    def __init__(self, d: int, heads: int, hidden: int):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, dropout=0.0, batch_first=True)
+        self.ln2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
+        return x + self.mlp(self.ln2(x))
+
+
+class TinyTransformer(nn.Module):
+    """Causal language model: tokens (n, t) -> logits (n, t, vocab)."""
+
+    def __init__(self, vocab: int = 1000, d: int = 128, heads: int = 4, hidden: int = 512, layers: int = 2):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(Block(d, heads, hidden) for _ in range(layers))
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        t = tokens.shape[1]
+        mask = torch.ones(t, t, dtype=torch.bool, device=tokens.device).triu(1)  # True = not attended
+        x = self.embed(tokens)  # (n, t, d)
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.head(self.ln(x))
+
+
+def classification_losses(out: Tensor, y: Tensor) -> Tensor:
+    """(n, classes), (n,) -> (n,) cross-entropy per example."""
+    return F.cross_entropy(out, y, reduction="none")
+
+
+def next_token_losses(logits: Tensor, y: Tensor) -> Tensor:
+    """(n, t, vocab), (n, t) -> (n,): each example's cross-entropy averaged over its tokens."""
+    n, t, vocab = logits.shape
+    return F.cross_entropy(logits.reshape(n * t, vocab), y.reshape(n * t), reduction="none").reshape(n, t).mean(1)
+
+
+@dataclass
+class Workload:
+    """A model, one batch, and the per-example loss: ``loss_fn(model(x), y)`` is (n,)."""
+
+    key: str  # for --only
+    name: str
+    model: nn.Module
+    x: Tensor
+    y: Tensor
+    loss_fn: Callable[[Tensor, Tensor], Tensor]
+
+
+def workloads(seed: int) -> list[Workload]:
+    torch.manual_seed(seed)
+    tokens = torch.randint(0, 1000, (32, 65))  # (n, t + 1): inputs and next-token targets
+    return [
+        Workload("mlp", "MLP 64-512-512-10, n=256", MLP(), torch.randn(256, 64), torch.randint(0, 10, (256,)),
+                 classification_losses),
+        Workload("cnn", "CNN 1-16-32 28x28, n=64", SmallCNN(), torch.randn(64, 1, 28, 28),
+                 torch.randint(0, 10, (64,)), classification_losses),
+        Workload("transformer", "Transformer 2L d128, n=32 t=64", TinyTransformer(), tokens[:, :-1], tokens[:, 1:],
+                 next_token_losses),
+    ]
+
+
+# --- the two kinds of step -------------------------------------------------------------------
+
+
+def plain_step(w: Workload) -> None:
+    w.model.zero_grad(set_to_none=True)
+    losses = w.loss_fn(w.model(w.x), w.y)
+    losses.mean().backward()
+
+
+def pergrad_step(w: Workload, pe: pergrad.PerExample) -> pergrad.PerExampleResult:
+    w.model.zero_grad(set_to_none=True)
+    losses = w.loss_fn(w.model(w.x), w.y)
+    return pe.backward(losses, reduction="mean")
+
+
+def timed(w: Workload, mode: str, steps: int) -> float:
+    """Seconds per step over ``steps`` consecutive steps of ``mode`` ("plain" or a key of MODES).
+
+    For a pergrad mode, ``PerExample`` hooks the model before the timer starts and is removed
+    after it stops.
+    """
+    if mode == "plain":
+        start = time.perf_counter()
+        for _ in range(steps):
+            plain_step(w)
+        return (time.perf_counter() - start) / steps
+    pe = pergrad.PerExample(w.model, **MODES[mode])
+    try:
+        start = time.perf_counter()
+        for _ in range(steps):
+            pergrad_step(w, pe)
+        return (time.perf_counter() - start) / steps
+    finally:
+        pe.remove()
+
+
+# --- sanity checks ---------------------------------------------------------------------------
+
+
+def reference_grads(w: Workload, k: int) -> dict[str, Tensor]:
+    """{name: (k, *p.shape)} gradients of the first k examples' own losses, by torch.func."""
+    params = {name: p.detach() for name, p in w.model.named_parameters()}
+
+    def loss(p, xj, yj):
+        return w.loss_fn(functional_call(w.model, p, (xj.unsqueeze(0),)), yj.unsqueeze(0))[0]
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="There is a performance drop")  # vmap over attention
+        return vmap(grad(loss), in_dims=(None, 0, 0))(params, w.x[:k], w.y[:k])
+
+
+def rel_err(actual: Tensor, expected: Tensor) -> float:
+    """Largest absolute difference over the largest absolute expected value."""
+    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+
+
+def check(w: Workload) -> list[str]:
+    """Check every mode on the full batch; return the failures (empty when all agree)."""
+    failures = []
+
+    def expect(what: str, err: float) -> None:
+        if not err <= RTOL:
+            failures.append(f"{w.name}: {what} relative error {err:.2e} > {RTOL:.0e}")
+
+    ref = reference_grads(w, CHECKED)
+    ref_sq = sum(g.reshape(CHECKED, -1).square().sum(1) for g in ref.values())  # (k,)
+    plain_step(w)
+    plain_grads = {name: p.grad.clone() for name, p in w.model.named_parameters()}
+    results = {}
+    for mode, options in MODES.items():
+        with pergrad.PerExample(w.model, **options) as pe:
+            res = results[mode] = pergrad_step(w, pe)
+        expect(f"{mode}: sq_norms[:{CHECKED}] vs torch.func", rel_err(res.sq_norms[:CHECKED], ref_sq))
+        for name, p in w.model.named_parameters():
+            expect(f"{mode}: {name}.grad vs plain step", rel_err(p.grad, plain_grads[name]))
+    for name, g in results["grads"].grads.items():
+        expect(f"grads: {name}[:{CHECKED}] vs torch.func", rel_err(g[:CHECKED], ref[name]))
+        # the second moments against the materialised gradients of the whole batch
+        expect(f"norms+2nd: second_moment[{name}] vs Σ grads²",
+               rel_err(results["norms+2nd"].second_moment[name], g.square().sum(0)))
+    return failures
+
+
+# --- measurement -----------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """Medians over rounds: plain step seconds; per mode, step seconds and ratio to plain."""
+
+    name: str
+    plain: float
+    seconds: dict[str, float]
+    ratio: dict[str, float]
+
+
+def steps_per_measurement(w: Workload, mode: str, target: float) -> int:
+    """Consecutive steps of ``mode`` that make one measurement last about ``target`` seconds."""
+    one = min(timed(w, mode, 1) for _ in range(3))
+    return max(1, round(target / one))
+
+
+def measure(w: Workload, rounds: int, warmup: int, target: float) -> Row:
+    methods = ["plain", *MODES]
+    steps = {m: steps_per_measurement(w, m, target) for m in methods}
+    for _ in range(warmup):
+        for m in methods:
+            timed(w, m, steps[m])
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    ratios: dict[str, list[float]] = {m: [] for m in MODES}
+    gc.collect()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # a collection inside a timed step would charge one method at random
+    try:
+        for r in range(rounds):
+            order = methods[r % len(methods):] + methods[: r % len(methods)]
+            this = {m: timed(w, m, steps[m]) for m in order}
+            for m in methods:
+                times[m].append(this[m])
+            for m in MODES:
+                ratios[m].append(this[m] / this["plain"])
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return Row(
+        w.name,
+        statistics.median(times["plain"]),
+        {m: statistics.median(times[m]) for m in MODES},
+        {m: statistics.median(ratios[m]) for m in MODES},
+    )
+
+
+def table(rows: list[Row]) -> str:
+    head = f"{'workload':<32} {'plain ms':>9}" + "".join(f" {m + ' ms':>13} {'ratio':>6}" for m in MODES)
+    lines = [head, "-" * len(head)]
+    for row in rows:
+        line = f"{row.name:<32} {row.plain * 1e3:>9.2f}"
+        for m in MODES:
+            line += f" {row.seconds[m] * 1e3:>13.2f} {row.ratio[m]:>5.2f}x"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=30, help="timed rounds per workload (default 30)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed rounds first (default 5)")
+    parser.add_argument("--quick", action="store_true", help="5 rounds, 1 warm-up round: a smoke run")
+    parser.add_argument("--target-ms", type=float, default=50.0,
+                        help="about how long one measurement lasts, in steps of its method (default 50)")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument("--only", choices=["mlp", "cnn", "transformer"], action="append",
+                        help="run only this workload (repeatable)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    rounds, warmup = (5, 1) if args.quick else (args.rounds, args.warmup)
+
+    torch.set_num_threads(args.threads)
+    chosen = workloads(args.seed)
+    if args.only:
+        chosen = [w for w in chosen if w.key in args.only]
+
+    failures = [f for w in chosen for f in check(w)]
+    if failures:
+        print("Sanity check failed; nothing timed:\n  " + "\n  ".join(failures), file=sys.stderr)
+        return 1
+    print(f"sanity: every mode's sq_norms match torch.func on the first {CHECKED} examples "
+          f"(rtol {RTOL:.0e}), .grad matches the plain step, grads and second moments agree")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32 CPU; "
+          f"median of {rounds} rounds after {warmup} untimed; one measurement averages "
+          f"the steps of about {args.target_ms:g} ms\n")
+    rows = [measure(w, rounds, warmup, args.target_ms / 1e3) for w in chosen]
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
