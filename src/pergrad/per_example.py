@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .capture import Capture
+from .rules import flat_sq_norm
 
 __all__ = ["PerExample", "PerExampleResult"]
 
@@ -97,6 +98,7 @@ class PerExample:
                 counts[name] = counts.get(name, 0) + 1
         # parameters used by more than one module need their pieces summed before squaring
         self._shared = {name for name, k in counts.items() if k > 1}
+        self._params = dict(self._capture.parameters())
 
     def __enter__(self) -> "PerExample":
         return self
@@ -130,7 +132,7 @@ class PerExample:
         capture = self._capture
         capture.check_before_backward(n)
 
-        params = dict(capture.parameters())
+        params = self._params
         earlier = {name: p.grad for name, p in params.items()}
         for p in params.values():
             p.grad = None
@@ -144,7 +146,7 @@ class PerExample:
                     p.grad = earlier[name] if fresh[name] is None else earlier[name] + fresh[name]
 
         zero = losses.new_zeros(()).detach()
-        param_batch_sq = {k: zero if g is None else g.square().sum() for k, g in fresh.items()}
+        param_batch_sq = {k: zero if g is None else _sq_norm(g) for k, g in fresh.items()}
         batch_sq = sum(param_batch_sq.values(), zero)
         scale = float(n) if reduction == "mean" else 1.0
         try:
@@ -166,27 +168,43 @@ class PerExample:
         )
 
     def _per_parameter(self, n: int, scale: float, params: dict[str, nn.Parameter]) -> "_PerParameter":
-        """Run every target's rule and gather the results by parameter name, rescaled."""
+        """Run every target's rule and gather the results by parameter name, rescaled.
+
+        A parameter used by several modules (tied weights) gets its per-example gradients
+        summed over them before squaring; every other one gets its norms from the rule's
+        cheapest form.
+        """
         out = _PerParameter()
-        shared_grads: dict[str, Tensor] = {}
+        summed: dict[str, Tensor] = {}  # per-example gradients of shared parameters
         for target in self._capture.targets:
             calls = self._capture.reached_calls(target)
             if not calls:
                 continue
-            need_grads = self.want_grads or any(g in self._shared for g in target.param_names.values())
-            if need_grads:
-                for local, piece in target.rule.per_example_grads(target.module, calls).items():
-                    name = target.param_names[local]
-                    grad = piece * scale
-                    shared_grads[name] = shared_grads[name] + grad if name in shared_grads else grad
+            rule, module = target.rule, target.module
+            inputs = rule.prepare(module, calls)
+            own = {local: name for local, name in target.param_names.items() if name not in self._shared}
+            grads = None
+            if self.want_grads or len(own) < len(target.param_names):
+                grads = {target.param_names[k]: v * scale for k, v in rule.per_example_grads(module, inputs).items()}
+                for name, grad in grads.items():
+                    if name in self._shared:
+                        summed[name] = summed[name] + grad if name in summed else grad
+                    else:
+                        out.grads[name] = grad
+            if not own:
                 continue
-            for local, sq in target.rule.sq_norms(target.module, calls).items():
-                out.sq[target.param_names[local]] = sq * scale**2
+            for local, sq in rule.sq_norms(module, inputs).items():
+                if local in own:
+                    out.sq[own[local]] = sq * scale**2
             if self.want_second_moment:
-                for local, m in target.rule.second_moments(target.module, calls).items():
-                    out.second[target.param_names[local]] = m * scale**2
-        for name, grad in shared_grads.items():
-            out.sq[name] = grad.reshape(n, -1).square().sum(1)
+                if grads is not None:
+                    out.second.update({name: grads[name].square().sum(0) for name in own.values()})
+                else:
+                    for local, m in rule.second_moments(module, inputs).items():
+                        if local in own:
+                            out.second[own[local]] = m * scale**2
+        for name, grad in summed.items():
+            out.sq[name] = flat_sq_norm(grad)
             out.grads[name] = grad
             if self.want_second_moment:
                 out.second[name] = grad.square().sum(0)
@@ -198,11 +216,10 @@ class PerExample:
                     out.grads[name] = p.new_zeros((n, *p.shape))
                 if self.want_second_moment:
                     out.second[name] = torch.zeros_like(p)
-        ordered = list(params)
         return _PerParameter(
-            sq={k: out.sq[k] for k in ordered},
-            grads={k: out.grads[k] for k in ordered if k in out.grads},
-            second={k: out.second[k] for k in ordered if k in out.second},
+            sq={k: out.sq[k] for k in params},
+            grads={k: out.grads[k] for k in params if k in out.grads},
+            second={k: out.second[k] for k in params if k in out.second},
         )
 
 
@@ -213,6 +230,12 @@ class _PerParameter:
     sq: dict[str, Tensor] = field(default_factory=dict)
     grads: dict[str, Tensor] = field(default_factory=dict)
     second: dict[str, Tensor] = field(default_factory=dict)
+
+
+def _sq_norm(x: Tensor) -> Tensor:
+    """‖x‖² as a 0-dim tensor, in one pass (a dot product, no squared copy)."""
+    flat = x.reshape(-1)
+    return torch.dot(flat, flat)
 
 
 def _check_losses(losses: Tensor, reduction: str) -> int:

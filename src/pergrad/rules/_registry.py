@@ -18,9 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+import torch
 from torch import Tensor, nn
 
-__all__ = ["Call", "Rule", "register_rule", "rule_for", "registered_rules"]
+__all__ = ["Call", "Rule", "flat_sq_norm", "register_rule", "rule_for", "registered_rules"]
 
 
 @dataclass
@@ -53,9 +54,10 @@ class Rule:
     Subclasses implement :meth:`per_example_grads`; they override :meth:`sq_norms` and
     :meth:`second_moments` where a cheaper form exists than building the gradients.
 
-    Every method takes ``calls``, all the calls of the module in one forward pass that a
+    :meth:`prepare` takes ``calls``, all the calls of the module in one forward pass that a
     gradient reached (a module called several times shares its weights across calls: its
-    per-example gradient is the sum over calls, and norms include the cross terms).
+    per-example gradient is the sum over calls, and norms include the cross terms); the other
+    methods take what it returned.
     """
 
     #: Whether the rule also covers the parameters of the module's submodules
@@ -76,22 +78,27 @@ class Rule:
             if p.requires_grad:
                 yield name, p
 
-    def per_example_grads(self, module: nn.Module, calls: list[Call]) -> dict[str, Tensor]:
+    def prepare(self, module: nn.Module, calls: list[Call]) -> Any:
+        """Work shared by the three outputs below (unfolding, recomputation), done once per
+        backward; whatever it returns is passed to them as ``inputs``. Default: the calls."""
+        return calls
+
+    def per_example_grads(self, module: nn.Module, inputs: Any) -> dict[str, Tensor]:
         """Per-example pieces of ∇L: ``{name: (n, *p.shape)}``, summed over calls."""
         raise NotImplementedError
 
-    def sq_norms(self, module: nn.Module, calls: list[Call]) -> dict[str, Tensor]:
+    def sq_norms(self, module: nn.Module, inputs: Any) -> dict[str, Tensor]:
         """Squared norms of the per-example pieces: ``{name: (n,)}``."""
-        return {k: flat_sq_norm(v) for k, v in self.per_example_grads(module, calls).items()}
+        return {k: flat_sq_norm(v) for k, v in self.per_example_grads(module, inputs).items()}
 
-    def second_moments(self, module: nn.Module, calls: list[Call]) -> dict[str, Tensor]:
+    def second_moments(self, module: nn.Module, inputs: Any) -> dict[str, Tensor]:
         """Sums over examples of the squared pieces: ``{name: p.shape}`` = Σ_j P_j²."""
-        return {k: v.square().sum(0) for k, v in self.per_example_grads(module, calls).items()}
+        return {k: v.square().sum(0) for k, v in self.per_example_grads(module, inputs).items()}
 
 
 def flat_sq_norm(x: Tensor) -> Tensor:
     """(n, ...) -> (n,): squared Euclidean norm of each example's slice."""
-    return x.reshape(x.shape[0], -1).square().sum(1)
+    return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1).square()
 
 
 _RULES: dict[type[nn.Module], Rule] = {}

@@ -1,21 +1,41 @@
 """Per-example math for a weight applied at every position: ``y_t = W a_t`` (+ bias).
 
 Shared by Linear (positions = leading dims after the first) and convolutions (positions =
-output pixels after unfolding). Shapes: ``a`` (n, t, i) inputs, ``g`` (n, t, o) gradients of
-the reduced loss with respect to the outputs. The per-example piece of the weight gradient is
-``P_j = Σ_t g_jt a_jtᵀ`` (o, i); of the bias, ``Σ_t g_jt`` (o,).
+output pixels after unfolding; groups folded into the example axis). Shapes: ``a`` (m, t, i)
+inputs, ``g`` (m, t, o) gradients of the reduced loss with respect to the outputs, where
+m = n·G rows, G groups per example (1 for Linear). The per-example piece of the weight
+gradient is ``P_j = Σ_t g_jt a_jtᵀ`` (o, i); of the bias, ``Σ_t g_jt`` (o,).
 
 Two ways to get ``‖P_j‖²``:
-- materialise ``P_j`` and square it: about n·t·i·o multiply-adds, n·o·i memory;
-- the Gram form ``‖P_j‖² = Σ_{t,s} (a_t·a_s)(g_t·g_s) = ⟨A Aᵀ, G Gᵀ⟩``: about n·t²·(i+o)
-  multiply-adds, n·t² memory, no outer product built. With t = 1 it is ``‖a‖²‖g‖²``.
+- materialise ``P_j`` and square it: about m·t·i·o multiply-adds, m·o·i memory;
+- the Gram form ``‖P_j‖² = Σ_{t,s} (a_t·a_s)(g_t·g_s) = ⟨A Aᵀ, G Gᵀ⟩``: about m·t²·(i+o)
+  multiply-adds, m·t² memory, no outer product built. With t = 1 it is ``‖a‖²‖g‖²``.
 :func:`weight_sq_norms` takes whichever is cheaper for the shapes at hand.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor, nn
+from torch.linalg import vector_norm
+
+from ._registry import Rule
+
+
+class Positions(NamedTuple):
+    """A weight-sharing layer's captured calls, as one sequence per (example, group).
+
+    Attributes:
+        a: (n·G, t, i) inputs (may be a strided view).
+        g: (n·G, t, o) output gradients.
+        n: number of examples.
+    """
+
+    a: Tensor
+    g: Tensor
+    n: int
 
 
 def gram_is_cheaper(t: int, i: int, o: int) -> bool:
@@ -23,41 +43,86 @@ def gram_is_cheaper(t: int, i: int, o: int) -> bool:
     return t * (i + o) < i * o
 
 
+def row_sq_norms(x: Tensor) -> Tensor:
+    """(m, k) -> (m,): squared norm of each row, in one pass."""
+    return vector_norm(x, dim=1).square()
+
+
 def weight_grads(a: Tensor, g: Tensor) -> Tensor:
-    """(n, t, i), (n, t, o) -> (n, o, i): ``P_j = Σ_t g_jt a_jtᵀ``."""
+    """(m, t, i), (m, t, o) -> (m, o, i): ``P_j = Σ_t g_jt a_jtᵀ``."""
     return torch.bmm(g.transpose(1, 2), a)
 
 
 def weight_sq_norms(a: Tensor, g: Tensor) -> Tensor:
-    """(n, t, i), (n, t, o) -> (n,): ``‖Σ_t g_jt a_jtᵀ‖²``, by the cheaper of two exact forms."""
-    n, t, i = a.shape
-    o = g.shape[2]
+    """(m, t, i), (m, t, o) -> (m,): ``‖Σ_t g_jt a_jtᵀ‖²``, by the cheaper of two exact forms."""
+    m, t, i = a.shape
     if t == 1:
-        return a.reshape(n, i).square().sum(1) * g.reshape(n, o).square().sum(1)
-    if gram_is_cheaper(t, i, o):
-        gram_a = torch.bmm(a, a.transpose(1, 2))  # (n, t, t)
-        gram_g = torch.bmm(g, g.transpose(1, 2))  # (n, t, t)
-        return (gram_a * gram_g).sum((1, 2))
-    return weight_grads(a, g).square().sum((1, 2))
+        return row_sq_norms(a[:, 0]) * row_sq_norms(g[:, 0])
+    if gram_is_cheaper(t, i, g.shape[2]):
+        gram_a = torch.bmm(a, a.transpose(1, 2))  # (m, t, t)
+        gram_g = torch.bmm(g, g.transpose(1, 2))  # (m, t, t)
+        return torch.linalg.vecdot(gram_a.reshape(m, -1), gram_g.reshape(m, -1))
+    return vector_norm(weight_grads(a, g).reshape(m, -1), dim=1).square()
 
 
 def weight_second_moment(a: Tensor, g: Tensor) -> Tensor:
-    """(n, t, i), (n, t, o) -> (o, i): ``Σ_j P_j²`` (elementwise square)."""
+    """(m, t, i), (m, t, o) -> (o, i): ``Σ_j P_j²`` (elementwise square)."""
     if a.shape[1] == 1:
         return g[:, 0].square().T @ a[:, 0].square()
     return weight_grads(a, g).square().sum(0)
 
 
 def bias_grads(g: Tensor) -> Tensor:
-    """(n, t, o) -> (n, o): ``Σ_t g_jt``."""
-    return g.sum(1)
+    """(m, t, o) -> (m, o): ``Σ_t g_jt``."""
+    return g[:, 0] if g.shape[1] == 1 else g.sum(1)
 
 
-def weight_and_bias(module: nn.Module, weight, bias) -> dict[str, Tensor]:
+class WeightSharingRule(Rule):
+    """Rules of layers with a ``weight`` applied at every position and an optional ``bias``.
+
+    Subclasses implement :meth:`prepare` returning :class:`Positions`; the weight's shape
+    is ``(o_total, ...)`` with the groups stacked along its first axis.
+    """
+
+    def per_example_grads(self, module, inputs: Positions):
+        a, g, n = inputs
+        return _trainable(
+            module,
+            lambda: weight_grads(a, g).reshape(n, *module.weight.shape),
+            lambda: bias_grads(g).reshape(n, -1),
+        )
+
+    def sq_norms(self, module, inputs: Positions):
+        a, g, n = inputs
+        if a.shape[1] == 1:  # one position: ‖a‖²‖g‖² and ‖g‖², sharing ‖g‖²
+            g_sq = row_sq_norms(g[:, 0])
+            return _trainable(
+                module,
+                lambda: (row_sq_norms(a[:, 0]) * g_sq).reshape(n, -1).sum(1),
+                lambda: g_sq.reshape(n, -1).sum(1),
+            )
+        return _trainable(
+            module,
+            lambda: weight_sq_norms(a, g).reshape(n, -1).sum(1),
+            lambda: row_sq_norms(bias_grads(g).reshape(n, -1)),
+        )
+
+    def second_moments(self, module, inputs: Positions):
+        a, g, n = inputs
+
+        def weight():
+            if a.shape[0] == n:  # one group
+                return weight_second_moment(a, g).reshape(module.weight.shape)
+            return weight_grads(a, g).reshape(n, *module.weight.shape).square().sum(0)
+
+        return _trainable(module, weight, lambda: bias_grads(g).reshape(n, -1).square().sum(0))
+
+
+def _trainable(module: nn.Module, weight, bias) -> dict[str, Tensor]:
     """Evaluate the weight and bias thunks for the parameters that are trainable."""
     out = {}
     if module.weight.requires_grad:
         out["weight"] = weight()
-    if module.bias is not None and module.bias.requires_grad:
+    if getattr(module, "bias", None) is not None and module.bias.requires_grad:
         out["bias"] = bias()
     return out

@@ -25,6 +25,8 @@ Layouts: query/key/value (n, L, E) with ``batch_first`` else (L, n, E); key_padd
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -107,10 +109,6 @@ class MultiheadAttentionRule(FunctionalRule):
     def output_layout(self, module, index):
         return Batched(self._batch_dim(module) if index == 0 else 0)
 
-    def _decomposable(self, module, calls: list[Call]) -> bool:
-        plain = module.bias_k is None and not module.add_zero_attn
-        return plain and all(len(c.grad_outputs) < 2 or c.grad_outputs[1] is None for c in calls)
-
     # --- the decomposition ---
 
     def _sequences(self, module: nn.MultiheadAttention, call: Call) -> dict[str, tuple[Tensor, Tensor]]:
@@ -149,44 +147,53 @@ class MultiheadAttentionRule(FunctionalRule):
             g_q, g_k, g_v = torch.autograd.grad(o, (q, k, v), g @ module.out_proj.weight.detach())
         return {"q": (x_q, g_q), "k": (x_k, g_k), "v": (x_v, g_v), "out": (o.detach(), g)}
 
-    def _stacked(self, module, calls):
-        """Calls concatenated along positions, per projection (weights shared across calls)."""
+    def prepare(self, module, calls):
+        """The projections' sequences (:class:`_Decomposed`), or the calls for torch.func."""
+        plain = module.bias_k is None and not module.add_zero_attn
+        if not plain or any(len(c.grad_outputs) > 1 and c.grad_outputs[1] is not None for c in calls):
+            return calls
         per_call = [self._sequences(module, c) for c in calls]
-        return {
-            name: tuple(torch.cat([s[name][j] for s in per_call], 1) for j in (0, 1))
-            for name in ("q", "k", "v", "out")
-        }
+        if len(per_call) == 1:
+            return _Decomposed(per_call[0])
+        # weights shared across calls: concatenate positions, per projection
+        return _Decomposed(
+            {name: tuple(torch.cat([s[name][j] for s in per_call], 1) for j in (0, 1)) for name in per_call[0]}
+        )
 
-    def _per_parameter(self, module, calls, weight_fn, bias_fn, combine):
-        seqs = self._stacked(module, calls)
+    def _per_parameter(self, module, seqs, weight_fn, bias_fn, combine):
         out = {}
         for name, _ in self.parameters(module):
-            parts = _blocks(module)[name]
             fn = bias_fn if name.endswith("bias") else weight_fn
-            out[name] = combine([fn(*seqs[p]) for p in parts])
+            out[name] = combine([fn(*seqs[p]) for p in _blocks(module)[name]])
         return out
 
-    def per_example_grads(self, module, calls):
-        if not self._decomposable(module, calls):
-            return super().per_example_grads(module, calls)
+    def per_example_grads(self, module, inputs):
+        if not isinstance(inputs, _Decomposed):
+            return super().per_example_grads(module, inputs)
         return self._per_parameter(
-            module, calls, seq.weight_grads, lambda a, g: seq.bias_grads(g), lambda xs: torch.cat(xs, 1)
+            module, inputs.seqs, seq.weight_grads, lambda a, g: seq.bias_grads(g), lambda xs: torch.cat(xs, 1)
         )
 
-    def sq_norms(self, module, calls):
-        if not self._decomposable(module, calls):
-            return super().sq_norms(module, calls)
+    def sq_norms(self, module, inputs):
+        if not isinstance(inputs, _Decomposed):
+            return super().sq_norms(module, inputs)
         return self._per_parameter(
-            module, calls, seq.weight_sq_norms, lambda a, g: seq.bias_grads(g).square().sum(1), sum
+            module, inputs.seqs, seq.weight_sq_norms, lambda a, g: seq.row_sq_norms(seq.bias_grads(g)), sum
         )
 
-    def second_moments(self, module, calls):
-        if not self._decomposable(module, calls):
-            return super().second_moments(module, calls)
+    def second_moments(self, module, inputs):
+        if not isinstance(inputs, _Decomposed):
+            return super().second_moments(module, inputs)
         return self._per_parameter(
             module,
-            calls,
+            inputs.seqs,
             seq.weight_second_moment,
             lambda a, g: seq.bias_grads(g).square().sum(0),
             lambda xs: torch.cat(xs, 0),
         )
+
+
+class _Decomposed(NamedTuple):
+    """Projection name -> (inputs (n, t, i), output gradients (n, t, o)), batch-first."""
+
+    seqs: dict[str, tuple[Tensor, Tensor]]

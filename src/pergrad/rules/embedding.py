@@ -47,16 +47,19 @@ class EmbeddingRule(Rule):
             )
         return None
 
-    def per_example_grads(self, module, calls):
-        example, index, rows, n = _rows(module, calls)
+    def prepare(self, module, calls):
+        return _rows(module, calls)
+
+    def per_example_grads(self, module, inputs):
+        example, index, rows, n = inputs
         out = rows.new_zeros(n, module.num_embeddings, module.embedding_dim)
         out[example, index] = rows
         return {"weight": out}
 
-    def sq_norms(self, module, calls):
-        example, _, rows, n = _rows(module, calls)
-        return {"weight": rows.new_zeros(n).index_add_(0, example, rows.square().sum(1))}
+    def sq_norms(self, module, inputs):
+        example, _, rows, n = inputs
+        return {"weight": rows.new_zeros(n).index_add_(0, example, torch.linalg.vector_norm(rows, dim=1).square())}
 
-    def second_moments(self, module, calls):
-        _, index, rows, _ = _rows(module, calls)
+    def second_moments(self, module, inputs):
+        _, index, rows, _ = inputs
         return {"weight": torch.zeros_like(module.weight).index_add_(0, index, rows.square())}
