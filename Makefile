@@ -20,7 +20,7 @@ $(STAMP): $(PY) pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/pergrad explain --out runs/explain
+	$(VENV)/bin/pergrad train
 
 test: $(STAMP)
 	$(PY) -m pytest -q

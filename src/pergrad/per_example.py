@@ -44,6 +44,7 @@ class PerExampleResult:
     param_sq_norms: dict[str, Tensor]
     batch_grad_sq_norm: Tensor
     param_batch_grad_sq_norms: dict[str, Tensor]
+    batch_grads: dict[str, Tensor]
     n: int
     reduction: str
     grads: dict[str, Tensor] | None = None
@@ -161,6 +162,7 @@ class PerExample:
             param_sq_norms=per_param.sq,
             batch_grad_sq_norm=batch_sq,
             param_batch_grad_sq_norms=param_batch_sq,
+            batch_grads={k: torch.zeros_like(params[k]) if g is None else g for k, g in fresh.items()},
             n=n,
             reduction=reduction,
             grads=per_param.grads if self.want_grads else None,

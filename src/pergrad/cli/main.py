@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 from typing import NoReturn, Sequence
 
-from pergrad.cli import explain
+from pergrad.cli import explain, report, train
 
-_COMMANDS = (explain,)
+_COMMANDS = (train, report, explain)
 
 
 class _Parser(argparse.ArgumentParser):

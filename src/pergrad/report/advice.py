@@ -1,0 +1,142 @@
+"""Batch-size advice from the logged noise scale B_simple.
+
+B_simple = tr Σ / |G|² is the batch size at which the mini-batch gradient's noise
+(tr Σ / B) equals its signal (|G|²). Well below it, doubling B nearly halves the noise of each
+step; well above it, extra examples buy little (McCandlish et al. 2018, arXiv:1812.06162).
+
+References:
+    McCandlish, Kaplan, Amodei et al. (2018), "An Empirical Model of Large-Batch Training",
+    arXiv:1812.06162.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._format import number
+
+__all__ = ["BatchSizeAdvice", "advise_batch_size", "TAIL", "FACTOR"]
+
+TAIL = 0.25  # the advice reads the last quarter of the logged B_simple values
+FACTOR = 2.0  # "too small" when B_simple > FACTOR·B, "wasteful" when B > FACTOR·B_simple
+
+TOO_SMALL, ABOUT_RIGHT, WASTEFUL, UNKNOWN = "too small", "about right", "wasteful", "unknown"
+
+
+@dataclass(frozen=True)
+class BatchSizeAdvice:
+    """What the noise scale says about the batch size, and the numbers it used.
+
+    Attributes:
+        verdict: "too small", "about right", "wasteful", or "unknown" (no B_simple logged).
+        batch_size: B, examples per step.
+        b_simple: median of the B_simple values used (``inf`` if most are unbounded; NaN
+            when unknown).
+        b_simple_low, b_simple_high: medians of the interval bounds on the same rows (NaN
+            where not logged).
+        first_step, last_step: the steps of the first and last row used (0 when unknown).
+        n_values: how many logged B_simple values the median is over.
+        n_logged: how many rows had a B_simple value at all.
+        message: the advice in plain words, with the numbers.
+    """
+
+    verdict: str
+    batch_size: int
+    b_simple: float
+    b_simple_low: float
+    b_simple_high: float
+    first_step: int
+    last_step: int
+    n_values: int
+    n_logged: int
+    message: str
+
+
+def advise_batch_size(
+    steps: np.ndarray,
+    b_simple: np.ndarray,
+    low: np.ndarray,
+    high: np.ndarray,
+    batch_size: int,
+    tail: float = TAIL,
+    factor: float = FACTOR,
+) -> BatchSizeAdvice:
+    """Compare the batch size with the median B_simple over the last part of training.
+
+    Args:
+        steps: (rows,) the logged steps.
+        b_simple: (rows,) B_simple per row; NaN where not logged yet, ``inf`` where the signal
+            estimate |G|² was not positive (noise dominates).
+        low, high: (rows,) its interval bounds, NaN where missing.
+        batch_size: B.
+        tail: share of the rows *with* a B_simple value that the median reads, from the end.
+        factor: the margin either side of "about right".
+
+    Returns:
+        A :class:`BatchSizeAdvice`.
+    """
+    present = ~np.isnan(b_simple)
+    n_logged = int(present.sum())
+    if n_logged == 0:
+        message = (
+            "No noise-scale estimate was logged yet (it needs a few steps of statistics): "
+            "train longer, or log more often with a smaller log_every, then rebuild the report."
+        )
+        nan = float("nan")
+        return BatchSizeAdvice(UNKNOWN, batch_size, nan, nan, nan, 0, 0, 0, 0, message)
+
+    rows = np.flatnonzero(present)
+    rows = rows[-max(1, math.ceil(tail * n_logged)) :]
+    median = float(np.median(b_simple[rows]))  # inf sorts last, so it counts as "very large"
+    med_low, med_high = (_nanmedian(v[rows]) for v in (low, high))
+    first, last = int(steps[rows[0]]), int(steps[rows[-1]])
+
+    if median > factor * batch_size:
+        verdict = TOO_SMALL
+    elif batch_size > factor * median:
+        verdict = WASTEFUL
+    else:
+        verdict = ABOUT_RIGHT
+    used = (
+        f"median B_simple = {number(median)} over the last {len(rows)} of {n_logged} logged "
+        f"values (steps {first}–{last}; median interval {number(med_low)}–{number(med_high)}), "
+        f"batch size B = {batch_size}"
+    )
+    if verdict == TOO_SMALL:
+        if math.isinf(median):
+            why = (
+                "the gradient's signal estimate |G|² was not even positive on most of these steps: "
+                "the noise of a batch swamps the signal."
+            )
+        else:
+            why = f"B_simple is more than {factor:g}× the batch size."
+        message = (
+            f"The batch is too small: {why} More examples per step would still reduce the "
+            "noise almost linearly, so a larger batch (with a proportionally larger learning "
+            "rate) would make about as much progress per example in fewer steps."
+        )
+    elif verdict == WASTEFUL:
+        message = (
+            f"The batch is larger than it needs to be: B is more than {factor:g}× B_simple. "
+            "Beyond B_simple, each extra example barely reduces the noise that matters, so "
+            f"about {number(median)} examples per step with more steps would reach the same loss "
+            "on fewer examples."
+        )
+    else:
+        message = (
+            f"The batch size is about right: B is within a factor {factor:g} of B_simple. "
+            "A larger batch would give diminishing returns per example; a smaller one, noisier "
+            "steps."
+        )
+    return BatchSizeAdvice(
+        verdict, batch_size, median, med_low, med_high, first, last, len(rows), n_logged,
+        f"{message} Numbers used: {used}.",
+    )  # fmt: skip
+
+
+def _nanmedian(values: np.ndarray) -> float:
+    values = values[~np.isnan(values)]
+    return float(np.median(values)) if values.size else float("nan")

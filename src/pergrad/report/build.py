@@ -1,0 +1,116 @@
+"""``build_report``: read a run directory, measure what the report shows, write it.
+
+The order is: read every file (any problem stops here, before anything is written), rebuild
+the data and the model at the checkpoint, compute the per-example quantities at θ in float64,
+draw and render everything in memory, then write ``report_data.json`` and ``report.html``,
+each atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__
+from .._atomic import write_atomic
+from . import figures, sections
+from .advice import advise_batch_size
+from .html import page
+from .run_files import ReportError, load_data_and_model, load_run
+from .theta import examples_at_theta, float64_copy, per_example_gradients
+from .unbiasedness import check_unbiasedness, examples_for_check
+
+__all__ = ["build_report", "REPORT", "DATA"]
+
+REPORT = "report.html"
+DATA = "report_data.json"
+
+
+def build_report(run_dir: str | Path) -> Path:
+    """(Re)build ``RUN_DIR/report.html`` and ``RUN_DIR/report_data.json`` from the run's files.
+
+    Args:
+        run_dir: a directory written by ``pergrad train`` (config.toml, metrics.csv,
+            checkpoint.pt).
+
+    Returns:
+        The path of ``report.html``.
+
+    Raises:
+        ReportError: the directory or a file in it is missing or unreadable, or the report
+            cannot be written; nothing has been written then.
+    """
+    run = load_run(run_dir)
+    dataset, model = load_data_and_model(run)
+    config, metrics = run.config, run.metrics
+    batch_size = int(metrics.last("batch_size")[0] or config.batch_size)
+    generator = torch.Generator().manual_seed(config.seed)
+
+    advice = advise_batch_size(
+        metrics.column("step"),
+        metrics.column("b_simple"),
+        metrics.column("b_simple_low"),
+        metrics.column("b_simple_high"),
+        batch_size,
+    )
+    model64 = float64_copy(model)
+    x, y = dataset.train_x, dataset.train_y
+    examples = examples_at_theta(model64, x, y, dataset.task)
+    n_params = sum(p.numel() for p in model64.parameters() if p.requires_grad)
+    subset = examples_for_check(x.shape[0], n_params, generator)
+    grads, autograd_mean = per_example_gradients(model64, x[subset], y[subset], dataset.task)
+    check = check_unbiasedness(grads, autograd_mean, x.shape[0], batch_size, generator)
+    del grads
+
+    with figures.style():
+        parts = [
+            sections.summary_section(run, x.shape[0], dataset.val_x.shape[0], advice),
+            sections.curves_section(metrics),
+            sections.noise_scale_section(metrics, advice),
+            sections.snr_section(metrics, batch_size),
+            sections.norms_section(examples, metrics),
+            sections.outliers_section(examples, x, y, dataset.image_shape, dataset.task),
+            sections.unbiasedness_section(check, batch_size),
+        ]
+    data = {"pergrad_version": __version__}
+    for (section_id, _), (_, numbers) in zip(sections.SECTIONS, parts):
+        data[section_id] = numbers
+    data["unbiasedness"]["subset"] = subset.tolist() if check.subsampled else None
+
+    html = page(
+        title="pergrad run report",
+        subtitle=f"{run.path.resolve()} · {config.model} on {config.dataset} · "
+        f"step {run.checkpoint.get('step', '–')}",
+        nav=list(sections.SECTIONS),
+        sections=[body for body, _ in parts],
+        footer=sections.footer(run.path, __version__),
+    )
+    report = run.path / REPORT
+    try:
+        write_atomic(run.path / DATA, json.dumps(_jsonable(data), indent=1, allow_nan=False) + "\n")
+        write_atomic(report, html)
+    except OSError as err:
+        raise ReportError(
+            f"cannot write the report into {run.path} ({err.strerror}); make the directory writable"
+        ) from None
+    return report
+
+
+def _jsonable(value):
+    """Plain JSON: numpy scalars as numbers, ±inf as the strings "inf"/"-inf", NaN as null."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        value = value.item()
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+    return value

@@ -1,0 +1,57 @@
+"""Statistics of the per-example gradients: what the batch average hides.
+
+Every estimator is a small immutable state, a NamedTuple with ``init`` / ``update`` / ``merge``
+and a read-out (``finalize``, ``quantile``). The states of float64 sums (:class:`NoiseState`,
+:class:`SNRState`, :class:`NormHistogram`) merge data-parallel workers with one sum reduction;
+:class:`LargestNorms` merges by gathering. :class:`NoiseScale` wraps a :class:`NoiseState` for a
+training loop, and :class:`ParamSNR` a :class:`SNRState`.
+
+- :mod:`.batch`: unbiased tr Σ̂ and |G|²̂ from one batch, per example or from two batch sizes,
+  with an opt-in finite-population correction.
+- :mod:`.noise_scale`: :class:`NoiseScale`, the smoothed B_simple = tr Σ / |G|² with a
+  confidence interval, in total and per parameter.
+- :mod:`.snr`: :class:`ParamSNR`, the elementwise and per-layer gradient signal-to-noise
+  ratio from second moments.
+- :mod:`.batch_size`: the norm test of Byrd et al. 2012 and the AdaScale gain.
+- :mod:`.norms`: quantiles of a window of norms, and over a stream; the largest norms.
+
+References:
+    McCandlish et al. 2018, "An Empirical Model of Large-Batch Training", arXiv:1812.06162.
+    Byrd, Chin, Nocedal and Wu 2012, "Sample size selection in optimization methods for machine
+    learning", Math. Program. 134(1):127-155.
+    Johnson, Agrawal, Gu and Guestrin 2020, "AdaScale SGD", ICML, arXiv:2007.05105.
+"""
+
+from .batch import (
+    BatchEstimate,
+    StatsWarning,
+    batch_estimate,
+    mean_grad_sq_norm,
+    param_batch_estimates,
+    two_batch_estimate,
+)
+from .batch_size import NormTest, adascale_gain, norm_test
+from .noise_scale import NoiseEstimate, NoiseScale, NoiseState
+from .norms import LargestNorms, NormHistogram, norm_quantiles
+from .snr import ParamSNR, SNREstimate, SNRState
+
+__all__ = [
+    "BatchEstimate",
+    "LargestNorms",
+    "NoiseEstimate",
+    "NoiseScale",
+    "NoiseState",
+    "NormHistogram",
+    "NormTest",
+    "ParamSNR",
+    "SNREstimate",
+    "SNRState",
+    "StatsWarning",
+    "adascale_gain",
+    "batch_estimate",
+    "mean_grad_sq_norm",
+    "norm_quantiles",
+    "norm_test",
+    "param_batch_estimates",
+    "two_batch_estimate",
+]

@@ -1,0 +1,196 @@
+"""Unbiased estimates of the gradient noise tr Σ and the true squared gradient |G|² from one batch.
+
+Notation: gⱼ = ∇θ ℓⱼ is the gradient of example j's own loss, G = E[gⱼ] the true gradient and
+Σ = Cov[gⱼ] the per-example covariance. A batch of B examples has mean gradient
+ḡ_B = (1/B) Σⱼ gⱼ and, drawn with replacement (or from an infinite stream),
+
+    E‖ḡ_B‖² = |G|² + c_B · tr Σ,    c_B = 1/B.
+
+Two batch sizes B_small < B_big give two such equations, solved for the two unknowns:
+
+    tr Σ̂ = (‖ḡ_small‖² − ‖ḡ_big‖²) / (c_small − c_big),   |G|²̂ = ‖ḡ_big‖² − c_big · tr Σ̂,
+
+both unbiased because they are linear in unbiased quantities. This is the two-batch estimator of
+McCandlish et al. (2018). Per-example squared norms sⱼ = ‖gⱼ‖² are the case B_small = 1
+(‖ḡ_small‖² is replaced by mean sⱼ), which gives
+
+    tr Σ̂ = n/(n−1) · (mean sⱼ − ‖ḡ‖²),   |G|²̂ = ‖ḡ‖² − tr Σ̂ / n.
+
+Finite-population correction (opt-in, ``population_size=N``): when each batch is drawn *without*
+replacement from a data set of N examples (a shuffled epoch), G is the mean of the N gradients,
+Σ their covariance with divisor N, and E‖ḡ_B‖² = |G|² + tr Σ/B · (N−B)/(N−1), so
+c_B = (N−B) / (B(N−1)). The estimators keep the same form and are exactly unbiased over all
+subsets; at B = N they return tr Σ and |G|² of the data set exactly. Used on batches drawn with
+replacement they would be biased: leave it off unless batches are drawn without replacement.
+
+References:
+    McCandlish, Kaplan, Amodei and the OpenAI Dota Team, "An Empirical Model of Large-Batch
+    Training", 2018, arXiv:1812.06162 (appendix A: the unbiased estimators).
+    Cochran, "Sampling Techniques", 3rd ed., 1977 (the finite-population correction).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..per_example import PerExampleResult
+
+__all__ = [
+    "BatchEstimate",
+    "StatsWarning",
+    "batch_estimate",
+    "mean_grad_sq_norm",
+    "param_batch_estimates",
+    "two_batch_estimate",
+]
+
+class StatsWarning(UserWarning):
+    """A statistic cannot be estimated from the data given (one example has no variance...)."""
+
+
+class BatchEstimate(NamedTuple):
+    """Unbiased estimates from one batch (floats, or float64 tensors computed elementwise).
+
+    Attributes:
+        trace_sigma: tr Σ̂, the summed variance of one example's gradient. Never negative from
+            per-example norms; can be from the two-batch estimator (noise).
+        grad_sq_norm: |G|²̂, the squared norm of the true gradient. Negative when noise dominates.
+    """
+
+    trace_sigma: float | Tensor
+    grad_sq_norm: float | Tensor
+
+
+def _noise_coefficient(size: int, population_size: int | None) -> float:
+    """c_B in E‖ḡ_B‖² = |G|² + c_B tr Σ: 1/B, or (N−B)/(B(N−1)) without replacement from N."""
+    if population_size is None:
+        return 1.0 / size
+    return (population_size - size) / (size * (population_size - 1))
+
+
+def two_batch_estimate(
+    small_sq_norm: float | Tensor,
+    big_sq_norm: float | Tensor,
+    small_size: int,
+    big_size: int,
+    population_size: int | None = None,
+) -> BatchEstimate:
+    """tr Σ̂ and |G|²̂ from the squared norms of mean gradients at two batch sizes.
+
+    For when only batch gradients are known: gradient accumulation (micro-batches inside a
+    step) or data-parallel workers (each worker's batch inside the global batch). With
+    ``small_size=1`` and ``small_sq_norm`` the mean per-example squared norm, it is exactly the
+    per-example estimator of :func:`batch_estimate`. Works elementwise on float64 tensors.
+
+    Args:
+        small_sq_norm: ‖ḡ_small‖², the squared norm of the *mean* gradient over B_small examples
+            (divide a summed gradient's squared norm by B_small²); better, the average of this
+            over the micro-batches or workers of one step, which is just as unbiased and less
+            noisy.
+        big_sq_norm: ‖ḡ_big‖², the same over B_big examples (the whole step).
+        small_size: B_small ≥ 1.
+        big_size: B_big > B_small.
+        population_size: N, to correct for batches drawn without replacement from N examples
+            (see the module docstring); None (default) for sampling with replacement or an
+            unbounded stream.
+
+    Returns:
+        A :class:`BatchEstimate`:
+        tr Σ̂ = (‖ḡ_small‖² − ‖ḡ_big‖²) / (1/B_small − 1/B_big) and
+        |G|²̂ = (B_big ‖ḡ_big‖² − B_small ‖ḡ_small‖²) / (B_big − B_small) (without correction).
+
+    Raises:
+        ValueError: sizes not 1 ≤ B_small < B_big (≤ N).
+
+    References:
+        McCandlish et al. 2018, "An Empirical Model of Large-Batch Training", arXiv:1812.06162,
+        appendix A.
+    """
+    if not 1 <= small_size < big_size:
+        raise ValueError(
+            f"the two batch sizes must satisfy 1 <= small_size < big_size, got {small_size} and "
+            f"{big_size}: two different batch sizes are needed to separate noise from signal."
+        )
+    if population_size is not None and big_size > population_size:
+        raise ValueError(
+            f"population_size={population_size} is smaller than the batch size {big_size}: a batch "
+            "drawn without replacement cannot hold more examples than the data set."
+        )
+    c_small = _noise_coefficient(small_size, population_size)
+    c_big = _noise_coefficient(big_size, population_size)
+    trace_sigma = (small_sq_norm - big_sq_norm) / (c_small - c_big)
+    return BatchEstimate(trace_sigma, big_sq_norm - c_big * trace_sigma)
+
+
+def mean_grad_sq_norm(result: PerExampleResult) -> float:
+    """‖ḡ‖², the squared norm of the mean per-example gradient, whatever the reduction.
+
+    ``result.batch_grad_sq_norm`` is ‖∇L‖² of the reduced loss: ‖ḡ‖² for ``reduction="mean"``,
+    n²‖ḡ‖² for ``"sum"``.
+    """
+    return float(_batch_sq_norms(result)[0])
+
+
+def batch_estimate(result: PerExampleResult, population_size: int | None = None) -> BatchEstimate:
+    """tr Σ̂ and |G|²̂ over all parameters from one :class:`~pergrad.PerExampleResult`.
+
+    Args:
+        result: from ``PerExample.backward``; either reduction gives the same estimates.
+        population_size: N for the finite-population correction (batches drawn without
+            replacement from N examples); None for none.
+
+    Returns:
+        A :class:`BatchEstimate` of floats; NaN, with a :class:`StatsWarning`, for n = 1.
+
+    References:
+        McCandlish et al. 2018, arXiv:1812.06162, appendix A.
+    """
+    return _pick(_estimates(result, population_size), 0)
+
+
+def param_batch_estimates(
+    result: PerExampleResult, population_size: int | None = None
+) -> dict[str, BatchEstimate]:
+    """:func:`batch_estimate` for each parameter: {name: BatchEstimate}, summing to the total."""
+    estimates = _estimates(result, population_size)
+    return {name: _pick(estimates, i + 1) for i, name in enumerate(result.param_sq_norms)}
+
+
+def _pick(estimates: BatchEstimate, i: int) -> BatchEstimate:
+    return BatchEstimate(float(estimates.trace_sigma[i]), float(estimates.grad_sq_norm[i]))
+
+
+def _estimates(result: PerExampleResult, population_size: int | None) -> BatchEstimate:
+    """(1+P,) float64 estimates: index 0 over all parameters, then each parameter in order."""
+    if result.n < 2:
+        warnings.warn(
+            "a batch of n=1 example has no variance: tr Σ and |G|² cannot be separated, so the "
+            "estimates are NaN. Use batches of at least 2 examples.",
+            StatsWarning,
+            stacklevel=3,
+        )
+        nan = torch.full((1 + len(result.param_sq_norms),), math.nan, dtype=torch.float64)
+        return BatchEstimate(nan, nan)
+    return two_batch_estimate(_mean_sq_norms(result), _batch_sq_norms(result), 1, result.n, population_size)
+
+
+def _as_float64(t: Tensor) -> Tensor:
+    return t.detach().to(device="cpu", dtype=torch.float64)
+
+
+def _mean_sq_norms(result: PerExampleResult) -> Tensor:
+    """(1+P,) mean over examples of ‖gⱼ‖², in total then per parameter."""
+    per_example = [result.sq_norms, *result.param_sq_norms.values()]
+    return torch.stack([_as_float64(s).mean() for s in per_example])
+
+
+def _batch_sq_norms(result: PerExampleResult) -> Tensor:
+    """(1+P,) ‖ḡ‖² of the mean gradient, in total then per parameter."""
+    reduced = [result.batch_grad_sq_norm, *result.param_batch_grad_sq_norms.values()]
+    scale = 1.0 if result.reduction == "mean" else float(result.n) ** 2
+    return torch.stack([_as_float64(r) for r in reduced]) / scale

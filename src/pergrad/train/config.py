@@ -1,0 +1,132 @@
+"""The typed configuration of a training run, from flags or a TOML file."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+from .._atomic import write_atomic
+
+__all__ = ["ConfigError", "TrainConfig", "MODELS", "DATASETS", "OPTIMIZERS", "ORDERS"]
+
+MODELS = ("mlp", "cnn", "transformer", "linear")
+DATASETS = ("digits", "linreg", "sequence")
+OPTIMIZERS = ("sgd", "adam")
+ORDERS = ("shuffled", "sorted")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a run. Defaults: digits, an MLP, SGD with momentum, B = 32.
+
+    Attributes:
+        model: "mlp", "cnn", "transformer" or "linear".
+        dataset: "digits" (scikit-learn's 1797 8×8 images), "linreg" (synthetic linear
+            regression with known noise) or "sequence" (synthetic: predict the previous token).
+        optimizer: "sgd" (with ``momentum``) or "adam".
+        lr: learning rate, > 0.
+        momentum: SGD momentum in [0, 1).
+        batch_size: examples per step, ≥ 2 (a variance needs two).
+        epochs: passes over the training set, ≥ 1.
+        seed: seeds the split, the initial weights and the batch order.
+        out: the run directory.
+        log_every: steps between logged rows of statistics, ≥ 1.
+        order: "shuffled" (a fresh permutation each epoch) or "sorted" (by label: a
+            deliberately broken sampler, for the demonstration of the sampling check).
+        val_fraction: share of the data held out for validation, in (0, 0.5].
+        noise_beta: smoothing of the noise-scale EMAs, in [0, 1).
+    """
+
+    model: str = "mlp"
+    dataset: str = "digits"
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    batch_size: int = 32
+    epochs: int = 12
+    seed: int = 0
+    out: str = "runs/latest"
+    log_every: int = 5
+    order: str = "shuffled"
+    val_fraction: float = 0.2
+    noise_beta: float = 0.95
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad value and what to use instead."""
+        for name, allowed in (("model", MODELS), ("dataset", DATASETS), ("optimizer", OPTIMIZERS), ("order", ORDERS)):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ConfigError(f"unknown {name} {value!r}: choose one of {', '.join(allowed)}")
+        _check(math.isfinite(self.lr) and self.lr > 0, f"lr must be a positive number, got {self.lr}")
+        _check(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
+        _check(self.batch_size >= 2, f"batch_size must be at least 2 (a variance needs two examples), got {self.batch_size}")
+        _check(self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}")
+        _check(self.log_every >= 1, f"log_every must be at least 1, got {self.log_every}")
+        _check(0 < self.val_fraction <= 0.5, f"val_fraction must be in (0, 0.5], got {self.val_fraction}")
+        _check(0 <= self.noise_beta < 1, f"noise_beta must be in [0, 1), got {self.noise_beta}")
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        """Build from a mapping, refusing unknown keys and values of the wrong type."""
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown config keys {unknown}: known keys are {', '.join(known)}")
+        typed = {}
+        for key, value in values.items():
+            kind = {"str": str, "int": int, "float": float}[known[key].type]
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise ConfigError(f"config key {key!r} must be {kind.__name__}, got {value!r}")
+            typed[key] = value
+        return cls(**typed)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        """Read a TOML file of top-level keys (the field names)."""
+        path = Path(path)
+        try:
+            values = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"config file {path} is not valid TOML ({err})") from None
+        return cls.from_dict(values)
+
+    def save(self, path: str | Path) -> None:
+        """Write the config as TOML, atomically."""
+        lines = [f"{k} = {_toml_value(v)}" for k, v in self.to_dict().items()]
+        write_atomic(path, "\n".join(lines) + "\n")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)

@@ -1,0 +1,98 @@
+"""The trainer and `pergrad train`, end to end on tiny configurations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from pergrad.cli.main import main
+from pergrad.train.checkpoint import load_checkpoint
+from pergrad.train.config import ConfigError, TrainConfig
+from pergrad.train.loop import train
+from pergrad.train.metrics import read_metrics
+
+TINY = dict(epochs=2, log_every=10, batch_size=32)
+
+
+def test_run_directory_and_metrics(tmp_path):
+    config = TrainConfig(out=str(tmp_path / "run"), **TINY)
+    result = train(config, quiet=True)
+    assert result.completed and result.step == 2 * 45
+    rows = read_metrics(tmp_path / "run" / "metrics.csv")
+    assert [r["step"] for r in rows] == [10, 20, 30, 40, 50, 60, 70, 80, 90]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert 0.5 < rows[-1]["val_accuracy"] <= 1.0
+    assert rows[-1]["b_simple"] is not None and rows[-1]["b_simple"] > 0
+    assert rows[-1]["b_simple_low"] <= rows[-1]["b_simple"] <= rows[-1]["b_simple_high"]
+    assert any(k.startswith("snr/") for k in rows[-1])
+    assert TrainConfig.load(tmp_path / "run" / "config.toml") == config
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 90
+
+
+@pytest.mark.parametrize("stop_after", [37, 50])
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, stop_after):
+    straight = train(TrainConfig(out=str(tmp_path / "a"), **TINY), quiet=True)
+    stopped = train(TrainConfig(out=str(tmp_path / "b"), **TINY), quiet=True, stop_after=stop_after)
+    assert not stopped.completed
+    resumed = train(TrainConfig.load(tmp_path / "b" / "config.toml").replace(out=str(tmp_path / "b")), resume=True, quiet=True)
+    assert resumed.completed
+    a, b = read_metrics(tmp_path / "a" / "metrics.csv"), read_metrics(tmp_path / "b" / "metrics.csv")
+    assert len(a) == len(b)
+    for row_a, row_b in zip(a, b):
+        for key in ("step", "loss", "val_loss", "b_simple", "trace_sigma"):
+            assert row_a[key] == row_b[key], (key, row_a["step"])
+
+
+@pytest.mark.parametrize(
+    "model, dataset",
+    [("cnn", "digits"), ("transformer", "sequence"), ("linear", "linreg"), ("mlp", "sequence")],
+)
+def test_other_models_and_datasets_train(tmp_path, model, dataset):
+    config = TrainConfig(model=model, dataset=dataset, epochs=1, log_every=20, out=str(tmp_path), lr=0.01)
+    rows = train(config, quiet=True).rows
+    assert rows and all(math.isfinite(r["loss"]) for r in rows)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--dataset", "mnist"], "unknown dataset 'mnist'"),
+        (["--model", "resnet"], "unknown model 'resnet'"),
+        (["--lr", "-1"], "lr must be a positive"),
+        (["--batch-size", "1"], "batch_size must be at least 2"),
+        (["--model", "cnn", "--dataset", "linreg"], "does not fit"),
+    ],
+)
+def test_bad_settings_give_one_line_errors(tmp_path, capsys, argv, message):
+    code = main(["train", "--quiet", "--out", str(tmp_path / "run"), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "metrics.csv").exists()
+
+
+def test_unwritable_output_and_bad_checkpoints(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["train", "--quiet", "--out", str(blocker / "run")]) == 2
+    assert "cannot write to output directory" in capsys.readouterr().err
+
+    run = tmp_path / "run"
+    train(TrainConfig(out=str(run), epochs=1, log_every=50), quiet=True, stop_after=3)
+    (run / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    assert main(["train", "--quiet", "--resume", str(run)]) == 2
+    assert "corrupt" in capsys.readouterr().err
+    assert main(["train", "--quiet", "--resume", str(tmp_path / "nowhere")]) == 2
+    assert "config file" in capsys.readouterr().err
+
+
+def test_config_file_and_flags(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('dataset = "linreg"\nmodel = "linear"\nlr = 0.1\n')
+    assert TrainConfig.load(path).lr == 0.1
+    path.write_text("lr = 'fast'\n")
+    with pytest.raises(ConfigError, match="lr"):
+        TrainConfig.load(path)
+    path.write_text("learning_rate = 0.1\n")
+    with pytest.raises(ConfigError, match="unknown config keys"):
+        TrainConfig.load(path)
