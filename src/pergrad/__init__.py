@@ -3,18 +3,24 @@
 Public API:
     PerExample, PerExampleResult: the engine.
     register_rule, Rule: add a per-example rule for your own layer.
+    NoiseScale, ParamSNR, stats: gradient noise scale, SNR and the other estimators.
     errors: UnsupportedModuleError, ExampleCouplingError, CaptureError.
 """
 
 from .errors import CaptureError, ExampleCouplingError, PergradError, UnsupportedModuleError
 from .per_example import PerExample, PerExampleResult
 from .rules import Rule, register_rule, registered_rules
+from . import stats
+from .stats import NoiseScale, ParamSNR, StatsWarning
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CaptureError",
     "ExampleCouplingError",
+    "NoiseScale",
+    "ParamSNR",
+    "StatsWarning",
     "PerExample",
     "PerExampleResult",
     "PergradError",
@@ -22,4 +28,5 @@ __all__ = [
     "UnsupportedModuleError",
     "register_rule",
     "registered_rules",
+    "stats",
 ]
