@@ -7,6 +7,7 @@ Public API:
     errors: UnsupportedModuleError, ExampleCouplingError, CaptureError.
 """
 
+from .checks import IdentityReport, check_identity
 from .errors import CaptureError, ExampleCouplingError, PergradError, UnsupportedModuleError
 from .per_example import PerExample, PerExampleResult
 from .rules import Rule, register_rule, registered_rules
@@ -18,9 +19,11 @@ __version__ = "0.1.0"
 __all__ = [
     "CaptureError",
     "ExampleCouplingError",
+    "IdentityReport",
     "NoiseScale",
     "ParamSNR",
     "StatsWarning",
+    "check_identity",
     "PerExample",
     "PerExampleResult",
     "PergradError",
