@@ -7,7 +7,7 @@ Public API:
     errors: UnsupportedModuleError, ExampleCouplingError, CaptureError.
 """
 
-from .checks import IdentityReport, check_identity
+from .checks import AdditivityReport, IdentityReport, check_additivity, check_identity
 from .errors import CaptureError, ExampleCouplingError, PergradError, UnsupportedModuleError
 from .per_example import PerExample, PerExampleResult
 from .rules import Rule, register_rule, registered_rules
@@ -17,12 +17,14 @@ from .stats import NoiseScale, ParamSNR, StatsWarning
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdditivityReport",
     "CaptureError",
     "ExampleCouplingError",
     "IdentityReport",
     "NoiseScale",
     "ParamSNR",
     "StatsWarning",
+    "check_additivity",
     "check_identity",
     "PerExample",
     "PerExampleResult",

@@ -1,5 +1,6 @@
-"""Checks of the mini-batch assumptions: the averaging identity (additivity and sampling to come)."""
+"""Checks of the mini-batch assumptions: the averaging identity and additivity (sampling to come)."""
 
+from .additivity import AdditivityReport, check_additivity
 from .identity import IdentityReport, check_identity
 
-__all__ = ["IdentityReport", "check_identity"]
+__all__ = ["AdditivityReport", "IdentityReport", "check_additivity", "check_identity"]
