@@ -7,7 +7,7 @@ Public API:
     errors: UnsupportedModuleError, ExampleCouplingError, CaptureError.
 """
 
-from .checks import AdditivityReport, IdentityReport, check_additivity, check_identity
+from .checks import AdditivityReport, IdentityReport, SamplingReport, check_additivity, check_identity, check_sampling
 from .errors import CaptureError, ExampleCouplingError, PergradError, UnsupportedModuleError
 from .per_example import PerExample, PerExampleResult
 from .rules import Rule, register_rule, registered_rules
@@ -26,9 +26,11 @@ __all__ = [
     "StatsWarning",
     "check_additivity",
     "check_identity",
+    "check_sampling",
     "PerExample",
     "PerExampleResult",
     "PergradError",
+    "SamplingReport",
     "Rule",
     "UnsupportedModuleError",
     "register_rule",
