@@ -211,7 +211,7 @@ def train(
 def _row(config, step, epoch, model, dataset, noise, snr, window) -> dict:
     """One metrics row: the window's means, validation, and the smoothed statistics."""
     val_loss, val_accuracy = evaluate(model, dataset)
-    low, high = noise.interval(0.95)
+    estimate = noise.estimate(0.95)  # one read-out of the smoothed sums for the whole row
     norms = torch.tensor(window.norms, dtype=torch.float64)
     quantiles = norm_quantiles(norms, QUANTILES)
     row = {
@@ -224,11 +224,11 @@ def _row(config, step, epoch, model, dataset, noise, snr, window) -> dict:
         "accuracy": None if dataset.task == "regression" else window.correct / window.examples,
         "val_loss": val_loss,
         "val_accuracy": val_accuracy,
-        "b_simple": _finite_or_none(noise.b_simple),
-        "b_simple_low": _finite_or_none(low),
-        "b_simple_high": _finite_or_none(high),
-        "trace_sigma": _finite_or_none(noise.trace_sigma),
-        "grad_sq_norm": _finite_or_none(noise.grad_sq_norm),
+        "b_simple": _finite_or_none(estimate.b_simple),
+        "b_simple_low": _finite_or_none(estimate.lower),
+        "b_simple_high": _finite_or_none(estimate.upper),
+        "trace_sigma": _finite_or_none(estimate.trace_sigma),
+        "grad_sq_norm": _finite_or_none(estimate.grad_sq_norm),
         **{f"norm_q{round(q * 100):02d}": float(v) for q, v in zip(QUANTILES, quantiles)},
         "norm_max": float(norms.max()),
     }
