@@ -40,7 +40,7 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, stop_aft
     a, b = read_metrics(tmp_path / "a" / "metrics.csv"), read_metrics(tmp_path / "b" / "metrics.csv")
     assert len(a) == len(b)
     for row_a, row_b in zip(a, b):
-        for key in ("step", "loss", "val_loss", "b_simple", "trace_sigma"):
+        for key in ("step", "loss", "val_loss", "b_simple", "trace_sigma", "grad_cosine"):
             assert row_a[key] == row_b[key], (key, row_a["step"])
 
 

@@ -319,6 +319,8 @@ class GradientAlignment:
         num_permutations: random orders for the permutation test.
         level: significance level.
         seed: seed of the sketch hashes and of the permutations.
+        max_steps: keep only the most recent this many gradients (None keeps all), bounding
+            memory at max_steps × sketch_dim floats in long runs.
     """
 
     def __init__(
@@ -328,8 +330,10 @@ class GradientAlignment:
         num_permutations: int = 1999,
         level: float = 0.001,
         seed: int = 0,
+        max_steps: int | None = None,
     ) -> None:
         self.sketch_dim = sketch_dim
+        self.max_steps = max_steps
         self.num_permutations = num_permutations
         self.level = level
         self.seed = seed
@@ -341,14 +345,48 @@ class GradientAlignment:
         g = flat_grad.detach().reshape(-1).to(device="cpu", dtype=torch.float64)  # (D,)
         if self.sketch_dim is not None and g.numel() > self.sketch_dim:
             if self._hash is None:
-                gen = torch.Generator().manual_seed(self.seed)
-                self._hash = torch.randint(self.sketch_dim, (g.numel(),), generator=gen)
-                self._sign = torch.randint(2, (g.numel(),), generator=gen).to(torch.float64) * 2 - 1
+                self._make_sketch(g.numel())
             if g.numel() != self._hash.numel():
                 raise ValueError(f"gradient size changed from {self._hash.numel()} to {g.numel()}.")
             g = torch.zeros(self.sketch_dim, dtype=torch.float64).index_add_(0, self._hash, self._sign * g)
         norm = g.norm()
         self._units.append(g / norm if norm > 0 else g)
+        if self.max_steps is not None and len(self._units) > self.max_steps:
+            del self._units[0]
+
+    def recent_cosine(self, steps: int) -> float:
+        """Mean cosine between consecutive gradients among the last ``steps`` + 1 (NaN if < 2 kept)."""
+        recent = self._units[-(steps + 1) :]
+        if len(recent) < 2:
+            return math.nan
+        u = torch.stack(recent)  # (k, D')
+        return float((u[1:] * u[:-1]).sum(1).mean())
+
+    def state_dict(self) -> dict:
+        """Settings and the stored unit gradients, for a checkpoint."""
+        return {
+            "sketch_dim": self.sketch_dim,
+            "num_permutations": self.num_permutations,
+            "level": self.level,
+            "seed": self.seed,
+            "max_steps": self.max_steps,
+            "grad_dim": None if self._hash is None else self._hash.numel(),
+            "units": torch.stack(self._units) if self._units else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict` (the sketch is rebuilt from the seed)."""
+        self.sketch_dim, self.num_permutations = state["sketch_dim"], state["num_permutations"]
+        self.level, self.seed, self.max_steps = state["level"], state["seed"], state["max_steps"]
+        self._hash = self._sign = None
+        if state["grad_dim"] is not None:
+            self._make_sketch(state["grad_dim"])
+        self._units = [] if state["units"] is None else list(state["units"].unbind(0))
+
+    def _make_sketch(self, dim: int) -> None:
+        gen = torch.Generator().manual_seed(self.seed)
+        self._hash = torch.randint(self.sketch_dim, (dim,), generator=gen)
+        self._sign = torch.randint(2, (dim,), generator=gen).to(torch.float64) * 2 - 1
 
     def result(self) -> AlignmentReport:
         t = len(self._units)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 from typing import NoReturn, Sequence
 
-from pergrad.cli import explain, report, train
+from pergrad.cli import check, explain, report, train
 
-_COMMANDS = (train, report, explain)
+_COMMANDS = (train, report, check, explain)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -27,7 +27,6 @@ _HELP = {
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    defaults = TrainConfig()
     parser = subparsers.add_parser(
         "train",
         help="train a small model and write a report of what its mini-batches average",
@@ -35,15 +34,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "momentum, batch size 32). Every step goes through pergrad.PerExample; the run directory "
         "gets config.toml, metrics.csv, checkpoint.pt and report.html.",
     )
+    add_config_arguments(parser)
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
+    parser.add_argument("--quiet", action="store_true", help="plain log lines instead of a progress bar")
+    return parser
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """--config FILE and one flag per TrainConfig field (read back by :func:`config_from_args`)."""
+    defaults = TrainConfig()
     parser.add_argument("--config", metavar="FILE", help="TOML file of settings; flags override it")
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = {"str": str, "int": int, "float": float}[f.type]
         parser.add_argument(flag, dest=f.name, type=kind, default=None, metavar=f.name.upper(),
                             help=f"{_HELP[f.name]} (default: {getattr(defaults, f.name)})")  # fmt: skip
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
-    parser.add_argument("--quiet", action="store_true", help="plain log lines instead of a progress bar")
-    return parser
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

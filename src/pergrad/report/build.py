@@ -18,6 +18,9 @@ import torch
 from .. import __version__
 from .._atomic import write_atomic
 from . import figures, sections
+from ..checks.sampling import AlignmentReport, GradientAlignment
+from ..checks.suite import sampling_report
+from ..train.sampler import BatchOrder
 from .advice import advise_batch_size
 from .html import page
 from .run_files import ReportError, load_data_and_model, load_run
@@ -57,6 +60,8 @@ def build_report(run_dir: str | Path) -> Path:
         metrics.column("b_simple_high"),
         batch_size,
     )
+    sampling = sampling_report(config, dataset)
+    alignment = _alignment(run.checkpoint)
     model64 = float64_copy(model)
     x, y = dataset.train_x, dataset.train_y
     examples = examples_at_theta(model64, x, y, dataset.task)
@@ -69,6 +74,9 @@ def build_report(run_dir: str | Path) -> Path:
     with figures.style():
         parts = [
             sections.summary_section(run, x.shape[0], dataset.val_x.shape[0], advice),
+            sections.assumptions_section(
+                sampling, config.order, _label_mix(dataset, config), alignment, metrics
+            ),
             sections.curves_section(metrics),
             sections.noise_scale_section(metrics, advice),
             sections.snr_section(metrics, batch_size),
@@ -98,6 +106,27 @@ def build_report(run_dir: str | Path) -> Path:
             f"cannot write the report into {run.path} ({err.strerror}); make the directory writable"
         ) from None
     return report
+
+
+def _alignment(checkpoint: dict) -> AlignmentReport | None:
+    """The consecutive-gradient alignment test over the steps the trainer kept, if any."""
+    state = checkpoint.get("alignment")
+    if state is None or state["units"] is None or state["units"].shape[0] < 4:
+        return None
+    alignment = GradientAlignment()
+    alignment.load_state_dict(state)
+    return alignment.result()
+
+
+def _label_mix(dataset, config) -> np.ndarray | None:
+    """(batches, classes) share of each class in each batch of the first epoch; None without labels."""
+    if dataset.labels is None:
+        return None
+    labels = dataset.labels
+    order = BatchOrder(labels.shape[0], config.batch_size, config.seed, config.order, labels)
+    classes = int(labels.max()) + 1
+    counts = np.stack([np.bincount(labels[b].numpy(), minlength=classes) for b in order.batches(0)])
+    return counts / counts.sum(1, keepdims=True)
 
 
 def _jsonable(value):

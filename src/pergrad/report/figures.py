@@ -29,6 +29,7 @@ __all__ = [
     "snr_figure",
     "norms_figure",
     "unbiasedness_figure",
+    "assumptions_figure",
     "thumbnail_png",
     "MAX_SNR_LINES",
 ]
@@ -242,3 +243,29 @@ def _cycle(k: int) -> str:
     palette = ("#1f6fb2", "#e8590c", "#2f9e44", "#7048e8", "#c2255c", "#0c8599",
                "#f08c00", "#5c940d", "#862e9c", "#495057")  # fmt: skip
     return palette[k % len(palette)]
+
+
+def assumptions_figure(label_mix: np.ndarray | None, metrics: Metrics, other_cosine: float | None) -> Figure:
+    """Left (with labels): each first-epoch batch's share of every class; right: the cosine
+    between consecutive batch gradients over training, beside the mean over other pairs."""
+    fig, axes = _figure(2 if label_mix is not None else 1, height=3.4)
+    if label_mix is not None:
+        ax = axes[0]
+        image = ax.imshow(label_mix.T, aspect="auto", cmap="Blues", vmin=0, vmax=1, origin="lower",
+                          interpolation="nearest")  # fmt: skip
+        ax.set(xlabel="batch in epoch 1 (training order)", ylabel="class",
+               title="Share of each class in each batch")  # fmt: skip
+        ax.set_yticks(range(label_mix.shape[1]))
+        ax.grid(False)
+        fig.colorbar(image, ax=ax, shrink=0.85, label="share of the batch")
+    ax = axes[-1]
+    steps, cosine = metrics.column("step"), metrics.column("grad_cosine")
+    ok = np.isfinite(cosine)
+    ax.plot(steps[ok], cosine[ok], color=TRAIN, lw=1.6, label="consecutive steps (mean over log window)")
+    if other_cosine is not None:
+        ax.axhline(other_cosine, color=GREY, lw=1.4, ls="--", label="all other pairs of steps")
+    ax.axhline(0, color="#adb5bd", lw=0.8)
+    ax.set_ylim(min(-0.2, float(np.nanmin(cosine)) - 0.05) if ok.any() else -0.2, 1.0)
+    ax.set(xlabel="step", ylabel="cosine", title="Alignment of batch gradients")
+    ax.legend(frameon=False, loc="lower right")
+    return fig

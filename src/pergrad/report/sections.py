@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
+from ..checks.sampling import AlignmentReport, SamplingReport
 from . import figures
 from ._format import number
 from .advice import FACTOR, TAIL, UNKNOWN, BatchSizeAdvice
@@ -20,6 +21,7 @@ from .unbiasedness import UnbiasednessCheck
 
 __all__ = [
     "summary_section",
+    "assumptions_section",
     "curves_section",
     "noise_scale_section",
     "snr_section",
@@ -34,6 +36,7 @@ __all__ = [
 
 SECTIONS = (
     ("summary", "Summary"),
+    ("assumptions", "Are the batches random?"),
     ("curves", "Loss and accuracy"),
     ("noise-scale", "Noise scale and batch size"),
     ("snr", "Signal-to-noise per parameter"),
@@ -119,6 +122,69 @@ def summary_section(run: Run, n_train: int, n_val: int, advice: BatchSizeAdvice)
         "n_val": n_val,
         "run_dir": str(run.path.resolve()),
         "config": config.to_dict(),
+    }
+    return body, data
+
+
+def assumptions_section(
+    sampling: SamplingReport,
+    order: str,
+    label_mix: np.ndarray | None,
+    alignment: AlignmentReport | None,
+    metrics: Metrics,
+) -> tuple[Raw, dict]:
+    """The sampling check on the run's batch order, and how aligned its batch gradients were."""
+    verdict = (
+        f'<span class="{"ok" if sampling.passed else "warn"}">'
+        f'{"passes" if sampling.passed else "FAILS"}</span> the sampling check '
+        f"(p = {sampling.p_value:.2g} at level {sampling.level:g})"
+    )
+    lead = Raw(
+        "A mini-batch gradient is an unbiased estimate of the full-data gradient only when each "
+        "batch is a random draw from the training set. This run's batch order "
+        f"(<code>order = {esc(order)}</code>) {verdict}: its first epoch of batch indices is tested "
+        "against random sampling without replacement (index order, each batch's label mix "
+        "against the dataset's by a chi-square test, repeated or missing examples)."
+    )
+    parts = [Raw(f"<p>{esc(sampling.explanation)}</p>")]
+    caption = (
+        "Right: the cosine between the batch gradients of consecutive steps, averaged over each "
+        "log window, beside its mean over all other pairs of steps. Consecutive steps share a "
+        "slowly moving full gradient, so some excess alignment is normal (about "
+        "1 / (1 + B_simple / B) for independent batches); batches of one class in a row push in "
+        "the same class-specific direction step after step and stand far above it."
+    )
+    if label_mix is not None:
+        caption = (
+            "Left: the share of each class in each batch of the first epoch; random batches look "
+            "like even noise, sorted batches like a staircase. " + caption
+        )
+    if metrics.has("grad_cosine"):
+        png = figures.png_bytes(
+            figures.assumptions_figure(label_mix, metrics, None if alignment is None else alignment.other_cosine)
+        )
+        parts.append(figure(png, "class mix per batch and alignment of consecutive batch gradients", caption))
+    if alignment is not None:
+        parts.append(note(
+            f"Over the last {alignment.num_steps} steps, consecutive batch gradients have mean cosine "
+            f"{alignment.consecutive_cosine:.3f} and all other pairs {alignment.other_cosine:.3f} "
+            f"(permutation p-value {alignment.p_value:.2g}). A low p-value alone does not prove "
+            "correlated batches, because the full gradient itself drifts slowly along the trajectory; "
+            "read it with the index check above, which does not depend on the model."
+        ))  # fmt: skip
+    body = section("assumptions", _TITLES["assumptions"], *parts, lead=lead)
+    data = {
+        "order": order,
+        "passed": sampling.passed,
+        "p_value": sampling.p_value,
+        "level": sampling.level,
+        "chi2_p_value": sampling.chi2_p_value,
+        "ascent_fraction": sampling.ascent_fraction,
+        "repeated": sampling.repeated,
+        "missing": sampling.missing,
+        "consecutive_cosine": None if alignment is None else alignment.consecutive_cosine,
+        "other_cosine": None if alignment is None else alignment.other_cosine,
+        "alignment_p_value": None if alignment is None else alignment.p_value,
     }
     return body, data
 

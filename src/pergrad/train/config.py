@@ -78,6 +78,11 @@ class TrainConfig:
         _check(self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}")
         _check(self.log_every >= 1, f"log_every must be at least 1, got {self.log_every}")
         _check(0 < self.val_fraction <= 0.5, f"val_fraction must be in (0, 0.5], got {self.val_fraction}")
+        _check(
+            self.order != "sorted" or self.dataset == "digits",
+            f"order 'sorted' sorts the examples by class label, and dataset {self.dataset!r} has none: "
+            "use it with --dataset digits",
+        )
         _check(0 <= self.noise_beta < 1, f"noise_beta must be in [0, 1), got {self.noise_beta}")
 
     def replace(self, **changes) -> "TrainConfig":

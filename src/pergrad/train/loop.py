@@ -18,6 +18,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..checks.sampling import GradientAlignment
+from ..checks.suite import sampling_warning
 from ..per_example import PerExample
 from ..stats import NoiseScale, ParamSNR, norm_quantiles
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -28,9 +30,11 @@ from .metrics import MetricsLog, read_metrics
 from .models import build_model
 from .sampler import BatchOrder
 
-__all__ = ["RunResult", "train", "prepare_run_dir", "QUANTILES"]
+__all__ = ["RunResult", "train", "prepare_run_dir", "QUANTILES", "ALIGNMENT_SKETCH", "ALIGNMENT_STEPS"]
 
 QUANTILES = (0.1, 0.5, 0.9)
+ALIGNMENT_SKETCH = 512  # count-sketch size of the batch gradients kept for the alignment test
+ALIGNMENT_STEPS = 4096  # most recent steps kept for it (bounds checkpoint size in long runs)
 
 
 @dataclass
@@ -50,12 +54,14 @@ class _Window:
     loss: float = 0.0
     correct: float = 0.0
     examples: int = 0
+    steps: int = 0
     norms: list[float] = field(default_factory=list)
 
     def add(self, losses: torch.Tensor, accuracy: torch.Tensor | None, sq_norms: torch.Tensor) -> None:
         self.loss += losses.detach().double().sum().item()
         self.correct += 0.0 if accuracy is None else accuracy.double().sum().item()
         self.examples += losses.shape[0]
+        self.steps += 1
         self.norms += sq_norms.double().sqrt().tolist()
 
 
@@ -129,6 +135,7 @@ def train(
     order = BatchOrder(dataset.train_x.shape[0], config.batch_size, config.seed, config.order, dataset.labels)
     noise = NoiseScale(beta=config.noise_beta)
     snr = ParamSNR(beta=config.noise_beta)
+    alignment = GradientAlignment(ALIGNMENT_SKETCH, seed=config.seed, max_steps=ALIGNMENT_STEPS)
     window = _Window()
     step, epoch, batch_in_epoch = 0, 0, 0
     metrics = MetricsLog(run_dir / "metrics.csv")
@@ -139,6 +146,7 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         noise.load_state_dict(state["noise_scale"])
         snr.load_state_dict(state["snr"])
+        alignment.load_state_dict(state["alignment"])
         window = _Window(**state["window"])
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         torch.set_rng_state(state["rng"])
@@ -147,6 +155,9 @@ def train(
         metrics.flush()
     else:
         config.save(run_dir / "config.toml")
+        warning = sampling_warning(config, dataset)
+        if warning:
+            print(warning, file=stream, flush=True)
 
     steps_per_epoch = order.steps_per_epoch()
     total_steps = steps_per_epoch * config.epochs
@@ -161,6 +172,7 @@ def train(
                 "optimizer": optimizer.state_dict(),
                 "noise_scale": noise.state_dict(),
                 "snr": snr.state_dict(),
+                "alignment": alignment.state_dict(),
                 "window": window.__dict__.copy(),
                 "step": step,
                 "epoch": epoch,
@@ -189,12 +201,14 @@ def train(
 
                 noise.update(result)
                 snr.update(result)
+                alignment.update(torch.cat([g.reshape(-1) for g in result.batch_grads.values()]))
                 window.add(losses, per_example_accuracy(dataset.task, out, y), result.sq_norms)
                 step += 1
                 batch_in_epoch += 1
                 last = epoch == config.epochs - 1 and batch_in_epoch == len(batches)
                 if step % config.log_every == 0 or last:
                     row = _row(config, step, epoch, model, dataset, noise, snr, window)
+                    row["grad_cosine"] = _finite_or_none(alignment.recent_cosine(window.steps))
                     window = _Window()
                     metrics.append(row)
                     checkpoint()

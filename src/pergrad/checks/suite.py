@@ -1,0 +1,82 @@
+"""All checks on one training setup: the rows of ``pergrad check`` and the trainer's warnings.
+
+The setup is a :class:`~pergrad.train.config.TrainConfig`: its dataset, model (at its initial
+weights), loss and batch order are the ones ``pergrad train`` would use. The identity and
+additivity checks run on a probe batch of the first training examples (float64); the sampling
+check runs on the run's first epoch of batch indices against the dataset's labels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..train.config import TrainConfig
+from ..train.data import Dataset, load_dataset
+from ..train.losses import per_example_losses
+from ..train.models import build_model
+from ..train.sampler import BatchOrder
+from .additivity import check_additivity
+from .identity import check_identity
+from .sampling import SamplingReport, check_sampling
+
+__all__ = ["CheckRow", "run_checks", "sampling_report", "sampling_warning", "PROBE_EXAMPLES"]
+
+PROBE_EXAMPLES = 8  # examples in the identity and additivity probe batch
+
+
+@dataclass(frozen=True)
+class CheckRow:
+    """One line of the table: which check, whether it passed, its key number, what it means."""
+
+    check: str
+    passed: bool
+    result: str
+    meaning: str
+
+
+def sampling_report(config: TrainConfig, dataset: Dataset) -> SamplingReport:
+    """The sampling check on the run's first epoch of batches (epoch 0)."""
+    order = BatchOrder(dataset.train_x.shape[0], config.batch_size, config.seed, config.order, dataset.labels)
+    return check_sampling(order.batches(0), dataset.labels)
+
+
+def sampling_warning(config: TrainConfig, dataset: Dataset) -> str | None:
+    """A warning for the start of training when the run's batch order is not random, else None."""
+    report = sampling_report(config, dataset)
+    if report.passed:
+        return None
+    return f"warning: batch order '{config.order}' fails the sampling check (p = {report.p_value:.2g}). {report.explanation}"
+
+
+def run_checks(config: TrainConfig) -> list[CheckRow]:
+    """The identity, additivity and sampling checks on the setup ``config`` describes."""
+    dataset = load_dataset(config)
+    model = build_model(config, dataset)
+    x, y = dataset.train_x[:PROBE_EXAMPLES], dataset.train_y[:PROBE_EXAMPLES]
+
+    def loss_fn(outputs, targets):
+        return per_example_losses(dataset.task, outputs, targets)
+
+    identity = check_identity(model, x, y, loss_fn)
+    additivity = check_additivity(model, x, y, loss_fn)
+    sampling = sampling_report(config, dataset)
+    return [
+        CheckRow(
+            "averaging identity",
+            identity.passed,
+            f"max rel. diff {identity.max_rel_diff:.1e}",
+            identity.explanation,
+        ),
+        CheckRow(
+            "additivity (no coupling)",
+            additivity.passed,
+            f"max leak {additivity.max_leak:.1g}" + (f" in {', '.join(additivity.culprits)}" if additivity.culprits else ""),
+            additivity.explanation,
+        ),
+        CheckRow(
+            f"random sampling ({config.order})",
+            sampling.passed,
+            f"p = {sampling.p_value:.2g}",
+            sampling.explanation,
+        ),
+    ]
