@@ -51,6 +51,17 @@ class Twice(nn.Module):
         return self.lin(torch.tanh(self.lin(x)))
 
 
+class ConvTwice(nn.Module):
+    """One Conv2d applied twice (same channels in and out): shared weights across calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(torch.tanh(self.conv(x)))
+
+
 class TiedLM(nn.Module):
     """Embedding tied to the output head: one Parameter in two modules."""
 
@@ -130,6 +141,8 @@ CONV = [
     Case("conv2d-reflect", lambda: nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), _randn(2, 5, 5)),
     Case("conv2d-circular-depthwise", lambda: nn.Conv2d(3, 3, 3, padding=1, padding_mode="circular", groups=3), _randn(3, 4, 5)),
     Case("conv2d-gram", lambda: nn.Conv2d(8, 8, 3), _randn(8, 4, 4)),
+    Case("conv2d-same-uneven", lambda: nn.Conv2d(2, 3, (2, 3), padding="same"), _randn(2, 5, 4)),
+    Case("conv2d-shared-twice", ConvTwice, _randn(2, 5, 5)),
     Case("conv3d", lambda: nn.Conv3d(2, 3, (2, 3, 2), stride=(1, 2, 1), padding=(1, 0, 1)), _randn(2, 4, 5, 3)),
 ]
 EMBEDDING = [
