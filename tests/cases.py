@@ -79,9 +79,9 @@ class TiedLM(nn.Module):
 class Attention(nn.Module):
     """MultiheadAttention fed batch-first; transposes inside when batch_first=False."""
 
-    def __init__(self, batch_first: bool, masked=False, kdim=None, use_weights=False, **options):
+    def __init__(self, batch_first: bool, masked=False, kdim=None, use_weights=False, causal=False, **options):
         super().__init__()
-        self.batch_first, self.masked, self.use_weights = batch_first, masked, use_weights
+        self.batch_first, self.masked, self.use_weights, self.causal = batch_first, masked, use_weights, causal
         self.attn = nn.MultiheadAttention(8, 2, batch_first=batch_first, kdim=kdim, vdim=kdim, **options)
         self.kv = nn.Linear(8, kdim) if kdim else nn.Identity()
 
@@ -92,7 +92,12 @@ class Attention(nn.Module):
         if self.masked:
             mask = torch.zeros(x.shape[0], x.shape[1], dtype=torch.bool)
             mask[:, -1] = True  # the last key of every example is padding
-        out, weights = self.attn(q, kv, kv, key_padding_mask=mask, need_weights=self.use_weights)
+        if self.causal:  # self-attention (query, key and value one tensor) with a causal mask
+            t = x.shape[1]
+            causal = torch.ones(t, t, dtype=torch.bool).triu(1)
+            out, weights = self.attn(q, q, q, attn_mask=causal, need_weights=False)
+        else:
+            out, weights = self.attn(q, kv, kv, key_padding_mask=mask, need_weights=self.use_weights)
         out = out if self.batch_first else out.transpose(0, 1)
         return out + weights.square().sum(-1, keepdim=True) if self.use_weights else out
 
@@ -160,6 +165,8 @@ NORMS = [
 ATTENTION = [
     Case("mha-batch-first", lambda: Attention(True), _randn(5, 8)),
     Case("mha-seq-first-masked", lambda: Attention(False, masked=True), _randn(5, 8)),
+    Case("mha-self-causal", lambda: Attention(True, causal=True), _randn(5, 8)),
+    Case("mha-self-causal-seq-first", lambda: Attention(False, causal=True), _randn(4, 8)),
     Case("mha-kdim", lambda: Attention(True, kdim=6), _randn(4, 8)),
     Case("mha-bias-kv-zero-attn", lambda: Attention(True, add_bias_kv=True, add_zero_attn=True), _randn(3, 8)),
     Case("mha-loss-uses-weights", lambda: Attention(False, masked=True, use_weights=True), _randn(4, 8)),

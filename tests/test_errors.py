@@ -175,3 +175,26 @@ def test_unbatched_attention_input_is_refused():
         out = attn(x, x, x)[0]
         with pytest.raises(ValueError, match="unbatched"):
             pe.backward(per_example_loss(out, 0))
+
+
+def test_attention_internals_come_from_the_forward_and_copies_are_unhooked():
+    """Calls that return no attention weights expose q, k, v and o from the model's own forward
+    (no recomputation); a deep copy of a hooked model computes with its own weights."""
+    import copy
+
+    from cases import Attention
+
+    torch.manual_seed(0)
+    model = Attention(True, causal=True).double()
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    with pergrad.PerExample(model) as pe:
+        out = model(x)
+        (call,) = pe._capture.targets[0].calls
+        assert set(call.internals) == {"q", "k", "v", "o"}
+        twin = copy.deepcopy(model)
+        with torch.no_grad():
+            twin.attn.out_proj.weight.mul_(2)
+        assert not torch.allclose(twin(x), out)
+        pe.backward(out.square().sum((1, 2)))
+        assert set(call.internal_grads) == {"q", "k", "v"}
+    assert "forward" not in model.attn.__dict__

@@ -8,7 +8,8 @@ outputs; those receive the gradient of the reduced loss during the backward pass
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import types
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
@@ -31,6 +32,7 @@ class Target:
         rule: its rule.
         param_names: local parameter name -> name in ``model.named_parameters()``.
         calls: the calls captured since the last backward.
+        internals: what the rule's exposing forward returned for the call in progress.
     """
 
     path: str
@@ -38,6 +40,7 @@ class Target:
     rule: Rule
     param_names: dict[str, str]
     calls: list[Call]
+    internals: dict[str, Tensor] = field(default_factory=dict)
 
     def describe(self) -> str:
         return f"{type(self.module).__name__} at '{self.path or '<model>'}'"
@@ -91,10 +94,15 @@ class Capture:
         self._handles = [
             t.module.register_forward_hook(self._forward_hook(t), with_kwargs=True) for t in self.targets
         ]
+        self._exposing = [t for t in self.targets if type(t.rule).exposing_forward is not Rule.exposing_forward]
+        for t in self._exposing:
+            _EXPOSING[id(t.module)] = (self, t)
+            t.module.forward = types.MethodType(_exposing_forward, t.module)
 
     def _forward_hook(self, target: Target):
         def hook(module, args, kwargs, output):
-            if self._paused or not torch.is_grad_enabled():
+            internals, target.internals = target.internals, {}
+            if not self._capturing():
                 return
             outputs = output_tensors(output)
             if not any(o.requires_grad for o in outputs):
@@ -107,9 +115,16 @@ class Capture:
             for k, o in enumerate(outputs):
                 if o.requires_grad:
                     o.register_hook(_store_grad(call, k))
+            for name, tensor in internals.items():
+                call.internals[name] = tensor.detach()
+                if tensor.requires_grad:
+                    tensor.register_hook(_store_internal_grad(call, name))
             target.calls.append(call)
 
         return hook
+
+    def _capturing(self) -> bool:
+        return not self._paused and torch.is_grad_enabled()
 
     def check_before_backward(self, n: int) -> None:
         """Raise, before any gradient is computed, if the captured forward cannot be used.
@@ -156,6 +171,10 @@ class Capture:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for t in self._exposing:
+            _EXPOSING.pop(id(t.module), None)
+            t.module.__dict__.pop("forward", None)
+        self._exposing.clear()
         self.clear()
 
     def parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -166,6 +185,32 @@ class Capture:
                 if id(p) not in seen:
                     seen.add(id(p))
                     yield t.param_names[local], p
+
+
+# id(module) -> (capture, target) for the modules whose rule exposes internals of the forward
+_EXPOSING: dict[int, tuple[Capture, Target]] = {}
+
+
+def _exposing_forward(module: nn.Module, *args, **kwargs):
+    """A hooked module's forward: its rule's exposing form while capturing, else its own.
+
+    Installed as a bound method on the instance, so that a deep copy of the model (whose
+    copy is not in ``_EXPOSING``) and pickling fall back to the class's forward.
+    """
+    found = _EXPOSING.get(id(module))
+    if found is None or found[1].module is not module or not found[0]._capturing():
+        return type(module).forward(module, *args, **kwargs)
+    target = found[1]
+    output, target.internals = target.rule.exposing_forward(module, args, kwargs)
+    return output
+
+
+def _store_internal_grad(call: Call, name: str):
+    def hook(grad: Tensor) -> None:
+        previous = call.internal_grads.get(name)
+        call.internal_grads[name] = grad if previous is None else previous + grad
+
+    return hook
 
 
 def _store_grad(call: Call, k: int):

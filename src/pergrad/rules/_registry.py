@@ -33,14 +33,17 @@ class Call:
         kwargs: the keyword arguments, tensors detached.
         grad_outputs: one entry per tensor output of the call, the gradient of the reduced
             loss with respect to it, or ``None`` when no gradient reached that output.
-        rng_state: the random-number state just before the call, so that a rule that
-            recomputes the forward (dropout inside) sees the same random draws.
+        internals: tensors from inside the forward that the rule's
+            :meth:`Rule.exposing_forward` exposed, detached, by name.
+        internal_grads: the gradient of the reduced loss with respect to each internal
+            tensor it reached, by name.
     """
 
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     grad_outputs: list[Tensor | None] = field(default_factory=list)
-    rng_state: Any = None
+    internals: dict[str, Tensor] = field(default_factory=dict)
+    internal_grads: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def reached(self) -> bool:
@@ -77,6 +80,14 @@ class Rule:
         for name, p in module.named_parameters(recurse=self.covers_submodules):
             if p.requires_grad:
                 yield name, p
+
+    def exposing_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[Any, dict[str, Tensor]]:
+        """The module's forward, in an equivalent form that also returns tensors computed
+        inside it (``{name: tensor}``, in the graph) whose gradients the rule needs, so that
+        it need not recompute them in the backward; ``{}`` where it has none for this call.
+        Only rules that override this get it called, in place of the module's forward,
+        while a :class:`~pergrad.PerExample` captures."""
+        return type(module).forward(module, *args, **kwargs), {}
 
     def prepare(self, module: nn.Module, calls: list[Call]) -> Any:
         """Work shared by the three outputs below (unfolding, recomputation), done once per

@@ -67,6 +67,51 @@ def _blocks(module: nn.MultiheadAttention) -> dict[str, tuple[str, ...]]:
     return blocks
 
 
+def _decomposable(module: nn.MultiheadAttention) -> bool:
+    """Whether the projections-and-core decomposition covers the module's configuration."""
+    return module.bias_k is None and not module.add_zero_attn
+
+
+def _merged_mask(module: nn.MultiheadAttention, kw: dict, n: int, L: int, S: int, dtype) -> Tensor | None:
+    """attn_mask and key_padding_mask as one additive mask broadcastable to (n, heads, L, S)."""
+    mask = _additive(kw.get("attn_mask"), dtype)
+    if mask is not None and mask.dim() == 3:
+        mask = mask.reshape(n, module.num_heads, L, S)
+    padding = _additive(kw.get("key_padding_mask"), dtype)
+    if padding is not None:
+        padding = padding.reshape(n, 1, 1, S)
+        mask = padding if mask is None else mask + padding
+    return mask
+
+
+def _projections(module: nn.MultiheadAttention, x_q: Tensor, x_k: Tensor, x_v: Tensor, detach: bool):
+    """q, k, v (n, t, E) from batch-first inputs; one matmul when the three inputs are one tensor."""
+    weight, bias = module.in_proj_weight, module.in_proj_bias
+    if detach:
+        weight = None if weight is None else weight.detach()
+        bias = None if bias is None else bias.detach()
+    if module._qkv_same_embed_dim and x_q is x_k and x_k is x_v:
+        return F.linear(x_q, weight, bias).chunk(3, dim=-1)
+    if module._qkv_same_embed_dim:
+        w_q, w_k, w_v = weight.chunk(3)
+    else:
+        w_q, w_k, w_v = (w.detach() if detach else w for w in (module.q_proj_weight, module.k_proj_weight, module.v_proj_weight))
+    b_q, b_k, b_v = (None,) * 3 if bias is None else bias.chunk(3)
+    return tuple(F.linear(x, w, b) for x, w, b in ((x_q, w_q, b_q), (x_k, w_k, b_k), (x_v, w_v, b_v)))
+
+
+def _attention_core(module: nn.MultiheadAttention, q: Tensor, k: Tensor, v: Tensor, mask, causal: bool) -> Tensor:
+    """softmax(q kᵀ/√d + mask) v per head: (n, L, E), (n, S, E) ×2 -> (n, L, E)."""
+    n, L, E = q.shape
+    S, heads = k.shape[1], module.num_heads
+
+    def split(t, length):  # (n, length, E) -> (n, heads, length, E/heads)
+        return t.reshape(n, length, heads, -1).transpose(1, 2)
+
+    o = F.scaled_dot_product_attention(split(q, L), split(k, S), split(v, S), attn_mask=mask, is_causal=causal)
+    return o.transpose(1, 2).reshape(n, L, E)
+
+
 @register_rule(nn.MultiheadAttention)
 class MultiheadAttentionRule(FunctionalRule):
     covers_submodules = True
@@ -111,46 +156,56 @@ class MultiheadAttentionRule(FunctionalRule):
 
     # --- the decomposition ---
 
+    def exposing_forward(self, module, args, kwargs):
+        """For calls the decomposition covers and that return no attention weights: the same
+        attention computed step by step, exposing q, k, v and the heads' output o (all
+        (n, t, ·), batch-first), so that their gradients come from the model's own backward
+        pass and nothing is recomputed. Other calls run the module's own forward."""
+        kw = dict(kwargs)
+        kw.update(zip(_ARG_NAMES, args))
+        own = type(module).forward
+        query = kw.get("query")
+        if (
+            not _decomposable(module)
+            or kw.get("need_weights", True)
+            or (module.training and module.dropout > 0)
+            or not isinstance(query, Tensor)
+            or query.dim() != 3
+        ):
+            return own(module, *args, **kwargs), {}
+        x_q, x_k, x_v = kw["query"], kw["key"], kw["value"]
+        if not module.batch_first:
+            x_q, x_k, x_v = (t.transpose(0, 1) for t in (x_q, x_k, x_v))
+        causal = bool(kw.get("is_causal", False)) and kw.get("attn_mask") is None
+        mask = _merged_mask(module, kw, x_q.shape[0], x_q.shape[1], x_k.shape[1], x_q.dtype)
+        q, k, v = _projections(module, x_q, x_k, x_v, detach=False)
+        o = _attention_core(module, q, k, v, mask, causal)
+        out = F.linear(o, module.out_proj.weight, module.out_proj.bias)
+        return (out if module.batch_first else out.transpose(0, 1), None), {"q": q, "k": k, "v": v, "o": o.detach()}
+
     def _sequences(self, module: nn.MultiheadAttention, call: Call) -> dict[str, tuple[Tensor, Tensor]]:
         """Projection name -> (inputs (n, t, i), output gradients (n, t, o)), batch-first."""
         kw = _arguments(call)
         x_q, x_k, x_v, g = kw["query"], kw["key"], kw["value"], call.grad_outputs[0]
         if not module.batch_first:
             x_q, x_k, x_v, g = (t.transpose(0, 1) for t in (x_q, x_k, x_v, g))
-        n, L, E = x_q.shape
-        S, heads = x_k.shape[1], module.num_heads
-        if module._qkv_same_embed_dim:
-            w_q, w_k, w_v = module.in_proj_weight.chunk(3)
-        else:
-            w_q, w_k, w_v = module.q_proj_weight, module.k_proj_weight, module.v_proj_weight
-        b_q, b_k, b_v = (None,) * 3 if module.in_proj_bias is None else module.in_proj_bias.chunk(3)
-
-        mask = _additive(kw.get("attn_mask"), x_q.dtype)
-        if mask is not None:
-            mask = mask.reshape(-1, heads, L, S) if mask.dim() == 3 else mask
-        padding = _additive(kw.get("key_padding_mask"), x_q.dtype)
-        if padding is not None:
-            padding = padding.reshape(n, 1, 1, S)
-            mask = padding if mask is None else mask + padding
-
+        if call.internals:  # exposed by the forward: their gradients came with the backward
+            grads = call.internal_grads
+            zero = {name: torch.zeros_like(call.internals[name]) for name in "qkv"}
+            g_q, g_k, g_v = (grads.get(name, zero[name]) for name in "qkv")
+            return {"q": (x_q, g_q), "k": (x_k, g_k), "v": (x_v, g_v), "out": (call.internals["o"], g)}
+        n, L, _ = x_q.shape
+        causal = bool(kw.get("is_causal", False)) and kw.get("attn_mask") is None
+        mask = _merged_mask(module, kw, n, L, x_k.shape[1], x_q.dtype)
         with torch.enable_grad():
-            q, k, v = (
-                F.linear(x, w.detach(), None if b is None else b.detach()).requires_grad_()
-                for x, w, b in ((x_q, w_q, b_q), (x_k, w_k, b_k), (x_v, w_v, b_v))
-            )
-
-            def split(t, length):  # (n, length, E) -> (n, heads, length, E/heads)
-                return t.reshape(n, length, heads, -1).transpose(1, 2)
-
-            o = F.scaled_dot_product_attention(split(q, L), split(k, S), split(v, S), attn_mask=mask)
-            o = o.transpose(1, 2).reshape(n, L, E)
+            q, k, v = (t.requires_grad_() for t in _projections(module, x_q, x_k, x_v, detach=True))
+            o = _attention_core(module, q, k, v, mask, causal)
             g_q, g_k, g_v = torch.autograd.grad(o, (q, k, v), g @ module.out_proj.weight.detach())
         return {"q": (x_q, g_q), "k": (x_k, g_k), "v": (x_v, g_v), "out": (o.detach(), g)}
 
     def prepare(self, module, calls):
         """The projections' sequences (:class:`_Decomposed`), or the calls for torch.func."""
-        plain = module.bias_k is None and not module.add_zero_attn
-        if not plain or any(len(c.grad_outputs) > 1 and c.grad_outputs[1] is not None for c in calls):
+        if not _decomposable(module) or any(len(c.grad_outputs) > 1 and c.grad_outputs[1] is not None for c in calls):
             return calls
         per_call = [self._sequences(module, c) for c in calls]
         if len(per_call) == 1:
