@@ -146,9 +146,8 @@ class PerExample:
                 if earlier[name] is not None:
                     p.grad = earlier[name] if fresh[name] is None else earlier[name] + fresh[name]
 
-        zero = losses.new_zeros(()).detach()
-        param_batch_sq = {k: zero if g is None else _sq_norm(g) for k, g in fresh.items()}
-        batch_sq = sum(param_batch_sq.values(), zero)
+        param_batch_sq = _sq_norms_by_name(fresh, losses.new_zeros(()).detach())
+        batch_sq = torch.stack(list(param_batch_sq.values())).sum()
         scale = float(n) if reduction == "mean" else 1.0
         try:
             with torch.no_grad(), capture.paused():
@@ -156,7 +155,7 @@ class PerExample:
         finally:
             capture.clear()
 
-        sq_norms = sum(per_param.sq.values(), losses.new_zeros(n).detach())
+        sq_norms = torch.stack(list(per_param.sq.values())).sum(0)
         return PerExampleResult(
             sq_norms=sq_norms,
             param_sq_norms=per_param.sq,
@@ -234,10 +233,13 @@ class _PerParameter:
     second: dict[str, Tensor] = field(default_factory=dict)
 
 
-def _sq_norm(x: Tensor) -> Tensor:
-    """‖x‖² as a 0-dim tensor, in one pass (a dot product, no squared copy)."""
-    flat = x.reshape(-1)
-    return torch.dot(flat, flat)
+def _sq_norms_by_name(grads: dict[str, Tensor | None], zero: Tensor) -> dict[str, Tensor]:
+    """{name: ‖grad‖²} as 0-dim tensors (``zero`` where the gradient is None), with one
+    multi-tensor norm kernel for all of them."""
+    present = [name for name, g in grads.items() if g is not None]
+    norms = torch._foreach_norm([grads[name] for name in present]) if present else []
+    squared = dict(zip(present, torch.stack(norms).square().unbind() if present else []))
+    return {name: squared.get(name, zero) for name in grads}
 
 
 def _check_losses(losses: Tensor, reduction: str) -> int:

@@ -44,7 +44,7 @@ def gram_is_cheaper(t: int, i: int, o: int) -> bool:
 
 
 def row_sq_norms(x: Tensor) -> Tensor:
-    """(m, k) -> (m,): squared norm of each row, in one pass."""
+    """(m, k) -> (m,): squared norm of each row."""
     return vector_norm(x, dim=1).square()
 
 
@@ -96,6 +96,8 @@ class WeightSharingRule(Rule):
         a, g, n = inputs
         if a.shape[1] == 1:  # one position: ‖a‖²‖g‖² and ‖g‖², sharing ‖g‖²
             g_sq = row_sq_norms(g[:, 0])
+            if a.shape[0] == n:  # one group: nothing to add up per example
+                return _trainable(module, lambda: row_sq_norms(a[:, 0]) * g_sq, lambda: g_sq)
             return _trainable(
                 module,
                 lambda: (row_sq_norms(a[:, 0]) * g_sq).reshape(n, -1).sum(1),
