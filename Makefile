@@ -25,8 +25,10 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# pergrad against torch.func, Opacus and BackPACK; writes benchmarks/RESULTS.md and its figures
 bench: $(STAMP)
-	$(PY) benchmarks/step_ratio.py
+	$(PY) -m pip install --quiet $(TORCH) -e '.[test,bench]'
+	$(PY) benchmarks/run.py
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info

@@ -34,14 +34,14 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.func import functional_call, grad, vmap
 
 import pergrad
+import workloads as wl
+from workloads import Workload
 
 MODES = {
     "norms": {},
@@ -52,100 +52,11 @@ RTOL = 1e-4  # float32 relative tolerance of the sanity checks
 CHECKED = 4  # examples checked against torch.func
 
 
-# --- workloads -------------------------------------------------------------------------------
-
-
-class MLP(nn.Sequential):
-    """64 → 512 → 512 → 10 with ReLU: (n, 64) -> (n, 10)."""
-
-    def __init__(self):
-        super().__init__(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
-
-
-class SmallCNN(nn.Module):
-    """Two 3×3 convs 1 → 16 → 32 with ReLU and 2×2 max-pool, linear head: (n, 1, 28, 28) -> (n, 10)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
-        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
-        self.head = nn.Linear(32 * 7 * 7, 10)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)  # (n, 16, 14, 14)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # (n, 32, 7, 7)
-        return self.head(x.flatten(1))
-
-
-class Block(nn.Module):
-    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x)); (n, t, d) -> (n, t, d)."""
-
-    def __init__(self, d: int, heads: int, hidden: int):
-        super().__init__()
-        self.ln1 = nn.LayerNorm(d)
-        self.attn = nn.MultiheadAttention(d, heads, dropout=0.0, batch_first=True)
-        self.ln2 = nn.LayerNorm(d)
-        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
-
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        h = self.ln1(x)
-        x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
-        return x + self.mlp(self.ln2(x))
-
-
-class TinyTransformer(nn.Module):
-    """Causal language model: tokens (n, t) -> logits (n, t, vocab)."""
-
-    def __init__(self, vocab: int = 1000, d: int = 128, heads: int = 4, hidden: int = 512, layers: int = 2):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, d)
-        self.blocks = nn.ModuleList(Block(d, heads, hidden) for _ in range(layers))
-        self.ln = nn.LayerNorm(d)
-        self.head = nn.Linear(d, vocab)
-
-    def forward(self, tokens: Tensor) -> Tensor:
-        t = tokens.shape[1]
-        mask = torch.ones(t, t, dtype=torch.bool, device=tokens.device).triu(1)  # True = not attended
-        x = self.embed(tokens)  # (n, t, d)
-        for block in self.blocks:
-            x = block(x, mask)
-        return self.head(self.ln(x))
-
-
-def classification_losses(out: Tensor, y: Tensor) -> Tensor:
-    """(n, classes), (n,) -> (n,) cross-entropy per example."""
-    return F.cross_entropy(out, y, reduction="none")
-
-
-def next_token_losses(logits: Tensor, y: Tensor) -> Tensor:
-    """(n, t, vocab), (n, t) -> (n,): each example's cross-entropy averaged over its tokens."""
-    n, t, vocab = logits.shape
-    return F.cross_entropy(logits.reshape(n * t, vocab), y.reshape(n * t), reduction="none").reshape(n, t).mean(1)
-
-
-@dataclass
-class Workload:
-    """A model, one batch, and the per-example loss: ``loss_fn(model(x), y)`` is (n,)."""
-
-    key: str  # for --only
-    name: str
-    model: nn.Module
-    x: Tensor
-    y: Tensor
-    loss_fn: Callable[[Tensor, Tensor], Tensor]
+# --- workloads (defined in workloads.py, shared with run.py) ----------------------------------
 
 
 def workloads(seed: int) -> list[Workload]:
-    torch.manual_seed(seed)
-    tokens = torch.randint(0, 1000, (32, 65))  # (n, t + 1): inputs and next-token targets
-    return [
-        Workload("mlp", "MLP 64-512-512-10, n=256", MLP(), torch.randn(256, 64), torch.randint(0, 10, (256,)),
-                 classification_losses),
-        Workload("cnn", "CNN 1-16-32 28x28, n=64", SmallCNN(), torch.randn(64, 1, 28, 28),
-                 torch.randint(0, 10, (64,)), classification_losses),
-        Workload("transformer", "Transformer 2L d128, n=32 t=64", TinyTransformer(), tokens[:, :-1], tokens[:, 1:],
-                 next_token_losses),
-    ]
+    return [wl.mlp(seed=seed), wl.cnn(seed=seed), wl.transformer(seed=seed)]
 
 
 # --- the two kinds of step -------------------------------------------------------------------

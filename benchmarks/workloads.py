@@ -1,0 +1,185 @@
+"""The models, batches and per-example losses that the benchmarks time.
+
+Shared by ``step_ratio.py`` (pergrad's modes against a plain step) and ``run.py`` (pergrad against
+torch.func, Opacus and BackPACK). A :class:`Workload` is one model and one batch: every method timed on
+a workload sees the same weights and the same inputs, and ``loss_fn(model(x), y)`` gives the
+per-example losses, shape ``(n,)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# --- models ----------------------------------------------------------------------------------
+
+
+class MLP(nn.Sequential):
+    """64 → 512 → 512 → 10 with ReLU: (n, 64) -> (n, 10)."""
+
+    def __init__(self):
+        super().__init__(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+
+
+class SmallCNN(nn.Module):
+    """Two 3×3 convs 1 → 16 → 32 with ReLU and 2×2 max-pool, linear head: (n, 1, 28, 28) -> (n, 10)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.head = nn.Linear(32 * 7 * 7, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)  # (n, 16, 14, 14)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # (n, 32, 7, 7)
+        return self.head(x.flatten(1))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x)); (n, t, d) -> (n, t, d)."""
+
+    def __init__(self, d: int, heads: int, hidden: int):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, dropout=0.0, batch_first=True)
+        self.ln2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
+        return x + self.mlp(self.ln2(x))
+
+
+class TinyTransformer(nn.Module):
+    """Causal language model: tokens (n, t) -> logits (n, t, vocab)."""
+
+    def __init__(self, vocab: int = 1000, d: int = 128, heads: int = 4, hidden: int = 512, layers: int = 2):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(Block(d, heads, hidden) for _ in range(layers))
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        t = tokens.shape[1]
+        mask = torch.ones(t, t, dtype=torch.bool, device=tokens.device).triu(1)  # True = not attended
+        x = self.embed(tokens)  # (n, t, d)
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.head(self.ln(x))
+
+
+class SDPAAttention(nn.Module):
+    """Causal multi-head self-attention from four ``nn.Linear`` and
+    ``F.scaled_dot_product_attention``: (n, t, d) -> (n, t, d)."""
+
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.out = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, t, d = x.shape
+
+        def split(z: Tensor) -> Tensor:  # (n, t, d) -> (n, heads, t, d / heads)
+            return z.reshape(n, t, self.heads, d // self.heads).transpose(1, 2)
+
+        o = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)), is_causal=True)
+        return self.out(o.transpose(1, 2).reshape(n, t, d))
+
+
+class SDPABlock(nn.Module):
+    """Pre-LN block with :class:`SDPAAttention` and parameter-free LayerNorms (as in OLMo)."""
+
+    def __init__(self, d: int, heads: int, hidden: int):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d, elementwise_affine=False)
+        self.attn = SDPAAttention(d, heads)
+        self.ln2 = nn.LayerNorm(d, elementwise_affine=False)
+        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class SDPATransformer(nn.Module):
+    """Causal language model built only from Embedding and Linear layers with trainable parameters:
+    tokens (n, t) -> logits (n, t, vocab)."""
+
+    def __init__(self, vocab: int = 1000, d: int = 128, heads: int = 4, hidden: int = 512, layers: int = 2):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.blocks = nn.Sequential(*(SDPABlock(d, heads, hidden) for _ in range(layers)))
+        self.ln = nn.LayerNorm(d, elementwise_affine=False)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(self.ln(self.blocks(self.embed(tokens))))
+
+
+# --- losses ----------------------------------------------------------------------------------
+
+
+def classification_losses(out: Tensor, y: Tensor) -> Tensor:
+    """(n, classes), (n,) -> (n,) cross-entropy per example."""
+    return F.cross_entropy(out, y, reduction="none")
+
+
+def next_token_losses(logits: Tensor, y: Tensor) -> Tensor:
+    """(n, t, vocab), (n, t) -> (n,): each example's cross-entropy averaged over its tokens."""
+    n, t, vocab = logits.shape
+    return F.cross_entropy(logits.reshape(n * t, vocab), y.reshape(n * t), reduction="none").reshape(n, t).mean(1)
+
+
+# --- workloads -------------------------------------------------------------------------------
+
+
+@dataclass
+class Workload:
+    """A model, one batch, and the per-example loss: ``loss_fn(model(x), y)`` is (n,)."""
+
+    key: str
+    name: str
+    model: nn.Module
+    x: Tensor
+    y: Tensor
+    loss_fn: Callable[[Tensor, Tensor], Tensor]
+
+    @property
+    def n(self) -> int:
+        return self.x.shape[0]
+
+
+def mlp(n: int = 256, seed: int = 0, device: str = "cpu", key: str = "mlp") -> Workload:
+    torch.manual_seed(seed)
+    model = MLP()
+    x, y = torch.randn(n, 64), torch.randint(0, 10, (n,))
+    return Workload(key, f"MLP 64-512-512-10, n={n}", model.to(device), x.to(device), y.to(device),
+                    classification_losses)
+
+
+def cnn(n: int = 64, seed: int = 0, device: str = "cpu", key: str = "cnn") -> Workload:
+    torch.manual_seed(seed)
+    model = SmallCNN()
+    x, y = torch.randn(n, 1, 28, 28), torch.randint(0, 10, (n,))
+    return Workload(key, f"CNN 1-16-32 28x28, n={n}", model.to(device), x.to(device), y.to(device),
+                    classification_losses)
+
+
+def transformer(n: int = 32, t: int = 64, seed: int = 0, device: str = "cpu", key: str = "transformer",
+                sdpa: bool = False) -> Workload:
+    """Two blocks, d=128, 4 heads, vocabulary 1000; next-token targets from the same random tokens."""
+    torch.manual_seed(seed)
+    model = SDPATransformer() if sdpa else TinyTransformer()
+    tokens = torch.randint(0, 1000, (n, t + 1))  # inputs and next-token targets
+    kind = "SDPA" if sdpa else "MHA"
+    return Workload(key, f"Transformer 2L d128 {kind}, n={n} t={t}", model.to(device),
+                    tokens[:, :-1].contiguous().to(device), tokens[:, 1:].contiguous().to(device),
+                    next_token_losses)
