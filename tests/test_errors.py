@@ -198,3 +198,27 @@ def test_attention_internals_come_from_the_forward_and_copies_are_unhooked():
         pe.backward(out.square().sum((1, 2)))
         assert set(call.internal_grads) == {"q", "k", "v"}
     assert "forward" not in model.attn.__dict__
+
+
+def test_linear_pieces_built_in_chunks_match_the_reference(monkeypatch):
+    """The Linear weight's pieces, built in the backward in chunks of one example, give the
+    reference norms and second moments, and the .grad of a plain backward."""
+    from pergrad.rules import linear
+    from reference import reference_grads
+
+    monkeypatch.setattr(linear, "CHUNK_ELEMENTS", 1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(5, 7, 3, dtype=torch.float64), torch.randn(5, 7, 2, dtype=torch.float64)
+    reference = reference_grads(model, x, y)
+    model.zero_grad()
+    per_example_loss(model(x), y).mean().backward()
+    plain = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    with pergrad.PerExample(model, second_moment=True) as pe:
+        result = pe.backward(per_example_loss(model(x), y))
+    for name, p in model.named_parameters():
+        expected = reference[name].flatten(1).square().sum(1)
+        assert torch.allclose(result.param_sq_norms[name], expected, rtol=1e-10, atol=0)
+        assert torch.allclose(result.second_moment[name], reference[name].square().sum(0), rtol=1e-10, atol=0)
+        assert torch.allclose(p.grad, plain[name], rtol=1e-10, atol=1e-14)

@@ -14,9 +14,10 @@ from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from .errors import CaptureError, ExampleCouplingError, UnsupportedModuleError
-from .rules import FALLBACK, Call, Rule, rule_for
+from .rules import FALLBACK, Call, Keep, Rule, rule_for
 from .rules.functional import output_tensors
 
 __all__ = ["Capture", "Target"]
@@ -33,6 +34,8 @@ class Target:
         param_names: local parameter name -> name in ``model.named_parameters()``.
         calls: the calls captured since the last backward.
         internals: what the rule's exposing forward returned for the call in progress.
+        shared: whether one of its parameters is also used by another module (tied weights).
+        detached: parameters swapped for detached copies during the call in progress.
     """
 
     path: str
@@ -41,6 +44,8 @@ class Target:
     param_names: dict[str, str]
     calls: list[Call]
     internals: dict[str, Tensor] = field(default_factory=dict)
+    shared: bool = False
+    detached: dict[str, nn.Parameter] = field(default_factory=dict)
 
     def describe(self) -> str:
         return f"{type(self.module).__name__} at '{self.path or '<model>'}'"
@@ -90,28 +95,51 @@ class Capture:
             params = {local: names[id(p)] for local, p in rule.parameters(module)}
             if params:
                 self.targets.append(Target(path, module, rule, params, []))
+        self.keep = Keep(grads=False, second=False)
         self._paused = False
-        self._handles = [
-            t.module.register_forward_hook(self._forward_hook(t), with_kwargs=True) for t in self.targets
-        ]
+        self._handles = []
+        for t in self.targets:
+            if type(t.rule).grads_in_backward is not Rule.grads_in_backward:
+                self._handles.append(t.module.register_forward_pre_hook(self._detach_hook(t)))
+            self._handles.append(
+                t.module.register_forward_hook(self._forward_hook(t), with_kwargs=True, always_call=True)
+            )
         self._exposing = [t for t in self.targets if type(t.rule).exposing_forward is not Rule.exposing_forward]
         for t in self._exposing:
             _EXPOSING[id(t.module)] = (self, t)
             t.module.forward = types.MethodType(_exposing_forward, t.module)
 
+    def _detach_hook(self, target: Target):
+        """Before a call whose rule builds some batch gradients itself: run the forward on
+        detached copies of those parameters, so that autograd leaves them out."""
+
+        def hook(module, args):
+            if not self._capturing():
+                return
+            names = [n for n in target.rule.grads_in_backward(module, args) if module._parameters[n].requires_grad]
+            target.detached = {n: module._parameters[n] for n in names}
+            for n, p in target.detached.items():
+                module._parameters[n] = p.detach()
+
+        return hook
+
     def _forward_hook(self, target: Target):
         def hook(module, args, kwargs, output):
             internals, target.internals = target.internals, {}
-            if not self._capturing():
-                return
+            detached, target.detached = target.detached, {}
+            module._parameters.update(detached)  # restored even when the forward raised
+            if not self._capturing() or output is None:
+                return None
+            call = Call(tuple(_detached(a) for a in args), {k: _detached(v) for k, v in kwargs.items()})
+            if detached:
+                call.grad_outputs = [None]
+                target.calls.append(call)
+                build = self._backward_call(target, call, list(detached))
+                return _RuleBuildsGrads.apply(output, build, *detached.values())
             outputs = output_tensors(output)
             if not any(o.requires_grad for o in outputs):
-                return
-            call = Call(
-                tuple(_detached(a) for a in args),
-                {k: _detached(v) for k, v in kwargs.items()},
-                [None] * len(outputs),
-            )
+                return None
+            call.grad_outputs = [None] * len(outputs)
             for k, o in enumerate(outputs):
                 if o.requires_grad:
                     o.register_hook(_store_grad(call, k))
@@ -120,8 +148,21 @@ class Capture:
                 if tensor.requires_grad:
                     tensor.register_hook(_store_internal_grad(call, name))
             target.calls.append(call)
+            return None
 
         return hook
+
+    def _backward_call(self, target: Target, call: Call, names: list[str]):
+        """The backward of one call whose rule builds the batch gradients of ``names``."""
+
+        def backward(grad_output: Tensor) -> list[Tensor]:
+            _store_grad(call, 0)(grad_output)
+            # pieces summed over several calls or modules before squaring must be kept whole
+            whole = self.keep.grads or target.shared or len(target.calls) > 1
+            grads = target.rule.backward_call(target.module, call, grad_output, Keep(whole, self.keep.second))
+            return [grads[n] for n in names]
+
+        return backward
 
     def _capturing(self) -> bool:
         return not self._paused and torch.is_grad_enabled()
@@ -211,6 +252,21 @@ def _store_internal_grad(call: Call, name: str):
         call.internal_grads[name] = grad if previous is None else previous + grad
 
     return hook
+
+
+class _RuleBuildsGrads(torch.autograd.Function):
+    """Identity on a module's output whose backward also returns the gradients of the
+    parameters its forward ran detached, as the module's rule builds them."""
+
+    @staticmethod
+    def forward(ctx, output, build, *params):
+        ctx.build = build
+        return output.view_as(output)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        return (grad_output, None, *ctx.build(grad_output))
 
 
 def _store_grad(call: Call, k: int):

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .capture import Capture
-from .rules import flat_sq_norm
+from .rules import Keep, flat_sq_norm
 
 __all__ = ["PerExample", "PerExampleResult"]
 
@@ -99,6 +99,9 @@ class PerExample:
                 counts[name] = counts.get(name, 0) + 1
         # parameters used by more than one module need their pieces summed before squaring
         self._shared = {name for name, k in counts.items() if k > 1}
+        for t in self._capture.targets:
+            t.shared = any(name in self._shared for name in t.param_names.values())
+        self._capture.keep = Keep(grads=grads, second=second_moment)
         self._params = dict(self._capture.parameters())
 
     def __enter__(self) -> "PerExample":

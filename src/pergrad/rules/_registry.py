@@ -16,12 +16,12 @@ Scaling convention. A captured output gradient ``g`` is the gradient of the *red
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Call", "Rule", "flat_sq_norm", "register_rule", "rule_for", "registered_rules"]
+__all__ = ["Call", "Keep", "Rule", "flat_sq_norm", "register_rule", "rule_for", "registered_rules"]
 
 
 @dataclass
@@ -37,6 +37,8 @@ class Call:
             :meth:`Rule.exposing_forward` exposed, detached, by name.
         internal_grads: the gradient of the reduced loss with respect to each internal
             tensor it reached, by name.
+        pieces: what the rule kept from this call's backward pass
+            (:meth:`Rule.backward_call`), by a key of the rule's choosing.
     """
 
     args: tuple[Any, ...]
@@ -44,11 +46,25 @@ class Call:
     grad_outputs: list[Tensor | None] = field(default_factory=list)
     internals: dict[str, Tensor] = field(default_factory=dict)
     internal_grads: dict[str, Tensor] = field(default_factory=dict)
+    pieces: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def reached(self) -> bool:
         """Whether any gradient reached this call's outputs (else it contributes zero)."""
         return any(g is not None for g in self.grad_outputs)
+
+
+class Keep(NamedTuple):
+    """What a rule must keep from the backward pass besides squared norms.
+
+    Attributes:
+        grads: the per-example gradients themselves (asked for, or needed to sum them over
+            several calls or modules before squaring).
+        second: the second moments Σⱼ P_j².
+    """
+
+    grads: bool
+    second: bool
 
 
 class Rule:
@@ -80,6 +96,22 @@ class Rule:
         for name, p in module.named_parameters(recurse=self.covers_submodules):
             if p.requires_grad:
                 yield name, p
+
+    def grads_in_backward(self, module: nn.Module, args: tuple) -> tuple[str, ...]:
+        """Local names of the parameters whose batch gradient this rule builds itself during
+        the backward pass of a call with positional inputs ``args``, as the sum of per-example
+        pieces it materialises anyway, so that autograd does not compute that gradient a
+        second time. Default: none. A rule that names some implements :meth:`backward_call`,
+        and its module returns one tensor."""
+        return ()
+
+    def backward_call(self, module: nn.Module, call: Call, grad_output: Tensor, keep: Keep) -> dict[str, Tensor]:
+        """During the backward pass of one call: the batch gradient ``{name: p.shape}`` of each
+        parameter named by :meth:`grads_in_backward`, given the gradient of the reduced loss
+        with respect to the call's output. What :meth:`prepare` will need of the per-example
+        pieces (their norms; what ``keep`` asks for) goes into ``call.pieces``, so that no piece
+        outlives the call's backward unless asked for."""
+        raise NotImplementedError
 
     def exposing_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[Any, dict[str, Tensor]]:
         """The module's forward, in an equivalent form that also returns tensors computed
