@@ -192,10 +192,10 @@ def measure(w: Workload, rounds: int, warmup: int, target: float) -> Row:
 
 
 def table(rows: list[Row]) -> str:
-    head = f"{'workload':<32} {'plain ms':>9}" + "".join(f" {m + ' ms':>13} {'ratio':>6}" for m in MODES)
+    head = f"{'workload':<36} {'plain ms':>9}" + "".join(f" {m + ' ms':>13} {'ratio':>6}" for m in MODES)
     lines = [head, "-" * len(head)]
     for row in rows:
-        line = f"{row.name:<32} {row.plain * 1e3:>9.2f}"
+        line = f"{row.name:<36} {row.plain * 1e3:>9.2f}"
         for m in MODES:
             line += f" {row.seconds[m] * 1e3:>13.2f} {row.ratio[m]:>5.2f}x"
         lines.append(line)
