@@ -62,6 +62,9 @@ def test_other_models_and_datasets_train(tmp_path, model, dataset):
         (["--lr", "-1"], "lr must be a positive"),
         (["--batch-size", "1"], "batch_size must be at least 2"),
         (["--model", "cnn", "--dataset", "linreg"], "does not fit"),
+        (["--accumulate", "5"], "use a batch size divisible by 5"),
+        (["--accumulate", "0"], "accumulate must be at least 1"),
+        (["--nproc", "0"], "--nproc must be at least 1"),
     ],
 )
 def test_bad_settings_give_one_line_errors(tmp_path, capsys, argv, message):

@@ -4,12 +4,16 @@ Public API:
     PerExample, PerExampleResult: the engine.
     register_rule, Rule: add a per-example rule for your own layer.
     NoiseScale, ParamSNR, stats: gradient noise scale, SNR and the other estimators.
+    DistributedPerExample, StepResult, distributed: data-parallel workers and gradient
+        accumulation, merged to the global batch.
     errors: UnsupportedModuleError, ExampleCouplingError, CaptureError.
 """
 
 from .checks import AdditivityReport, IdentityReport, SamplingReport, check_additivity, check_identity, check_sampling
 from .errors import CaptureError, ExampleCouplingError, PergradError, UnsupportedModuleError
 from .per_example import PerExample, PerExampleResult
+from . import distributed
+from .distributed import DistributedPerExample, StepResult
 from .rules import Rule, register_rule, registered_rules
 from . import stats
 from .stats import NoiseScale, ParamSNR, StatsWarning
@@ -19,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdditivityReport",
     "CaptureError",
+    "DistributedPerExample",
     "ExampleCouplingError",
     "IdentityReport",
     "NoiseScale",
@@ -27,10 +32,12 @@ __all__ = [
     "check_additivity",
     "check_identity",
     "check_sampling",
+    "distributed",
     "PerExample",
     "PerExampleResult",
     "PergradError",
     "SamplingReport",
+    "StepResult",
     "Rule",
     "UnsupportedModuleError",
     "register_rule",

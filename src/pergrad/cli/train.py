@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 from ..train.checkpoint import CheckpointError
 from ..train.config import DATASETS, MODELS, OPTIMIZERS, ORDERS, ConfigError, TrainConfig
@@ -23,6 +26,8 @@ _HELP = {
     "order": "batch order: shuffled (default) or sorted by label (a broken sampler, for demonstration)",
     "val_fraction": "share of the data held out for validation",
     "noise_beta": "smoothing of the noise-scale averages (EMA factor)",
+    "accumulate": "micro-batches per worker and step (gradient accumulation), of "
+    "batch-size / (nproc x accumulate) examples each",
 }
 
 
@@ -37,6 +42,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_config_arguments(parser)
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     parser.add_argument("--quiet", action="store_true", help="plain log lines instead of a progress bar")
+    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="data-parallel workers on this machine, started with torchrun (default: 1); "
+                        "gloo on CPU, NCCL on GPU. For several machines run "
+                        "'torchrun --nproc_per_node N ... -m pergrad train ...' on each instead")  # fmt: skip
+    parser.add_argument("--max-restarts", type=int, default=0, metavar="R",
+                        help="run under torchrun and restart all workers up to R times when one fails; "
+                        "they resume from the last checkpoint (default: 0)")  # fmt: skip
     return parser
 
 
@@ -59,6 +71,51 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.nproc < 1 or args.max_restarts < 0:
+        print("pergrad train: error: --nproc must be at least 1 and --max-restarts at least 0", file=sys.stderr)
+        return 2
+    if (args.nproc > 1 or args.max_restarts > 0) and "TORCHELASTIC_RUN_ID" not in os.environ:
+        return _launch(args)
+    if "WORLD_SIZE" in os.environ:  # a worker started by torchrun
+        return _run_worker(args)
+    return _train_and_report(args, rank=0)
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """Start ``args.nproc`` workers on this machine through torchrun, with elastic restarts;
+    return torchrun's exit code."""
+    forwarded = [f"--{f.name.replace('_', '-')}={getattr(args, f.name)}" for f in fields(TrainConfig)
+                 if getattr(args, f.name) is not None]  # fmt: skip
+    for flag in ("config", "resume"):
+        if getattr(args, flag):
+            forwarded.append(f"--{flag}={getattr(args, flag)}")
+    if args.quiet:
+        forwarded.append("--quiet")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+        f"--max-restarts={args.max_restarts}", "-m", "pergrad", "train", *forwarded,
+    ]  # fmt: skip
+    # torchrun shares its rendezvous TCPStore with the workers by default, and a restarted attempt
+    # can then read the dead attempt's gloo/NCCL addresses and hang or fail to connect (PyTorch
+    # issue 135712); a store of its own per attempt makes --max-restarts work.
+    env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    return subprocess.call(command, env=env)
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    """One torchrun worker: join the process group, train, and leave it."""
+    import torch.distributed as dist
+
+    from ..distributed import init_from_env
+
+    init_from_env()
+    try:
+        return _train_and_report(args, rank=dist.get_rank())
+    finally:
+        dist.destroy_process_group()
+
+
+def _train_and_report(args: argparse.Namespace, rank: int) -> int:
     from ..train.loop import train
     from ..report import ReportError, build_report
 
@@ -70,7 +127,12 @@ def run(args: argparse.Namespace) -> int:
             config = TrainConfig.load(f"{args.resume}/config.toml").replace(out=args.resume)
         else:
             config = config_from_args(args)
-        result = train(config, resume=bool(args.resume), quiet=args.quiet)
+        # torchrun's elastic restart after a failure: continue from the last checkpoint
+        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        resume = bool(args.resume) or (restarted and (Path(config.out) / "checkpoint.pt").is_file())
+        result = train(config, resume=resume, quiet=args.quiet)
+        if rank != 0:
+            return 0
         report = build_report(result.run_dir)
     except (ConfigError, CheckpointError, ReportError) as err:
         print(f"pergrad train: error: {err}", file=sys.stderr)

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.image import imsave
 
 from .advice import BatchSizeAdvice
-from .run_files import Metrics
+from .run_files import TWO_BATCH, Metrics
 from .unbiasedness import UnbiasednessCheck
 
 __all__ = [
@@ -99,7 +99,9 @@ def curves_figure(metrics: Metrics) -> Figure:
 
 
 def noise_scale_figure(metrics: Metrics, advice: BatchSizeAdvice) -> Figure:
-    """B_simple with its interval over training, the batch size, and the steps the advice read."""
+    """B_simple with its interval over training, the batch size, and the steps the advice read;
+    dotted, the two-batch estimate of B_simple when the run logged one (several workers or
+    micro-batches)."""
     steps = metrics.column("step")
     b, low, high = (metrics.column(c) for c in ("b_simple", "b_simple_low", "b_simple_high"))
     fig, (ax,) = _figure(1, height=3.6)
@@ -112,6 +114,11 @@ def noise_scale_figure(metrics: Metrics, advice: BatchSizeAdvice) -> Figure:
     ax.fill_between(steps, band_low, band_high, color=TRAIN, alpha=0.15, lw=0, label="95% interval")
     shown = np.where(np.isinf(b), np.nan, b)
     ax.plot(steps, shown, color=TRAIN, lw=1.8, label="B_simple = tr Σ / |G|²")
+    if metrics.has(TWO_BATCH):
+        two = metrics.column(TWO_BATCH)
+        shown_two = np.where(np.isfinite(two) & (two > 0), np.clip(two, bottom, top), np.nan)
+        ax.plot(steps, shown_two, color=GREY, lw=1.4, ls=":",
+                label="B_simple, two-batch (micro-batch vs. global batch)")  # fmt: skip
     unbounded = np.isinf(b)
     if unbounded.any():
         ax.plot(steps[unbounded], np.full(unbounded.sum(), top / 1.15), "^", color=TRAIN,

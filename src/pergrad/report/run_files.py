@@ -20,9 +20,10 @@ from ..train.data import Dataset, load_dataset
 from ..train.metrics import read_metrics
 from ..train.models import build_model
 
-__all__ = ["ReportError", "Metrics", "Run", "load_run", "load_data_and_model", "SNR_PREFIX"]
+__all__ = ["ReportError", "Metrics", "Run", "load_run", "load_data_and_model", "SNR_PREFIX", "TWO_BATCH"]
 
 SNR_PREFIX = "snr/"
+TWO_BATCH = "b_simple_two_batch"  # B_simple from micro-batch vs. global-batch norms (workers × micro-batches > 1)
 _REQUIRED_COLUMNS = ("step", "loss")
 
 

@@ -15,7 +15,7 @@ from . import figures
 from ._format import number
 from .advice import FACTOR, TAIL, UNKNOWN, BatchSizeAdvice
 from .html import Raw, data_uri, esc, figure, note, section, table
-from .run_files import Metrics, Run
+from .run_files import TWO_BATCH, Metrics, Run
 from .theta import ExamplesAtTheta
 from .unbiasedness import UnbiasednessCheck
 
@@ -246,19 +246,26 @@ def noise_scale_section(metrics: Metrics, advice: BatchSizeAdvice) -> tuple[Raw,
             f" On {n_inf} logged step(s) the signal estimate |G|² was not positive, so B_simple "
             "is unbounded (∞, triangles at the top)."
         )
-    numbers = table(
-        ["used for the advice", "value"],
-        [
-            ("batch size B", advice.batch_size),
-            (f"median B_simple, last {TAIL:.0%} of logged values", number(advice.b_simple)),
-            ("median interval (low – high)", f"{number(advice.b_simple_low)} – {number(advice.b_simple_high)}"),
-            ("steps", f"{advice.first_step}–{advice.last_step}"),
-            ("values used / logged", f"{advice.n_values} / {advice.n_logged}"),
-            ("thresholds", f"too small if B_simple > {FACTOR:g}·B; wasteful if B > {FACTOR:g}·B_simple"),
-        ],
-        numeric=(1,),
-        table_id="advice-numbers",
-    )
+    rows = [
+        ("batch size B", advice.batch_size),
+        (f"median B_simple, last {TAIL:.0%} of logged values", number(advice.b_simple)),
+        ("median interval (low – high)", f"{number(advice.b_simple_low)} – {number(advice.b_simple_high)}"),
+        ("steps", f"{advice.first_step}–{advice.last_step}"),
+        ("values used / logged", f"{advice.n_values} / {advice.n_logged}"),
+        ("thresholds", f"too small if B_simple > {FACTOR:g}·B; wasteful if B > {FACTOR:g}·B_simple"),
+    ]
+    two_batch = _two_batch_median(metrics, advice)
+    data["b_simple_two_batch_median"] = two_batch
+    if two_batch is not None:
+        caption += (
+            " Dotted grey: B_simple from the two-batch estimator of McCandlish et al., which needs no "
+            "per-example gradients: the squared norms of the micro-batch gradients (each worker's "
+            "batch when there is no accumulation) against that of the global batch. Its median over "
+            f"the grey span is {number(two_batch)}, beside {number(advice.b_simple)} from the "
+            "per-example norms; both estimate the same quantity, the per-example one from every example's own gradient."
+        )
+        rows.insert(2, ("median two-batch B_simple, same steps", number(two_batch)))
+    numbers = table(["used for the advice", "value"], rows, numeric=(1,), table_id="advice-numbers")
     body = section(
         "noise-scale",
         _TITLES["noise-scale"],
@@ -268,6 +275,15 @@ def noise_scale_section(metrics: Metrics, advice: BatchSizeAdvice) -> tuple[Raw,
         lead=lead,
     )
     return body, data
+
+
+def _two_batch_median(metrics: Metrics, advice: BatchSizeAdvice) -> float | None:
+    """Median of the logged two-batch B_simple over the steps the advice read; None if not logged."""
+    if not metrics.has(TWO_BATCH):
+        return None
+    steps, values = metrics.column("step"), metrics.column(TWO_BATCH)
+    used = (steps >= advice.first_step) & (steps <= advice.last_step) & ~np.isnan(values)
+    return float(np.median(values[used])) if used.any() else None
 
 
 def snr_section(metrics: Metrics, batch_size: int) -> tuple[Raw, dict]:

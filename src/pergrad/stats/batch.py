@@ -76,7 +76,7 @@ def _noise_coefficient(size: int, population_size: int | None) -> float:
 def two_batch_estimate(
     small_sq_norm: float | Tensor,
     big_sq_norm: float | Tensor,
-    small_size: int,
+    small_size: float,
     big_size: int,
     population_size: int | None = None,
 ) -> BatchEstimate:
@@ -93,7 +93,9 @@ def two_batch_estimate(
             over the micro-batches or workers of one step, which is just as unbiased and less
             noisy.
         big_sq_norm: ‖ḡ_big‖², the same over B_big examples (the whole step).
-        small_size: B_small ≥ 1.
+        small_size: B_small ≥ 1. For small batches of unequal sizes b₁…b_M, their harmonic
+            mean M / Σₘ 1/bₘ (a float): E[mean ‖ḡ_m‖²] = |G|² + tr Σ · mean 1/bₘ, so the
+            estimates stay unbiased (also with the finite-population correction, linear in 1/B).
         big_size: B_big > B_small.
         population_size: N, to correct for batches drawn without replacement from N examples
             (see the module docstring); None (default) for sampling with replacement or an

@@ -223,11 +223,23 @@ class NoiseScale:
             return
         self._add(tuple(result.param_sq_norms), _estimates(result, self.population_size))
 
-    def update_estimate(self, estimate: BatchEstimate) -> None:
-        """Add one batch's total estimates from elsewhere, e.g. :func:`two_batch_estimate`."""
-        t = torch.tensor([float(estimate.trace_sigma)], dtype=torch.float64)
-        g = torch.tensor([float(estimate.grad_sq_norm)], dtype=torch.float64)
-        self._add((), BatchEstimate(t, g))
+    def update_estimate(self, estimate: BatchEstimate, names: tuple[str, ...] = ()) -> None:
+        """Add one batch's estimates from elsewhere, e.g. :func:`two_batch_estimate`.
+
+        Args:
+            estimate: floats for the total alone (``names`` empty), or (1+P,) float64 tensors:
+                the total, then each of the P ``names`` (as merged data-parallel workers give,
+                see :class:`pergrad.distributed.StepResult`).
+            names: the parameter names of coordinates 1…P.
+        """
+        t = torch.as_tensor(estimate.trace_sigma, dtype=torch.float64).reshape(-1)
+        g = torch.as_tensor(estimate.grad_sq_norm, dtype=torch.float64).reshape(-1)
+        if t.shape != (1 + len(names),) or g.shape != t.shape:
+            raise ValueError(
+                f"the estimate has {t.numel()} and {g.numel()} values for {len(names)} names: give "
+                "1 + len(names) values each (the total, then each parameter)."
+            )
+        self._add(tuple(names), BatchEstimate(t, g))
 
     def merge(self, other: "NoiseScale") -> None:
         """Add another worker's state to this one (same β, same parameters)."""

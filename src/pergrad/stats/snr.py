@@ -118,22 +118,48 @@ class SNRState(NamedTuple):
                 stacklevel=2,
             )
             return self
-        if self.signal and set(self.signal) != set(result.second_moment):
-            raise ValueError(
-                f"this state tracks parameters {list(self.signal)} but the result has "
-                f"{list(result.second_moment)}."
-            )
         scale = 1.0 if result.reduction == "mean" else float(n)
+        mean_grads = {
+            name: _checked_batch_grad(batch_grads, name, second.shape, result.param_batch_grad_sq_norms[name]) / scale
+            for name, second in result.second_moment.items()
+        }
+        return self.update_sums(result.second_moment, mean_grads, n, beta=beta, population_size=population_size)
+
+    def update_sums(
+        self,
+        second_moment: Mapping[str, Tensor],
+        mean_grads: Mapping[str, Tensor],
+        n: int,
+        *,
+        beta: float = 0.99,
+        population_size: int | None = None,
+    ) -> "SNRState":
+        """Decay the sums by β and add one batch given by its sums, e.g. merged over workers.
+
+        Args:
+            second_moment: {name: p.shape} Σⱼ gⱼ² over the batch's n examples.
+            mean_grads: {name: p.shape} ḡ = (1/n) Σⱼ gⱼ, the batch's mean gradient.
+            n: the number of examples, ≥ 2.
+            beta, population_size: as for :meth:`update`.
+
+        Raises:
+            ValueError: n < 2, or parameters differ from earlier batches.
+        """
+        if not 0.0 < beta <= 1.0:
+            raise ValueError(f"beta must lie in (0, 1], got {beta}.")
+        if n < 2:
+            raise ValueError(f"a batch of n={n} example has no variance: give batches of at least 2 examples.")
+        if self.signal and set(self.signal) != set(second_moment):
+            raise ValueError(
+                f"this state tracks parameters {list(self.signal)} but the batch has {list(second_moment)}."
+            )
         signal, noise = {}, {}
-        for name, second in result.second_moment.items():
-            grad = _checked_batch_grad(batch_grads, name, second.shape, result.param_batch_grad_sq_norms[name])
-            mean = grad.detach().to(torch.float64) / scale
+        for name, second in second_moment.items():
+            mean = mean_grads[name].detach().to(torch.float64)
             sq_mean = second.detach().to(torch.float64) / n
             estimate = two_batch_estimate(sq_mean, mean.square(), 1, n, population_size)
-            old_signal = self.signal.get(name, 0.0)
-            old_noise = self.noise.get(name, 0.0)
-            signal[name] = beta * old_signal + estimate.grad_sq_norm
-            noise[name] = beta * old_noise + estimate.trace_sigma
+            signal[name] = beta * self.signal.get(name, 0.0) + estimate.grad_sq_norm
+            noise[name] = beta * self.noise.get(name, 0.0) + estimate.trace_sigma
         return SNRState(signal, noise)
 
     def merge(self, other: "SNRState") -> "SNRState":
@@ -192,6 +218,12 @@ class ParamSNR:
         """
         batch_grads = result.batch_grads if batch_grads is None else batch_grads
         self.state = self.state.update(result, batch_grads, beta=self.beta, population_size=self.population_size)
+
+    def update_sums(self, second_moment: Mapping[str, Tensor], mean_grads: Mapping[str, Tensor], n: int) -> None:
+        """Add one batch given by its sums; see :meth:`SNRState.update_sums`."""
+        self.state = self.state.update_sums(
+            second_moment, mean_grads, n, beta=self.beta, population_size=self.population_size
+        )
 
     def merge(self, other: "ParamSNR") -> None:
         """Add another worker's sums to this one (same β)."""

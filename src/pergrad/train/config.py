@@ -38,7 +38,9 @@ class TrainConfig:
         optimizer: "sgd" (with ``momentum``) or "adam".
         lr: learning rate, > 0.
         momentum: SGD momentum in [0, 1).
-        batch_size: examples per step, ≥ 2 (a variance needs two).
+        batch_size: B, examples per optimizer step over all workers and micro-batches, ≥ 2
+            (a variance needs two). Each of W workers runs ``accumulate`` micro-batches of
+            B / (W · accumulate) examples.
         epochs: passes over the training set, ≥ 1.
         seed: seeds the split, the initial weights and the batch order.
         out: the run directory.
@@ -47,6 +49,8 @@ class TrainConfig:
             deliberately broken sampler, for the demonstration of the sampling check).
         val_fraction: share of the data held out for validation, in (0, 0.5].
         noise_beta: smoothing of the noise-scale EMAs, in [0, 1).
+        accumulate: K, micro-batches per worker and step (gradient accumulation), ≥ 1; their
+            gradients average to the gradient of the whole batch.
     """
 
     model: str = "mlp"
@@ -62,6 +66,7 @@ class TrainConfig:
     order: str = "shuffled"
     val_fraction: float = 0.2
     noise_beta: float = 0.95
+    accumulate: int = 1
 
     def __post_init__(self):
         self.validate()
@@ -84,6 +89,17 @@ class TrainConfig:
             "use it with --dataset digits",
         )
         _check(0 <= self.noise_beta < 1, f"noise_beta must be in [0, 1), got {self.noise_beta}")
+        _check(self.accumulate >= 1, f"accumulate must be at least 1, got {self.accumulate}")
+        self.check_split(1)
+
+    def check_split(self, workers: int) -> None:
+        """Raise ConfigError unless the batch splits evenly into workers × accumulate micro-batches."""
+        parts = workers * self.accumulate
+        _check(
+            self.batch_size % parts == 0,
+            f"batch_size {self.batch_size} does not split into {workers} worker(s) x {self.accumulate} "
+            f"micro-batch(es): use a batch size divisible by {parts}, or change --accumulate or --nproc",
+        )
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)

@@ -5,24 +5,32 @@ A run directory holds ``config.toml``, ``metrics.csv`` (one row per logged step)
 every logged row and at every epoch's end) and ``report.html``. Files are written atomically;
 resuming continues from the checkpoint with the same losses an uninterrupted run would have
 had, and drops metrics rows logged after it.
+
+Every step is one global batch of ``batch_size`` examples, split over the data-parallel workers
+and ``accumulate`` micro-batches each; the gradient and the statistics are merged to those of the
+global batch (:mod:`pergrad.distributed`), so the run does not depend on the split.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from ..checks.sampling import GradientAlignment
 from ..checks.suite import sampling_warning
-from ..per_example import PerExample
+from .. import distributed
+from ..distributed import DistributedPerExample
 from ..stats import NoiseScale, ParamSNR, norm_quantiles
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .data import Dataset, load_dataset
 from .losses import per_example_accuracy, per_example_losses
@@ -57,10 +65,11 @@ class _Window:
     steps: int = 0
     norms: list[float] = field(default_factory=list)
 
-    def add(self, losses: torch.Tensor, accuracy: torch.Tensor | None, sq_norms: torch.Tensor) -> None:
-        self.loss += losses.detach().double().sum().item()
-        self.correct += 0.0 if accuracy is None else accuracy.double().sum().item()
-        self.examples += losses.shape[0]
+    def add(self, sums: torch.Tensor, examples: int, sq_norms: torch.Tensor, task: str) -> None:
+        """Add one step: ``sums`` = (Σ loss, Σ correct) over its examples, (examples,) sq_norms."""
+        self.loss += float(sums[0])
+        self.correct += 0.0 if task == "regression" else float(sums[1])
+        self.examples += examples
         self.steps += 1
         self.norms += sq_norms.double().sqrt().tolist()
 
@@ -95,7 +104,9 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 512) -> tuple
     model.eval()
     loss, correct, n = 0.0, 0.0, dataset.val_x.shape[0]
     for start in range(0, n, batch_size):
-        x, y = dataset.val_x[start : start + batch_size], dataset.val_y[start : start + batch_size]
+        device = next(model.parameters()).device
+        x = dataset.val_x[start : start + batch_size].to(device)
+        y = dataset.val_y[start : start + batch_size].to(device)
         out = model(x)
         loss += per_example_losses(dataset.task, out, y).double().sum().item()
         accuracy = per_example_accuracy(dataset.task, out, y)
@@ -115,55 +126,84 @@ def train(
 ) -> RunResult:
     """Train as the config says, writing the run directory ``config.out``.
 
+    In a process group (``torchrun``, see :func:`pergrad.distributed.init_from_env`) every rank
+    calls it: the model is wrapped in DistributedDataParallel, each rank runs its
+    ``config.accumulate`` micro-batches of each global batch (see :class:`BatchOrder`), and
+    :class:`~pergrad.distributed.DistributedPerExample` merges the gradients and statistics, so
+    every rank holds the same state. Only rank 0 reads and writes the run directory and prints.
+
     Args:
-        config: the run's configuration (on resume, the one saved in the run directory).
-        resume: continue from ``config.out``'s checkpoint instead of starting afresh.
+        config: the run's configuration (on resume, the one saved in the run directory). It must
+            be the same on every rank.
+        resume: continue from ``config.out``'s checkpoint instead of starting afresh (rank 0's
+            value counts); the number of workers may differ from the run that wrote it.
         quiet: plain log lines instead of a progress bar.
         stop_after: stop (with a checkpoint) after this many steps in total, as an
             interruption would; None runs to the end.
-        on_row: called with every logged row.
+        on_row: called with every logged row (on rank 0).
         stream: where progress goes (default stderr).
 
     Returns:
-        A :class:`RunResult`.
+        A :class:`RunResult` (rows are rank 0's; other ranks' lists are empty).
+
+    Raises:
+        ConfigError: bad settings, settings that differ between ranks, or a batch size that
+            does not split into workers × micro-batches.
+        CheckpointError: resuming from a missing or damaged checkpoint.
     """
     stream = stream or sys.stderr
-    run_dir = prepare_run_dir(config.out)
+    rank, world = distributed.rank_and_world()
+    lead = rank == 0
+    try:
+        distributed.check_same_settings(config.to_dict())
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    config.check_split(world)
+    run_dir, state = _open_run_dir(config, resume, lead)
+    device = _device()
     dataset = load_dataset(config)
-    model = build_model(config, dataset)
+    model = build_model(config, dataset).to(device)
     optimizer = _optimizer(config, model)
     order = BatchOrder(dataset.train_x.shape[0], config.batch_size, config.seed, config.order, dataset.labels)
     noise = NoiseScale(beta=config.noise_beta)
+    two_batch = NoiseScale(beta=config.noise_beta)
     snr = ParamSNR(beta=config.noise_beta)
     alignment = GradientAlignment(ALIGNMENT_SKETCH, seed=config.seed, max_steps=ALIGNMENT_STEPS)
     window = _Window()
     step, epoch, batch_in_epoch = 0, 0, 0
     metrics = MetricsLog(run_dir / "metrics.csv")
 
-    if resume:
-        state = load_checkpoint(run_dir / "checkpoint.pt")
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         noise.load_state_dict(state["noise_scale"])
+        if "two_batch" in state:
+            two_batch.load_state_dict(state["two_batch"])
         snr.load_state_dict(state["snr"])
         alignment.load_state_dict(state["alignment"])
         window = _Window(**state["window"])
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         torch.set_rng_state(state["rng"])
-        kept = [r for r in read_metrics(run_dir / "metrics.csv") if r["step"] <= step] if (run_dir / "metrics.csv").exists() else []
-        metrics = MetricsLog(run_dir / "metrics.csv", kept)
-        metrics.flush()
-    else:
+        if lead:
+            logged = read_metrics(run_dir / "metrics.csv") if (run_dir / "metrics.csv").exists() else []
+            metrics = MetricsLog(run_dir / "metrics.csv", [r for r in logged if r["step"] <= step])
+            metrics.flush()
+    elif lead:
         config.save(run_dir / "config.toml")
         warning = sampling_warning(config, dataset)
         if warning:
             print(warning, file=stream, flush=True)
 
+    # the models have no buffers, so the forward of DDP runs no collective and a worker may skip
+    # an empty micro-batch; the gradient is reduced by DistributedPerExample.step
+    ddp = DistributedDataParallel(model) if world > 1 else model
     steps_per_epoch = order.steps_per_epoch()
     total_steps = steps_per_epoch * config.epochs
-    progress = _Progress(total_steps, step, quiet, stream)
+    progress = _Progress(total_steps, step, quiet, stream, enabled=lead)
 
     def checkpoint() -> None:
+        if not lead:
+            return
         save_checkpoint(
             run_dir / "checkpoint.pt",
             {
@@ -171,6 +211,7 @@ def train(
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "noise_scale": noise.state_dict(),
+                "two_batch": two_batch.state_dict(),
                 "snr": snr.state_dict(),
                 "alignment": alignment.state_dict(),
                 "window": window.__dict__.copy(),
@@ -182,7 +223,7 @@ def train(
         )
 
     model.train()
-    with PerExample(model, second_moment=True) as pe:
+    with DistributedPerExample(model, second_moment=True) as dpe:
         while epoch < config.epochs:
             batches = order.batches(epoch)
             while batch_in_epoch < len(batches):
@@ -190,36 +231,92 @@ def train(
                     checkpoint()
                     progress.close()
                     return RunResult(run_dir, step, metrics.rows, completed=False)
-                idx = batches[batch_in_epoch]
-                x, y = dataset.train_x[idx], dataset.train_y[idx]
 
                 optimizer.zero_grad(set_to_none=True)
-                out = model(x)
-                losses = per_example_losses(dataset.task, out, y)
-                result = pe.backward(losses, reduction="mean")
+                local = torch.zeros(2, dtype=torch.float64)  # Σ loss, Σ correct on this rank
+                sq_norms = []
+                for idx in order.micro_batches(batches[batch_in_epoch], rank, world, config.accumulate):
+                    if idx.numel() == 0:  # a last, small batch may leave a worker without examples
+                        continue
+                    x, y = dataset.train_x[idx].to(device), dataset.train_y[idx].to(device)
+                    with distributed.no_sync(ddp):
+                        out = ddp(x)
+                        losses = per_example_losses(dataset.task, out, y)
+                        result = dpe.backward(losses)
+                    accuracy = per_example_accuracy(dataset.task, out, y)
+                    local[0] += losses.detach().double().sum().item()
+                    local[1] += 0.0 if accuracy is None else accuracy.double().sum().item()
+                    sq_norms.append(result.sq_norms.detach().double().cpu())
+                merged = dpe.step(sums=local)  # p.grad: the global batch's mean gradient
                 optimizer.step()
 
-                noise.update(result)
-                snr.update(result)
-                alignment.update(torch.cat([g.reshape(-1) for g in result.batch_grads.values()]))
-                window.add(losses, per_example_accuracy(dataset.task, out, y), result.sq_norms)
+                noise.update_estimate(merged.estimate(), merged.names)
+                snr.update_sums(merged.second_moment, merged.mean_grads, merged.n)
+                two = merged.two_batch_estimate()
+                if two is not None:
+                    two_batch.update_estimate(two)
+                alignment.update(torch.cat([g.reshape(-1) for g in merged.mean_grads.values()]).cpu())
+                local_norms = torch.cat(sq_norms) if sq_norms else torch.zeros(0, dtype=torch.float64)
+                window.add(merged.sums, merged.n, distributed.all_gather_cat(local_norms), dataset.task)
                 step += 1
                 batch_in_epoch += 1
+                _die_for_test(step, rank)
                 last = epoch == config.epochs - 1 and batch_in_epoch == len(batches)
-                if step % config.log_every == 0 or last:
+                if lead and (step % config.log_every == 0 or last):
                     row = _row(config, step, epoch, model, dataset, noise, snr, window)
                     row["grad_cosine"] = _finite_or_none(alignment.recent_cosine(window.steps))
-                    window = _Window()
+                    if two_batch.state is not None:
+                        row["b_simple_two_batch"] = _finite_or_none(two_batch.b_simple)
                     metrics.append(row)
-                    checkpoint()
                     progress.log(row)
                     if on_row:
                         on_row(row)
+                if step % config.log_every == 0 or last:
+                    window = _Window()
+                    checkpoint()
                 progress.advance()
             epoch, batch_in_epoch = epoch + 1, 0
             checkpoint()
     progress.close()
     return RunResult(run_dir, step, metrics.rows, completed=True)
+
+
+def _open_run_dir(config: TrainConfig, resume: bool, lead: bool) -> tuple[Path, dict | None]:
+    """Rank 0 prepares the run directory and, if ``resume`` (rank 0's value counts), reads the
+    checkpoint; every rank gets its state (None for a new run).
+
+    An error on rank 0 (unwritable directory, bad checkpoint) is raised on every rank, so that
+    none waits for the others.
+    """
+    outcome = None
+    if lead:
+        try:
+            run_dir = prepare_run_dir(config.out)
+            outcome = (None, load_checkpoint(run_dir / "checkpoint.pt") if resume else None)
+        except (ConfigError, CheckpointError) as err:
+            outcome = (err, None)
+    error, state = distributed.broadcast_object(outcome)
+    if error is not None:
+        raise error
+    return Path(config.out), state
+
+
+def _device() -> torch.device:
+    """Where this worker computes: its CUDA device under NCCL, else the CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+DIE_AT_STEP_ENV = "PERGRAD_TEST_DIE_AT_STEP"
+
+
+def _die_for_test(step: int, rank: int) -> None:
+    """Fault injection for the elastic-restart test: rank 1 of a first attempt (torchrun's
+    TORCHELASTIC_RESTART_COUNT = 0) exits abruptly after step ``$PERGRAD_TEST_DIE_AT_STEP``."""
+    target = os.environ.get(DIE_AT_STEP_ENV)
+    if target is not None and int(target) == step and rank == 1 and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
+        os._exit(17)
 
 
 def _row(config, step, epoch, model, dataset, noise, snr, window) -> dict:
@@ -259,10 +356,10 @@ def _finite_or_none(value) -> float | None:
 class _Progress:
     """A tqdm bar with epoch, loss, validation accuracy and B_simple; or plain lines when quiet."""
 
-    def __init__(self, total: int, done: int, quiet: bool, stream):
-        self.quiet, self.stream = quiet, stream
+    def __init__(self, total: int, done: int, quiet: bool, stream, enabled: bool = True):
+        self.quiet, self.stream, self.enabled = quiet, stream, enabled
         self.bar = None
-        if not quiet:
+        if enabled and not quiet:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=done, file=stream, unit="step", dynamic_ncols=True, leave=True)
@@ -276,7 +373,7 @@ class _Progress:
         }
         if self.bar is not None:
             self.bar.set_postfix(fields, refresh=False)
-        else:
+        elif self.enabled:
             text = " ".join(f"{k}={v}" for k, v in fields.items())
             print(f"step {row['step']}: {text}", file=self.stream, flush=True)
 

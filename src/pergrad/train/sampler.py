@@ -2,6 +2,13 @@
 
 A shuffled epoch is a permutation drawn from a generator seeded by (seed, epoch), so epoch e's
 batches never depend on how the run got there: resuming needs only (epoch, batch index).
+
+Data-parallel workers share each global batch as torch's ``DistributedSampler`` shares an epoch
+(rank r takes every W-th example, starting at r), and each splits its share into K consecutive
+micro-batches. The global batches are therefore the same whatever the number of workers W and of
+micro-batches K: a run is the same run on 1 or 8 workers (up to the rounding of the sums), and a
+checkpoint resumes on a different number of workers. Sharding each batch rather than the epoch
+also shares the epoch's last, smaller batch among the workers instead of padding or dropping it.
 """
 
 from __future__ import annotations
@@ -47,3 +54,19 @@ class BatchOrder:
 
     def steps_per_epoch(self) -> int:
         return len(self.batches(0))
+
+    @staticmethod
+    def micro_batches(batch: Tensor, rank: int, world: int, accumulate: int) -> list[Tensor]:
+        """Worker ``rank``'s ``accumulate`` micro-batches of a global batch of indices.
+
+        Args:
+            batch: (B,) the global batch.
+            rank, world: this worker and the number of workers W.
+            accumulate: K.
+
+        Returns:
+            K index tensors, (B / (W·K),) each when W·K divides B; in a smaller last batch
+            their sizes differ by at most one and may be 0. Over all ranks and micro-batches,
+            every index of ``batch`` appears exactly once.
+        """
+        return list(batch[rank::world].tensor_split(accumulate))

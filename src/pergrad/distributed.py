@@ -1,0 +1,368 @@
+"""Data-parallel workers and gradient accumulation: one optimizer step over many micro-batches.
+
+The averaging identity carries across workers. If W workers each run K micro-batches and sum
+their examples' gradients, with B examples in the whole step,
+
+    ∇θ (1/B) Σⱼ ℓⱼ = (1/B) Σ_w Σ_k Σ_{j ∈ micro-batch (w, k)} ∇θ ℓⱼ,
+
+so one sum ``all_reduce`` of the workers' summed gradients, divided by B, is the gradient of the
+global batch's mean loss, whatever W and K. The per-example statistics are sums as well
+(Σⱼ ‖gⱼ‖², Σⱼ gⱼ², the counts), so they merge with ONE more ``all_reduce`` of a flat float64
+vector, and equal those of one process on the concatenated batch up to rounding.
+
+The micro-batches also give the two-batch estimator of McCandlish et al. for free: the mean
+over the M micro-batches of ‖ḡ_m‖² (small batches, read by each backward) against ‖ḡ‖² of the
+global batch (with K = 1, a micro-batch is one worker's batch).
+
+In your own DDP loop (a complete one: ``torchrun --nproc_per_node 2 examples/ddp_noise_scale.py``)::
+
+    ddp = DistributedDataParallel(model)
+    with pergrad.DistributedPerExample(model, second_moment=True) as dpe:
+        for micro_batches in loader:                     # this worker's K micro-batches of a step
+            optimizer.zero_grad(set_to_none=True)
+            for x, y in micro_batches:
+                with ddp.no_sync():                      # pergrad reduces the gradient itself
+                    dpe.backward(loss_fn(ddp(x), y))     # (n_m,) losses, summed
+            step = dpe.step()                            # p.grad: the global batch's mean gradient
+            optimizer.step()
+            noise.update_estimate(step.estimate(), step.names)
+
+References:
+    McCandlish et al. 2018, "An Empirical Model of Large-Batch Training", arXiv:1812.06162
+    (the two-batch estimator, appendix A).
+    Li et al. 2020, "PyTorch Distributed: Experiences on Accelerating Data Parallel Training",
+    arXiv:2006.15704 (DistributedDataParallel).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .per_example import PerExample, PerExampleResult
+from .stats.batch import BatchEstimate, two_batch_estimate
+
+__all__ = [
+    "DistributedPerExample",
+    "StepResult",
+    "all_gather_cat",
+    "broadcast_object",
+    "check_same_settings",
+    "init_from_env",
+    "no_sync",
+    "rank_and_world",
+]
+
+_SCALARS = 4  # n, M, Σₘ ‖ḡₘ‖², Σₘ 1/bₘ at the head of the merged vector
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One optimizer step over every micro-batch of every worker, merged (the same on all ranks).
+
+    P is the number of trainable parameters, in ``names`` order.
+
+    Attributes:
+        n: B, the examples of the step over all workers and micro-batches.
+        names: (P,) the parameter names.
+        sq_norm_sums: (1+P,) float64 Σⱼ ‖gⱼ‖² over the B examples, in total then per parameter.
+        grad_sq_norms: (1+P,) float64 ‖ḡ‖² of the global mean gradient ḡ = (1/B) Σⱼ gⱼ.
+        mean_grads: {name: p.shape} ḡ, which is also what ``p.grad`` now holds.
+        second_moment: {name: p.shape} float64 Σⱼ gⱼ², or None if not requested.
+        micro_batches: M, the non-empty micro-batches over all workers.
+        micro_sq_norm_sum: Σₘ ‖ḡₘ‖², ḡₘ the mean gradient of micro-batch m.
+        micro_inv_size_sum: Σₘ 1/bₘ, bₘ the size of micro-batch m.
+        sums: (k,) float64 the caller's own sums (``step(sums=...)``), added over workers.
+    """
+
+    n: int
+    names: tuple[str, ...]
+    sq_norm_sums: Tensor
+    grad_sq_norms: Tensor
+    mean_grads: dict[str, Tensor]
+    second_moment: dict[str, Tensor] | None
+    micro_batches: int
+    micro_sq_norm_sum: float
+    micro_inv_size_sum: float
+    sums: Tensor
+
+    def estimate(self, population_size: int | None = None) -> BatchEstimate:
+        """Per-example tr Σ̂ and |G|²̂ of the global batch: (1+P,) float64, total then per parameter.
+
+        tr Σ̂ = B/(B−1) (Σⱼ ‖gⱼ‖² / B − ‖ḡ‖²), |G|²̂ = ‖ḡ‖² − tr Σ̂ / B: exactly
+        :func:`pergrad.stats.batch_estimate` of one process on the concatenated batch.
+
+        Raises:
+            ValueError: the step had fewer than 2 examples.
+        """
+        if self.n < 2:
+            raise ValueError(f"a step of n={self.n} example has no variance: use batches of at least 2 examples.")
+        return two_batch_estimate(self.sq_norm_sums / self.n, self.grad_sq_norms, 1, self.n, population_size)
+
+    def two_batch_estimate(self, population_size: int | None = None) -> BatchEstimate | None:
+        """tr Σ̂ and |G|²̂ (floats) from micro-batch against global-batch gradient norms.
+
+        The small batch is a micro-batch (one worker's batch when K = 1): mean ‖ḡₘ‖² over the
+        M micro-batches, at their harmonic mean size M / Σ 1/bₘ, against ‖ḡ‖² at B. None when
+        M < 2 (one process without accumulation: nothing to compare).
+
+        References:
+            McCandlish et al. 2018, arXiv:1812.06162, appendix A.
+        """
+        if self.micro_batches < 2:
+            return None
+        small = self.micro_sq_norm_sum / self.micro_batches
+        harmonic = self.micro_batches / self.micro_inv_size_sum
+        return two_batch_estimate(small, float(self.grad_sq_norms[0]), harmonic, self.n, population_size)
+
+
+class DistributedPerExample:
+    """:class:`~pergrad.PerExample` over micro-batches and data-parallel workers.
+
+    Call :meth:`backward` on each of this worker's micro-batches (inside ``ddp.no_sync()`` if
+    the model is wrapped in DistributedDataParallel: pergrad reduces the gradient itself, once
+    per step), then :meth:`step`: it all-reduces the summed gradients (one ``all_reduce``) and the
+    statistics (one ``all_reduce`` of a flat float64 vector), and leaves in ``p.grad`` the mean
+    gradient of the global batch. Without an initialised process group it is plain gradient
+    accumulation in one process.
+
+    Zero the gradients (``optimizer.zero_grad()``) before a step's first micro-batch.
+
+    Args:
+        model: the module whose parameters are trained: the model itself, not its DDP wrapper
+            (``ddp.module``), so that parameter names carry no ``module.`` prefix.
+        second_moment: also merge Σⱼ gⱼ² per parameter (for :class:`~pergrad.ParamSNR`).
+        group: the process group (default: the world).
+        on_unsupported: as for :class:`~pergrad.PerExample`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        second_moment: bool = False,
+        group: dist.ProcessGroup | None = None,
+        on_unsupported: str = "error",
+    ):
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            raise ValueError(
+                "DistributedPerExample got the DistributedDataParallel wrapper: pass the wrapped "
+                "model (ddp.module), and run the forward through the wrapper as usual."
+            )
+        self._pe = PerExample(model, second_moment=second_moment, on_unsupported=on_unsupported)
+        self._params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        self.second_moment = second_moment
+        self.group = group
+        self._reset()
+
+    def __enter__(self) -> "DistributedPerExample":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Remove the engine's hooks."""
+        self._pe.remove()
+
+    def _reset(self) -> None:
+        p = len(self._params)
+        self._n = 0
+        self._micro = 0
+        self._micro_sq = 0.0
+        self._micro_inv = 0.0
+        self._sq_sums = torch.zeros(1 + p, dtype=torch.float64)
+        self._second = None
+        if self.second_moment:
+            self._second = {name: torch.zeros(q.shape, dtype=torch.float64) for name, q in self._params.items()}
+
+    def backward(self, losses: Tensor) -> PerExampleResult:
+        """Backpropagate Σⱼ ℓⱼ of one micro-batch (added to ``.grad``) and keep its statistics.
+
+        Args:
+            losses: (n_m,) this micro-batch's per-example losses, n_m ≥ 1.
+
+        Returns:
+            The micro-batch's :class:`~pergrad.PerExampleResult` (``reduction="sum"``).
+        """
+        result = self._pe.backward(losses, reduction="sum")
+        n = result.n
+        per_param = [result.param_sq_norms[name].sum() for name in self._params]
+        per_example = torch.stack([result.sq_norms.sum(), *per_param])
+        self._sq_sums += per_example.detach().to("cpu", torch.float64)
+        self._n += n
+        self._micro += 1
+        self._micro_sq += float(result.batch_grad_sq_norm) / n**2  # ‖ḡₘ‖² = ‖Σ gⱼ‖² / nₘ²
+        self._micro_inv += 1.0 / n
+        if self._second is not None:
+            for name, m in result.second_moment.items():
+                self._second[name] += m.detach().to("cpu", torch.float64)
+        return result
+
+    def step(self, sums: Tensor | None = None) -> StepResult:
+        """Merge the micro-batches of all workers; leave the global mean gradient in ``p.grad``.
+
+        Collective: every rank of the group must call it, with ``sums`` of the same length.
+
+        Args:
+            sums: (k,) numbers of your own to add over workers in the same ``all_reduce``
+                (summed losses, correct predictions...), or None.
+
+        Returns:
+            A :class:`StepResult`, identical on every rank.
+
+        Raises:
+            ValueError: no example in the step on any worker.
+        """
+        extra = torch.zeros(0) if sums is None else sums.detach().reshape(-1)
+        extra = extra.to("cpu", torch.float64)
+        head = torch.tensor([self._n, self._micro, self._micro_sq, self._micro_inv], dtype=torch.float64)
+        parts = [head, self._sq_sums, extra]
+        if self._second is not None:
+            parts += [m.reshape(-1).cpu() for m in self._second.values()]
+        merged = torch.cat(parts)
+        world = _world(self.group)
+        if world > 1:
+            merged = _on_backend_device(merged, self.group)
+            dist.all_reduce(merged, group=self.group)
+            merged = merged.cpu()
+        n = int(merged[0])
+        if n == 0:
+            raise ValueError("the step had no example on any worker: call backward on at least one micro-batch first.")
+        p = len(self._params)
+        sq_sums = merged[_SCALARS : _SCALARS + 1 + p]
+        out_sums = merged[_SCALARS + 1 + p : _SCALARS + 1 + p + extra.numel()]
+        second = None
+        if self._second is not None:
+            flat = merged[_SCALARS + 1 + p + extra.numel() :]
+            second, offset = {}, 0
+            for name, q in self._params.items():
+                second[name] = flat[offset : offset + q.numel()].reshape(q.shape).to(q.device)
+                offset += q.numel()
+
+        mean_grads = self._reduce_grads(n, world)
+        norms = [g.detach().to(torch.float64).square().sum().cpu() for g in mean_grads.values()]
+        grad_sq = torch.stack([torch.stack(norms).sum(), *norms]) if norms else torch.zeros(1, dtype=torch.float64)
+        result = StepResult(
+            n=n,
+            names=tuple(self._params),
+            sq_norm_sums=sq_sums,
+            grad_sq_norms=grad_sq,
+            mean_grads=mean_grads,
+            second_moment=second,
+            micro_batches=int(merged[1]),
+            micro_sq_norm_sum=float(merged[2]),
+            micro_inv_size_sum=float(merged[3]),
+            sums=out_sums,
+        )
+        self._reset()
+        return result
+
+    def _reduce_grads(self, n: int, world: int) -> dict[str, Tensor]:
+        """Sum ``.grad`` over workers (one flat all_reduce) and divide by n; returns {name: p.grad}."""
+        params = self._params
+        for q in params.values():
+            if q.grad is None:
+                q.grad = torch.zeros_like(q)
+        grads = [q.grad for q in params.values()]
+        if world > 1 and grads:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=self.group)
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
+        with torch.no_grad():
+            for g in grads:
+                g.div_(n)
+        return {name: q.grad for name, q in params.items()}
+
+
+def rank_and_world(group: dist.ProcessGroup | None = None) -> tuple[int, int]:
+    """(this process's rank, number of workers); (0, 1) without an initialised process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _world(group: dist.ProcessGroup | None) -> int:
+    return rank_and_world(group)[1]
+
+
+def _on_backend_device(t: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+    """``t`` where the group's backend can reduce it: the current CUDA device for NCCL."""
+    if dist.get_backend(group) == "nccl":
+        return t.to(torch.device("cuda", torch.cuda.current_device()))
+    return t
+
+
+def init_from_env() -> torch.device:
+    """Join the process group that ``torchrun`` describes in the environment.
+
+    Gloo on CPU, NCCL (one GPU per local rank) when CUDA is available.
+
+    Returns:
+        The device this worker computes on.
+    """
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+        return device
+    dist.init_process_group("gloo")
+    return torch.device("cpu")
+
+
+def broadcast_object(obj, src: int = 0, group: dist.ProcessGroup | None = None):
+    """``obj`` from rank ``src`` on every rank (picklable objects); ``obj`` itself in one process."""
+    if _world(group) == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
+
+
+def all_gather_cat(t: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
+    """(Σ_r n_r, ...) every rank's ``t`` of shape (n_r, ...) concatenated in rank order (on CPU)."""
+    if _world(group) == 1:
+        return t.detach().cpu()
+    parts = [None] * _world(group)
+    dist.all_gather_object(parts, t.detach().cpu(), group=group)
+    return torch.cat(parts)
+
+
+def check_same_settings(settings: dict, group: dist.ProcessGroup | None = None) -> None:
+    """Stop every rank when the ranks were started with different settings.
+
+    Raises:
+        ValueError: naming the first setting that differs, with its value on rank 0 and on the
+            first rank that differs (raised on every rank).
+    """
+    world = _world(group)
+    if world == 1:
+        return
+    gathered = [None] * world
+    dist.all_gather_object(gathered, settings, group=group)
+    first = gathered[0]
+    for rank, other in enumerate(gathered[1:], start=1):
+        for key in sorted(set(first) | set(other)):
+            if first.get(key) != other.get(key):
+                raise ValueError(
+                    f"the workers were started with different settings: {key} is {first.get(key)!r} on rank 0 "
+                    f"but {other.get(key)!r} on rank {rank}. Start every worker with the same flags and config file."
+                )
+
+
+@contextlib.contextmanager
+def no_sync(model: nn.Module):
+    """``model.no_sync()`` for a DistributedDataParallel model; nothing for any other model."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        with model.no_sync():
+            yield
+    else:
+        yield
