@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import pergrad
+from pergrad.cli.main import main
 from pergrad.report import build_report
 from pergrad.report._format import number
 from pergrad.stats import ParamSNR, param_batch_estimates
@@ -259,3 +260,10 @@ def test_the_readme_example_runs_under_torchrun():
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "epoch 2: global batch 64 on 2 worker(s)" in done.stdout
+
+
+def test_nproc_that_cannot_split_the_batch_stops_before_launching(tmp_path, capsys):
+    assert main(["train", "--nproc", "3", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "does not split into 3 worker(s)" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()  # nothing was started or written

@@ -83,7 +83,15 @@ def run(args: argparse.Namespace) -> int:
 
 def _launch(args: argparse.Namespace) -> int:
     """Start ``args.nproc`` workers on this machine through torchrun, with elastic restarts;
-    return torchrun's exit code."""
+    return torchrun's exit code (2, before starting anything, for settings that cannot run)."""
+    try:
+        config = (
+            TrainConfig.load(f"{args.resume}/config.toml") if args.resume else config_from_args(args)
+        )
+        config.check_split(args.nproc)
+    except ConfigError as err:
+        print(f"pergrad train: error: {err}", file=sys.stderr)
+        return 2
     forwarded = [f"--{f.name.replace('_', '-')}={getattr(args, f.name)}" for f in fields(TrainConfig)
                  if getattr(args, f.name) is not None]  # fmt: skip
     for flag in ("config", "resume"):
