@@ -32,7 +32,7 @@ def test_run_directory_and_metrics(tmp_path):
 
 @pytest.mark.parametrize("stop_after", [37, 50])
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, stop_after):
-    straight = train(TrainConfig(out=str(tmp_path / "a"), **TINY), quiet=True)
+    train(TrainConfig(out=str(tmp_path / "a"), **TINY), quiet=True)
     stopped = train(TrainConfig(out=str(tmp_path / "b"), **TINY), quiet=True, stop_after=stop_after)
     assert not stopped.completed
     resumed = train(TrainConfig.load(tmp_path / "b" / "config.toml").replace(out=str(tmp_path / "b")), resume=True, quiet=True)

@@ -36,8 +36,7 @@ class CheckRow:
 
 def sampling_report(config: TrainConfig, dataset: Dataset) -> SamplingReport:
     """The sampling check on the run's first epoch of batches (epoch 0)."""
-    order = BatchOrder(dataset.train_x.shape[0], config.batch_size, config.seed, config.order, dataset.labels)
-    return check_sampling(order.batches(0), dataset.labels)
+    return check_sampling(BatchOrder.for_run(config, dataset).batches(0), dataset.labels)
 
 
 def sampling_warning(config: TrainConfig, dataset: Dataset) -> str | None:

@@ -10,7 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from ..train.checkpoint import CheckpointError
-from ..train.config import DATASETS, MODELS, OPTIMIZERS, ORDERS, ConfigError, TrainConfig
+from ..train.config import DATASETS, MODELS, OPTIMIZERS, ConfigError, TrainConfig
 
 _HELP = {
     "model": f"model: {', '.join(MODELS)}",
@@ -85,10 +85,7 @@ def _launch(args: argparse.Namespace) -> int:
     """Start ``args.nproc`` workers on this machine through torchrun, with elastic restarts;
     return torchrun's exit code (2, before starting anything, for settings that cannot run)."""
     try:
-        config = (
-            TrainConfig.load(f"{args.resume}/config.toml") if args.resume else config_from_args(args)
-        )
-        config.check_split(args.nproc)
+        _run_config(args).check_split(args.nproc)
     except ConfigError as err:
         print(f"pergrad train: error: {err}", file=sys.stderr)
         return 2
@@ -123,18 +120,26 @@ def _run_worker(args: argparse.Namespace) -> int:
         dist.destroy_process_group()
 
 
+def _run_config(args: argparse.Namespace) -> TrainConfig:
+    """The run's settings: the saved config of ``--resume RUN_DIR``, else defaults, file and flags.
+
+    Raises:
+        ConfigError: settings given beside ``--resume``, or bad or missing ones.
+    """
+    if not args.resume:
+        return config_from_args(args)
+    given = [f.name for f in fields(TrainConfig) if getattr(args, f.name) is not None]
+    if given or args.config:
+        raise ConfigError("--resume continues a run with its saved config; drop the other settings")
+    return TrainConfig.load(f"{args.resume}/config.toml").replace(out=args.resume)
+
+
 def _train_and_report(args: argparse.Namespace, rank: int) -> int:
     from ..train.loop import train
     from ..report import ReportError, build_report
 
     try:
-        if args.resume:
-            given = [f.name for f in fields(TrainConfig) if getattr(args, f.name) is not None]
-            if given or args.config:
-                raise ConfigError("--resume continues a run with its saved config; drop the other settings")
-            config = TrainConfig.load(f"{args.resume}/config.toml").replace(out=args.resume)
-        else:
-            config = config_from_args(args)
+        config = _run_config(args)
         # torchrun's elastic restart after a failure: continue from the last checkpoint
         restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
         resume = bool(args.resume) or (restarted and (Path(config.out) / "checkpoint.pt").is_file())

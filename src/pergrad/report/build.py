@@ -123,9 +123,9 @@ def _label_mix(dataset, config) -> np.ndarray | None:
     if dataset.labels is None:
         return None
     labels = dataset.labels
-    order = BatchOrder(labels.shape[0], config.batch_size, config.seed, config.order, labels)
     classes = int(labels.max()) + 1
-    counts = np.stack([np.bincount(labels[b].numpy(), minlength=classes) for b in order.batches(0)])
+    batches = BatchOrder.for_run(config, dataset).batches(0)
+    counts = np.stack([np.bincount(labels[b].numpy(), minlength=classes) for b in batches])
     return counts / counts.sum(1, keepdims=True)
 
 

@@ -190,9 +190,10 @@ class MultiheadAttentionRule(FunctionalRule):
         if not module.batch_first:
             x_q, x_k, x_v, g = (t.transpose(0, 1) for t in (x_q, x_k, x_v, g))
         if call.internals:  # exposed by the forward: their gradients came with the backward
-            grads = call.internal_grads
-            zero = {name: torch.zeros_like(call.internals[name]) for name in "qkv"}
-            g_q, g_k, g_v = (grads.get(name, zero[name]) for name in "qkv")
+            grads = call.internal_grads  # one unreached (e.g. a value no loss depends on) is zero
+            g_q, g_k, g_v = (
+                grads[name] if name in grads else torch.zeros_like(call.internals[name]) for name in "qkv"
+            )
             return {"q": (x_q, g_q), "k": (x_k, g_k), "v": (x_v, g_v), "out": (call.internals["o"], g)}
         n, L, _ = x_q.shape
         causal = bool(kw.get("is_causal", False)) and kw.get("attn_mask") is None

@@ -164,7 +164,7 @@ def train(
     dataset = load_dataset(config)
     model = build_model(config, dataset).to(device)
     optimizer = _optimizer(config, model)
-    order = BatchOrder(dataset.train_x.shape[0], config.batch_size, config.seed, config.order, dataset.labels)
+    order = BatchOrder.for_run(config, dataset)
     noise = NoiseScale(beta=config.noise_beta)
     two_batch = NoiseScale(beta=config.noise_beta)
     snr = ParamSNR(beta=config.noise_beta)

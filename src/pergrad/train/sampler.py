@@ -38,6 +38,12 @@ class BatchOrder:
         self.num_examples, self.batch_size, self.seed, self.order = num_examples, batch_size, seed, order
         self._sorted = None if labels is None else torch.argsort(labels, stable=True)
 
+    @classmethod
+    def for_run(cls, config, dataset) -> "BatchOrder":
+        """The batch order of a run: a ``TrainConfig``'s batch size, seed and order over a
+        ``Dataset``'s training split (its labels for "sorted")."""
+        return cls(dataset.train_x.shape[0], config.batch_size, config.seed, config.order, dataset.labels)
+
     def permutation(self, epoch: int) -> Tensor:
         """(N,) the order of the examples in an epoch."""
         if self.order == "sorted":
