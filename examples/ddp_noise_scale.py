@@ -11,7 +11,6 @@ the global batch of WORKERS × ACCUMULATE × MICRO examples, and the same statis
 """
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
@@ -60,7 +59,7 @@ def main() -> None:
                     f"B_simple {noise.b_simple:.1f} (per-example), {two_batch.b_simple:.1f} (two-batch)",
                     flush=True,
                 )
-    dist.destroy_process_group()
+    pergrad.distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ def _worker(rank: int, out: str) -> None:
         except ConfigError as err:
             (out / f"mismatch_{rank}.txt").write_text(str(err))
     finally:
-        dist.destroy_process_group()
+        pergrad.distributed.shutdown()
 
 
 def _step_on_workers(rank, out, accumulate):

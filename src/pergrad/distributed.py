@@ -37,6 +37,7 @@ References:
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from dataclasses import dataclass
 
@@ -54,6 +55,7 @@ __all__ = [
     "broadcast_object",
     "check_same_settings",
     "init_from_env",
+    "shutdown",
     "no_sync",
     "rank_and_world",
 ]
@@ -299,6 +301,18 @@ def _on_backend_device(t: Tensor, group: dist.ProcessGroup | None) -> Tensor:
     if dist.get_backend(group) == "nccl":
         return t.to(torch.device("cuda", torch.cuda.current_device()))
     return t
+
+
+def shutdown() -> None:
+    """Leave the process group: free what still refers to it, then destroy it.
+
+    DDP wrappers and hooked models of finished runs can sit in reference cycles that still hold
+    the process group; collected only at interpreter exit, after the group is gone, their gloo
+    work aborts the process ("terminate called without an active exception"). Collecting them
+    first makes the exit clean.
+    """
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def init_from_env() -> torch.device:

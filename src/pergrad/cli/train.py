@@ -111,13 +111,13 @@ def _run_worker(args: argparse.Namespace) -> int:
     """One torchrun worker: join the process group, train, and leave it."""
     import torch.distributed as dist
 
-    from ..distributed import init_from_env
+    from ..distributed import init_from_env, shutdown
 
     init_from_env()
     try:
         return _train_and_report(args, rank=dist.get_rank())
     finally:
-        dist.destroy_process_group()
+        shutdown()
 
 
 def _run_config(args: argparse.Namespace) -> TrainConfig:
