@@ -308,9 +308,10 @@ def shutdown() -> None:
 
     DDP wrappers and hooked models of finished runs can sit in reference cycles that still hold
     the process group; collected only at interpreter exit, after the group is gone, their gloo
-    work aborts the process ("terminate called without an active exception"). Collecting them
-    first makes the exit clean.
+    work aborts the process ("terminate called without an active exception"). So every rank
+    waits for the others first, then collects them, then destroys the group.
     """
+    dist.barrier()  # no rank tears its connections down while another still uses them
     gc.collect()
     dist.destroy_process_group()
 
