@@ -27,7 +27,7 @@ from pergrad.report._format import number
 from pergrad.stats import ParamSNR, param_batch_estimates
 from pergrad.train.checkpoint import load_checkpoint
 from pergrad.train.config import ConfigError, TrainConfig
-from pergrad.train.loop import DIE_AT_STEP_ENV, train
+from pergrad.train.loop import train
 from pergrad.train.metrics import read_metrics
 
 WORLD = 2
@@ -230,7 +230,9 @@ def test_batch_size_must_split_into_workers_and_micro_batches():
 @pytest.mark.slow
 def test_a_killed_worker_is_restarted_and_the_run_resumes_with_nothing_lost(spawned, tmp_path):
     """torchrun restarts both workers after rank 1 dies at step 12; they resume from step 10."""
-    env = {**os.environ, DIE_AT_STEP_ENV: "12"}
+    injection = Path(__file__).parent / "fault_injection"  # its sitecustomize.py kills rank 1 after step 12
+    path = os.pathsep.join(p for p in (str(injection), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "PERGRAD_TEST_DIE_AT_STEP": "12"}
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
     command = [sys.executable, "-m", "pergrad", "train", "--nproc", "2", "--max-restarts", "1", "--quiet"]
     command += ["--out", str(tmp_path / "run"), *flags]

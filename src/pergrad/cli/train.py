@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..train.checkpoint import CheckpointError
 from ..train.config import DATASETS, MODELS, OPTIMIZERS, ConfigError, TrainConfig
+from ..train.metrics import Column
 
 _HELP = {
     "model": f"model: {', '.join(MODELS)}",
@@ -154,9 +155,9 @@ def _train_and_report(args: argparse.Namespace, rank: int) -> int:
         print("pergrad train: interrupted; continue with --resume", file=sys.stderr)
         return 130
     last = result.rows[-1] if result.rows else {}
-    summary = f"loss {last.get('loss', float('nan')):.4f}"
-    if last.get("val_accuracy") is not None:
-        summary += f", validation accuracy {last['val_accuracy']:.3f}"
+    summary = f"loss {last.get(Column.LOSS, float('nan')):.4f}"
+    if last.get(Column.VAL_ACCURACY) is not None:
+        summary += f", validation accuracy {last[Column.VAL_ACCURACY]:.3f}"
     print(f"trained {result.step} steps: {summary}")
     print(f"report: {report}")
     return 0

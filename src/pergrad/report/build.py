@@ -20,6 +20,7 @@ from .._atomic import write_atomic
 from . import figures, sections
 from ..checks.sampling import AlignmentReport, GradientAlignment
 from ..checks.suite import sampling_report
+from ..train.metrics import Column
 from ..train.sampler import BatchOrder
 from .advice import advise_batch_size
 from .html import page
@@ -50,14 +51,14 @@ def build_report(run_dir: str | Path) -> Path:
     run = load_run(run_dir)
     dataset, model = load_data_and_model(run)
     config, metrics = run.config, run.metrics
-    batch_size = int(metrics.last("batch_size")[0] or config.batch_size)
+    batch_size = int(metrics.last(Column.BATCH_SIZE)[0] or config.batch_size)
     generator = torch.Generator().manual_seed(config.seed)
 
     advice = advise_batch_size(
-        metrics.column("step"),
-        metrics.column("b_simple"),
-        metrics.column("b_simple_low"),
-        metrics.column("b_simple_high"),
+        metrics.column(Column.STEP),
+        metrics.column(Column.B_SIMPLE),
+        metrics.column(Column.B_SIMPLE_LOW),
+        metrics.column(Column.B_SIMPLE_HIGH),
         batch_size,
     )
     sampling = sampling_report(config, dataset)

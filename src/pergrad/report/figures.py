@@ -18,7 +18,8 @@ from matplotlib.figure import Figure
 from matplotlib.image import imsave
 
 from .advice import BatchSizeAdvice
-from .run_files import TWO_BATCH, Metrics
+from ..train.metrics import Column
+from .run_files import Metrics
 from .unbiasedness import UnbiasednessCheck
 
 __all__ = [
@@ -74,12 +75,12 @@ def _log_if_spread(ax: Axes, values: np.ndarray, axis: str = "y", spread: float 
 
 def curves_figure(metrics: Metrics) -> Figure:
     """Loss (and accuracy, for classification) over training: train windows and validation."""
-    steps = metrics.column("step")
-    with_accuracy = metrics.has("accuracy") or metrics.has("val_accuracy")
+    steps = metrics.column(Column.STEP)
+    with_accuracy = metrics.has(Column.ACCURACY) or metrics.has(Column.VAL_ACCURACY)
     fig, axes = _figure(2 if with_accuracy else 1)
-    panels = [("loss", "val_loss", "loss")]
+    panels = [(Column.LOSS, Column.VAL_LOSS, "loss")]
     if with_accuracy:
-        panels.append(("accuracy", "val_accuracy", "accuracy"))
+        panels.append((Column.ACCURACY, Column.VAL_ACCURACY, "accuracy"))
     for ax, (train, val, label) in zip(axes, panels):
         for name, color, text, style in (
             (train, TRAIN, "training (mean over each log window)", dict(lw=1.8)),
@@ -102,8 +103,8 @@ def noise_scale_figure(metrics: Metrics, advice: BatchSizeAdvice) -> Figure:
     """B_simple with its interval over training, the batch size, and the steps the advice read;
     dotted, the two-batch estimate of B_simple when the run logged one (several workers or
     micro-batches)."""
-    steps = metrics.column("step")
-    b, low, high = (metrics.column(c) for c in ("b_simple", "b_simple_low", "b_simple_high"))
+    steps = metrics.column(Column.STEP)
+    b, low, high = (metrics.column(c) for c in (Column.B_SIMPLE, Column.B_SIMPLE_LOW, Column.B_SIMPLE_HIGH))
     fig, (ax,) = _figure(1, height=3.6)
     finite = np.concatenate([v[np.isfinite(v) & (v > 0)] for v in (b, low, high)])
     finite = np.append(finite, advice.batch_size)
@@ -114,8 +115,8 @@ def noise_scale_figure(metrics: Metrics, advice: BatchSizeAdvice) -> Figure:
     ax.fill_between(steps, band_low, band_high, color=TRAIN, alpha=0.15, lw=0, label="95% interval")
     shown = np.where(np.isinf(b), np.nan, b)
     ax.plot(steps, shown, color=TRAIN, lw=1.8, label="B_simple = tr Σ / |G|²")
-    if metrics.has(TWO_BATCH):
-        two = metrics.column(TWO_BATCH)
+    if metrics.has(Column.B_SIMPLE_TWO_BATCH):
+        two = metrics.column(Column.B_SIMPLE_TWO_BATCH)
         shown_two = np.where(np.isfinite(two) & (two > 0), np.clip(two, bottom, top), np.nan)
         ax.plot(steps, shown_two, color=GREY, lw=1.4, ls=":",
                 label="B_simple, two-batch (micro-batch vs. global batch)")  # fmt: skip
@@ -138,16 +139,16 @@ def snr_figure(metrics: Metrics, batch_size: int) -> Figure:
     """Each parameter's SNR: the last logged value (bars), and over training if few enough;
     a dashed line at 1/B, where a batch of B examples has SNR 1."""
     names = metrics.snr_names
-    last = np.array([_last_finite(metrics.column(f"snr/{n}")) for n in names])
+    last = np.array([_last_finite(metrics.column(Column.snr(n))) for n in names])
     lines = len(names) <= MAX_SNR_LINES
     height = max(3.0, 0.75 + 0.24 * len(names))
     fig, axes = _figure(2 if lines else 1, height=height, width_ratios=[1.15, 1.0] if lines else None)
     colors = [_cycle(k) for k in range(len(names))]
     if lines:
         ax = axes[0]
-        steps = metrics.column("step")
+        steps = metrics.column(Column.STEP)
         for name, color in zip(names, colors):
-            values = metrics.column(f"snr/{name}")
+            values = metrics.column(Column.snr(name))
             ok = np.isfinite(values) & (values > 0)
             ax.plot(steps[ok], values[ok], color=color, lw=1.4, label=name)
         ax.axhline(1 / batch_size, color=GREY, lw=1.2, ls="--")
@@ -266,7 +267,7 @@ def assumptions_figure(label_mix: np.ndarray | None, metrics: Metrics, other_cos
         ax.grid(False)
         fig.colorbar(image, ax=ax, shrink=0.85, label="share of the batch")
     ax = axes[-1]
-    steps, cosine = metrics.column("step"), metrics.column("grad_cosine")
+    steps, cosine = metrics.column(Column.STEP), metrics.column(Column.GRAD_COSINE)
     ok = np.isfinite(cosine)
     ax.plot(steps[ok], cosine[ok], color=TRAIN, lw=1.6, label="consecutive steps (mean over log window)")
     if other_cosine is not None:

@@ -17,14 +17,11 @@ from ..errors import PergradError
 from ..train.checkpoint import CheckpointError, load_checkpoint
 from ..train.config import ConfigError, TrainConfig
 from ..train.data import Dataset, load_dataset
-from ..train.metrics import read_metrics
+from ..train.metrics import Column, read_metrics
 from ..train.models import build_model
 
-__all__ = ["ReportError", "Metrics", "Run", "load_run", "load_data_and_model", "SNR_PREFIX", "TWO_BATCH"]
+__all__ = ["ReportError", "Metrics", "Run", "load_run", "load_data_and_model"]
 
-SNR_PREFIX = "snr/"
-TWO_BATCH = "b_simple_two_batch"  # B_simple from micro-batch vs. global-batch norms (workers × micro-batches > 1)
-_REQUIRED_COLUMNS = ("step", "loss")
 
 
 class ReportError(PergradError, ValueError):
@@ -59,13 +56,13 @@ class Metrics:
         """The last logged value of a column and its step, or (None, None) if it has none."""
         for row in reversed(self.rows):
             if row.get(name) is not None:
-                return float(row[name]), int(row["step"])
+                return float(row[name]), int(row[Column.STEP])
         return None, None
 
     @property
     def snr_names(self) -> list[str]:
         """Parameter names with an SNR column (``snr/<name>``), in file order."""
-        return [c[len(SNR_PREFIX) :] for c in self.names if c.startswith(SNR_PREFIX)]
+        return [c[len(Column.SNR_PREFIX) :] for c in self.names if c.startswith(Column.SNR_PREFIX)]
 
 
 @dataclass(frozen=True)
@@ -127,7 +124,7 @@ def _load_metrics(path: Path) -> Metrics:
             "rerun pergrad train to rewrite it"
         ) from None
     names = tuple(header.split(","))
-    missing = [c for c in _REQUIRED_COLUMNS if c not in names]
+    missing = [c for c in Column.REQUIRED if c not in names]
     if missing:
         raise ReportError(
             f"{path} lacks the column(s) {', '.join(missing)}: it is not a metrics file that "
@@ -137,7 +134,7 @@ def _load_metrics(path: Path) -> Metrics:
         raise ReportError(
             f"{path} has no rows yet: train for at least log_every steps, then build the report"
         )
-    if any(row.get("step") is None or not math.isfinite(row["step"]) for row in rows):
+    if any(row.get(Column.STEP) is None or not math.isfinite(row[Column.STEP]) for row in rows):
         raise ReportError(f"{path} has a row without a step; rerun pergrad train to rewrite it")
     return Metrics(rows, names)
 

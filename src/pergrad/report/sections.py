@@ -15,7 +15,8 @@ from . import figures
 from ._format import number
 from .advice import FACTOR, TAIL, UNKNOWN, BatchSizeAdvice
 from .html import Raw, data_uri, esc, figure, note, section, table
-from .run_files import TWO_BATCH, Metrics, Run
+from ..train.metrics import Column
+from .run_files import Metrics, Run
 from .theta import ExamplesAtTheta
 from .unbiasedness import UnbiasednessCheck
 
@@ -45,7 +46,6 @@ SECTIONS = (
     ("unbiasedness", "Is the mini-batch gradient unbiased?"),
 )
 OUTLIERS = 12  # examples shown in the outliers section
-NORM_QUANTILES = (("q10", 0.1), ("q50", 0.5), ("q90", 0.9))
 SNR_DEFINITION = (
     "the ratio of the squared norm of the tensor's mean gradient to the total variance of its "
     "per-example gradients, |G_p|² / tr Σ_p, smoothed over steps as the trainer logs it"
@@ -64,11 +64,11 @@ def summary_section(run: Run, n_train: int, n_val: int, advice: BatchSizeAdvice)
     """Key results, the config, and where the files are."""
     m = run.metrics
     final = {name: dict(zip(("value", "step"), m.last(name))) for name in
-             ("loss", "accuracy", "val_loss", "val_accuracy")}  # fmt: skip
+             (Column.LOSS, Column.ACCURACY, Column.VAL_LOSS, Column.VAL_ACCURACY)}  # fmt: skip
     stats = [
-        ("final training loss", final["loss"]),
-        ("final validation loss", final["val_loss"]),
-        ("final validation accuracy", final["val_accuracy"]),
+        ("final training loss", final[Column.LOSS]),
+        ("final validation loss", final[Column.VAL_LOSS]),
+        ("final validation accuracy", final[Column.VAL_ACCURACY]),
     ]
     tiles = "".join(
         _tile(number(v["value"]), label if v["step"] is None else f"{label} (step {v['step']})")
@@ -91,8 +91,8 @@ def summary_section(run: Run, n_train: int, n_val: int, advice: BatchSizeAdvice)
     checkpoint_step = run.checkpoint.get("step")
     result_rows = [
         ("steps trained (checkpoint)", checkpoint_step if checkpoint_step is not None else "–"),
-        ("logged rows in metrics.csv", f"{len(m.rows)} (steps {m.rows[0]['step']}–{last_row['step']})"),
-        ("examples seen", last_row.get("examples") if last_row.get("examples") is not None else "–"),
+        ("logged rows in metrics.csv", f"{len(m.rows)} (steps {m.rows[0][Column.STEP]}–{last_row[Column.STEP]})"),
+        ("examples seen", last_row.get(Column.EXAMPLES) if last_row.get(Column.EXAMPLES) is not None else "–"),
         ("training / validation examples", f"{n_train} / {n_val}"),
         *((f"final {name.replace('_', ' ')} (step {v['step']})", number(v["value"]))
           for name, v in final.items() if v["value"] is not None),
@@ -159,7 +159,7 @@ def assumptions_section(
             "Left: the share of each class in each batch of the first epoch; random batches look "
             "like even noise, sorted batches like a staircase. " + caption
         )
-    if metrics.has("grad_cosine"):
+    if metrics.has(Column.GRAD_COSINE):
         png = figures.png_bytes(
             figures.assumptions_figure(label_mix, metrics, None if alignment is None else alignment.other_cosine)
         )
@@ -192,7 +192,7 @@ def assumptions_section(
 def curves_section(metrics: Metrics) -> tuple[Raw, dict]:
     """Training and validation loss (and accuracy)."""
     png = figures.png_bytes(figures.curves_figure(metrics))
-    classification = metrics.has("accuracy") or metrics.has("val_accuracy")
+    classification = metrics.has(Column.ACCURACY) or metrics.has(Column.VAL_ACCURACY)
     caption = (
         "Training values are averages over the examples seen since the previous logged row (so "
         "they lag the weights a little); validation values are measured on held-out examples at "
@@ -234,7 +234,7 @@ def noise_scale_section(metrics: Metrics, advice: BatchSizeAdvice) -> tuple[Raw,
     if advice.verdict == UNKNOWN:
         return section("noise-scale", _TITLES["noise-scale"], box, lead=lead), data
     png = figures.png_bytes(figures.noise_scale_figure(metrics, advice))
-    n_inf = int(np.isinf(metrics.column("b_simple")).sum())
+    n_inf = int(np.isinf(metrics.column(Column.B_SIMPLE)).sum())
     caption = (
         "Blue: B_simple as logged (a smoothed ratio of the two estimates), with its 95% interval "
         "as a band; dashed orange: the batch size used. Above the line, a bigger batch would still "
@@ -279,9 +279,9 @@ def noise_scale_section(metrics: Metrics, advice: BatchSizeAdvice) -> tuple[Raw,
 
 def _two_batch_median(metrics: Metrics, advice: BatchSizeAdvice) -> float | None:
     """Median of the logged two-batch B_simple over the steps the advice read; None if not logged."""
-    if not metrics.has(TWO_BATCH):
+    if not metrics.has(Column.B_SIMPLE_TWO_BATCH):
         return None
-    steps, values = metrics.column("step"), metrics.column(TWO_BATCH)
+    steps, values = metrics.column(Column.STEP), metrics.column(Column.B_SIMPLE_TWO_BATCH)
     used = (steps >= advice.first_step) & (steps <= advice.last_step) & ~np.isnan(values)
     return float(np.median(values[used])) if used.any() else None
 
@@ -289,7 +289,7 @@ def _two_batch_median(metrics: Metrics, advice: BatchSizeAdvice) -> float | None
 def snr_section(metrics: Metrics, batch_size: int) -> tuple[Raw, dict]:
     """Per-parameter SNR: last values, and lines over training when there are few."""
     names = metrics.snr_names
-    last = {name: metrics.last(f"snr/{name}")[0] for name in names}
+    last = {name: metrics.last(Column.snr(name))[0] for name in names}
     data = {"last": last}
     if not names:
         return section("snr", _TITLES["snr"], "No per-parameter SNR was logged for this run."), data
@@ -317,12 +317,12 @@ def snr_section(metrics: Metrics, batch_size: int) -> tuple[Raw, dict]:
 def norms_section(examples: ExamplesAtTheta, metrics: Metrics) -> tuple[Raw, dict]:
     """Histogram and quantiles of ‖∇ℓᵢ‖ at θ over the training set."""
     norms = examples.norms
-    at_theta = {label: float(np.quantile(norms, q)) for label, q in NORM_QUANTILES}
+    at_theta = {label: float(np.quantile(norms, q)) for label, q in Column.NORM_QUANTILES}
     at_theta.update(max=float(norms.max()), mean=float(norms.mean()))
-    logged = {label: metrics.last(f"norm_{label}")[0] for label in (*dict(NORM_QUANTILES), "max")}
-    logged_step = metrics.last("norm_q50")[1]
+    logged = {label: metrics.last(Column.norm(label))[0] for label in (*dict(Column.NORM_QUANTILES), "max")}
+    logged_step = metrics.last(Column.norm("q50"))[1]
     png = figures.png_bytes(
-        figures.norms_figure(norms, {k: at_theta[k] for k, _ in NORM_QUANTILES}, logged)
+        figures.norms_figure(norms, {k: at_theta[k] for k, _ in Column.NORM_QUANTILES}, logged)
     )
     caption = (
         f"Each of the {len(norms)} training examples' gradient norm ‖∇ℓᵢ‖ at the saved parameters, "

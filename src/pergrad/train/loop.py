@@ -14,7 +14,6 @@ global batch (:mod:`pergrad.distributed`), so the run does not depend on the spl
 from __future__ import annotations
 
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,13 +33,13 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .data import Dataset, load_dataset
 from .losses import per_example_accuracy, per_example_losses
-from .metrics import MetricsLog, read_metrics
+from .metrics import Column, MetricsLog, read_metrics
 from .models import build_model
 from .sampler import BatchOrder
 
 __all__ = ["RunResult", "train", "prepare_run_dir", "QUANTILES", "ALIGNMENT_SKETCH", "ALIGNMENT_STEPS"]
 
-QUANTILES = (0.1, 0.5, 0.9)
+QUANTILES = tuple(q for _, q in Column.NORM_QUANTILES)
 ALIGNMENT_SKETCH = 512  # count-sketch size of the batch gradients kept for the alignment test
 ALIGNMENT_STEPS = 4096  # most recent steps kept for it (bounds checkpoint size in long runs)
 
@@ -152,133 +151,229 @@ def train(
         CheckpointError: resuming from a missing or damaged checkpoint.
     """
     stream = stream or sys.stderr
+    run, state = _setup(config, resume)
+    if state is not None:
+        _restore(run, state)
+    elif run.lead:
+        _start(run, stream)
+    # the models have no buffers, so the forward of DDP runs no collective and a worker may skip
+    # an empty micro-batch; the gradient is reduced by DistributedPerExample.step
+    ddp = DistributedDataParallel(run.model) if run.world > 1 else run.model
+    total_steps = run.order.steps_per_epoch() * config.epochs
+    progress = _Progress(total_steps, run.step, quiet, stream, enabled=run.lead)
+    run.model.train()
+    with DistributedPerExample(run.model, second_moment=True) as dpe:
+        while run.epoch < config.epochs:
+            batches = run.order.batches(run.epoch)
+            while run.batch_in_epoch < len(batches):
+                if stop_after is not None and run.step >= stop_after:
+                    _checkpoint(run)
+                    progress.close()
+                    return RunResult(run.run_dir, run.step, run.metrics.rows, completed=False)
+                _step(run, ddp, dpe, batches[run.batch_in_epoch])
+                last = run.epoch == config.epochs - 1 and run.batch_in_epoch == len(batches)
+                if run.step % config.log_every == 0 or last:
+                    _log(run, progress, on_row)
+                    run.window = _Window()
+                    _checkpoint(run)
+                progress.advance()
+            run.epoch, run.batch_in_epoch = run.epoch + 1, 0
+            _checkpoint(run)
+    progress.close()
+    return RunResult(run.run_dir, run.step, run.metrics.rows, completed=True)
+
+
+@dataclass
+class _Statistics:
+    """The run's streaming statistics, updated with every merged step and saved in checkpoints."""
+
+    noise: NoiseScale
+    two_batch: NoiseScale
+    snr: ParamSNR
+    alignment: GradientAlignment
+
+    @classmethod
+    def for_run(cls, config: TrainConfig) -> "_Statistics":
+        return cls(
+            noise=NoiseScale(beta=config.noise_beta),
+            two_batch=NoiseScale(beta=config.noise_beta),
+            snr=ParamSNR(beta=config.noise_beta),
+            alignment=GradientAlignment(ALIGNMENT_SKETCH, seed=config.seed, max_steps=ALIGNMENT_STEPS),
+        )
+
+    def update(self, merged) -> None:
+        """Add one step's merged result (:meth:`DistributedPerExample.step`)."""
+        self.noise.update_estimate(merged.estimate(), merged.names)
+        self.snr.update_sums(merged.second_moment, merged.mean_grads, merged.n)
+        two = merged.two_batch_estimate()
+        if two is not None:
+            self.two_batch.update_estimate(two)
+        self.alignment.update(torch.cat([g.reshape(-1) for g in merged.mean_grads.values()]).cpu())
+
+    def state_dict(self) -> dict:
+        return {
+            "noise_scale": self.noise.state_dict(),
+            "two_batch": self.two_batch.state_dict(),
+            "snr": self.snr.state_dict(),
+            "alignment": self.alignment.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.noise.load_state_dict(state["noise_scale"])
+        if "two_batch" in state:
+            self.two_batch.load_state_dict(state["two_batch"])
+        self.snr.load_state_dict(state["snr"])
+        self.alignment.load_state_dict(state["alignment"])
+
+
+@dataclass
+class _Run:
+    """One run's objects and its position in the batch order: what the stages read and change."""
+
+    config: TrainConfig
+    run_dir: Path
+    rank: int
+    world: int
+    device: torch.device
+    dataset: Dataset
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    order: BatchOrder
+    stats: _Statistics
+    metrics: MetricsLog
+    window: _Window = field(default_factory=_Window)
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+    @property
+    def lead(self) -> bool:
+        """Whether this is rank 0, which reads and writes the run directory and prints."""
+        return self.rank == 0
+
+
+def _setup(config: TrainConfig, resume: bool) -> tuple[_Run, dict | None]:
+    """Check the settings on every rank, open the run directory and build a fresh run; also
+    return the checkpoint's state when resuming (None otherwise)."""
     rank, world = distributed.rank_and_world()
-    lead = rank == 0
     try:
         distributed.check_same_settings(config.to_dict())
     except ValueError as err:
         raise ConfigError(str(err)) from None
     config.check_split(world)
-    run_dir, state = _open_run_dir(config, resume, lead)
-    device = _device()
+    run_dir, state = _open_run_dir(config, resume, rank == 0)
     dataset = load_dataset(config)
+    device = _device()
     model = build_model(config, dataset).to(device)
-    optimizer = _optimizer(config, model)
-    order = BatchOrder.for_run(config, dataset)
-    noise = NoiseScale(beta=config.noise_beta)
-    two_batch = NoiseScale(beta=config.noise_beta)
-    snr = ParamSNR(beta=config.noise_beta)
-    alignment = GradientAlignment(ALIGNMENT_SKETCH, seed=config.seed, max_steps=ALIGNMENT_STEPS)
-    window = _Window()
-    step, epoch, batch_in_epoch = 0, 0, 0
-    metrics = MetricsLog(run_dir / "metrics.csv")
+    run = _Run(
+        config=config,
+        run_dir=run_dir,
+        rank=rank,
+        world=world,
+        device=device,
+        dataset=dataset,
+        model=model,
+        optimizer=_optimizer(config, model),
+        order=BatchOrder.for_run(config, dataset),
+        stats=_Statistics.for_run(config),
+        metrics=MetricsLog(run_dir / "metrics.csv"),
+    )
+    return run, state
 
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        noise.load_state_dict(state["noise_scale"])
-        if "two_batch" in state:
-            two_batch.load_state_dict(state["two_batch"])
-        snr.load_state_dict(state["snr"])
-        alignment.load_state_dict(state["alignment"])
-        window = _Window(**state["window"])
-        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        torch.set_rng_state(state["rng"])
-        if lead:
-            logged = read_metrics(run_dir / "metrics.csv") if (run_dir / "metrics.csv").exists() else []
-            metrics = MetricsLog(run_dir / "metrics.csv", [r for r in logged if r["step"] <= step])
-            metrics.flush()
-    elif lead:
-        config.save(run_dir / "config.toml")
-        warning = sampling_warning(config, dataset)
-        if warning:
-            print(warning, file=stream, flush=True)
 
-    # the models have no buffers, so the forward of DDP runs no collective and a worker may skip
-    # an empty micro-batch; the gradient is reduced by DistributedPerExample.step
-    ddp = DistributedDataParallel(model) if world > 1 else model
-    steps_per_epoch = order.steps_per_epoch()
-    total_steps = steps_per_epoch * config.epochs
-    progress = _Progress(total_steps, step, quiet, stream, enabled=lead)
+def _start(run: _Run, stream) -> None:
+    """A new run (rank 0): save its config and warn about a sampler that breaks the statistics."""
+    run.config.save(run.run_dir / "config.toml")
+    warning = sampling_warning(run.config, run.dataset)
+    if warning:
+        print(warning, file=stream, flush=True)
 
-    def checkpoint() -> None:
-        if not lead:
-            return
-        save_checkpoint(
-            run_dir / "checkpoint.pt",
-            {
-                "config": config.to_dict(),
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "noise_scale": noise.state_dict(),
-                "two_batch": two_batch.state_dict(),
-                "snr": snr.state_dict(),
-                "alignment": alignment.state_dict(),
-                "window": window.__dict__.copy(),
-                "step": step,
-                "epoch": epoch,
-                "batch_in_epoch": batch_in_epoch,
-                "rng": torch.get_rng_state(),
-            },
-        )
 
-    model.train()
-    with DistributedPerExample(model, second_moment=True) as dpe:
-        while epoch < config.epochs:
-            batches = order.batches(epoch)
-            while batch_in_epoch < len(batches):
-                if stop_after is not None and step >= stop_after:
-                    checkpoint()
-                    progress.close()
-                    return RunResult(run_dir, step, metrics.rows, completed=False)
+def _restore(run: _Run, state: dict) -> None:
+    """Continue from a checkpoint: weights, optimizer, statistics, window, position and RNG; rank 0
+    drops the metrics rows logged after the checkpoint."""
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.stats.load_state_dict(state)
+    run.window = _Window(**state["window"])
+    run.step, run.epoch, run.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+    torch.set_rng_state(state["rng"])
+    if run.lead:
+        path = run.metrics.path
+        logged = read_metrics(path) if path.exists() else []
+        run.metrics = MetricsLog(path, [r for r in logged if r[Column.STEP] <= run.step])
+        run.metrics.flush()
 
-                optimizer.zero_grad(set_to_none=True)
-                local = torch.zeros(2, dtype=torch.float64)  # Σ loss, Σ correct on this rank
-                sq_norms = []
-                for idx in order.micro_batches(batches[batch_in_epoch], rank, world, config.accumulate):
-                    if idx.numel() == 0:  # a last, small batch may leave a worker without examples
-                        continue
-                    x, y = dataset.train_x[idx].to(device), dataset.train_y[idx].to(device)
-                    with distributed.no_sync(ddp):
-                        out = ddp(x)
-                        losses = per_example_losses(dataset.task, out, y)
-                        result = dpe.backward(losses)
-                    accuracy = per_example_accuracy(dataset.task, out, y)
-                    local[0] += losses.detach().double().sum().item()
-                    local[1] += 0.0 if accuracy is None else accuracy.double().sum().item()
-                    sq_norms.append(result.sq_norms.detach().double().cpu())
-                merged = dpe.step(sums=local)  # p.grad: the global batch's mean gradient
-                optimizer.step()
 
-                noise.update_estimate(merged.estimate(), merged.names)
-                snr.update_sums(merged.second_moment, merged.mean_grads, merged.n)
-                two = merged.two_batch_estimate()
-                if two is not None:
-                    two_batch.update_estimate(two)
-                alignment.update(torch.cat([g.reshape(-1) for g in merged.mean_grads.values()]).cpu())
-                local_norms = torch.cat(sq_norms) if sq_norms else torch.zeros(0, dtype=torch.float64)
-                window.add(merged.sums, merged.n, distributed.all_gather_cat(local_norms), dataset.task)
-                step += 1
-                batch_in_epoch += 1
-                _die_for_test(step, rank)
-                last = epoch == config.epochs - 1 and batch_in_epoch == len(batches)
-                if lead and (step % config.log_every == 0 or last):
-                    row = _row(config, step, epoch, model, dataset, noise, snr, window)
-                    row["grad_cosine"] = _finite_or_none(alignment.recent_cosine(window.steps))
-                    if two_batch.state is not None:
-                        row["b_simple_two_batch"] = _finite_or_none(two_batch.b_simple)
-                    metrics.append(row)
-                    progress.log(row)
-                    if on_row:
-                        on_row(row)
-                if step % config.log_every == 0 or last:
-                    window = _Window()
-                    checkpoint()
-                progress.advance()
-            epoch, batch_in_epoch = epoch + 1, 0
-            checkpoint()
-    progress.close()
-    return RunResult(run_dir, step, metrics.rows, completed=True)
+def _step(run: _Run, ddp: nn.Module, dpe: DistributedPerExample, batch: torch.Tensor) -> None:
+    """One optimizer step on one global batch (``batch``: its example indices); updates the
+    statistics and the window and advances the position."""
+    run.optimizer.zero_grad(set_to_none=True)
+    local, sq_norms = _backward_micro_batches(run, ddp, dpe, batch)
+    merged = dpe.step(sums=local)  # p.grad: the global batch's mean gradient
+    run.optimizer.step()
+    run.stats.update(merged)
+    run.window.add(merged.sums, merged.n, distributed.all_gather_cat(sq_norms), run.dataset.task)
+    run.step += 1
+    run.batch_in_epoch += 1
+
+
+def _backward_micro_batches(
+    run: _Run, ddp: nn.Module, dpe: DistributedPerExample, batch: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward of this rank's micro-batches of ``batch``, without synchronising.
+
+    Returns:
+        (2,) float64 (Σ loss, Σ correct) over this rank's examples, and their (examples,)
+        float64 per-example squared gradient norms.
+    """
+    local = torch.zeros(2, dtype=torch.float64)
+    sq_norms = [torch.zeros(0, dtype=torch.float64)]
+    task = run.dataset.task
+    for idx in run.order.micro_batches(batch, run.rank, run.world, run.config.accumulate):
+        if idx.numel() == 0:  # a last, small batch may leave a worker without examples
+            continue
+        x, y = run.dataset.train_x[idx].to(run.device), run.dataset.train_y[idx].to(run.device)
+        with distributed.no_sync(ddp):
+            out = ddp(x)
+            losses = per_example_losses(task, out, y)
+            result = dpe.backward(losses)
+        accuracy = per_example_accuracy(task, out, y)
+        local[0] += losses.detach().double().sum().item()
+        local[1] += 0.0 if accuracy is None else accuracy.double().sum().item()
+        sq_norms.append(result.sq_norms.detach().double().cpu())
+    return local, torch.cat(sq_norms)
+
+
+def _log(run: _Run, progress: "_Progress", on_row: Callable[[dict], None] | None) -> None:
+    """Rank 0 appends a metrics row for the steps since the previous one and shows it."""
+    if not run.lead:
+        return
+    row = _row(run)
+    run.metrics.append(row)
+    progress.log(row)
+    if on_row:
+        on_row(row)
+
+
+def _checkpoint(run: _Run) -> None:
+    """Rank 0 saves everything needed to continue exactly from here."""
+    if not run.lead:
+        return
+    save_checkpoint(
+        run.run_dir / "checkpoint.pt",
+        {
+            "config": run.config.to_dict(),
+            "model": run.model.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            **run.stats.state_dict(),
+            "window": run.window.__dict__.copy(),
+            "step": run.step,
+            "epoch": run.epoch,
+            "batch_in_epoch": run.batch_in_epoch,
+            "rng": torch.get_rng_state(),
+        },
+    )
 
 
 def _open_run_dir(config: TrainConfig, resume: bool, lead: bool) -> tuple[Path, dict | None]:
@@ -308,42 +403,35 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-DIE_AT_STEP_ENV = "PERGRAD_TEST_DIE_AT_STEP"
-
-
-def _die_for_test(step: int, rank: int) -> None:
-    """Fault injection for the elastic-restart test: rank 1 of a first attempt (torchrun's
-    TORCHELASTIC_RESTART_COUNT = 0) exits abruptly after step ``$PERGRAD_TEST_DIE_AT_STEP``."""
-    target = os.environ.get(DIE_AT_STEP_ENV)
-    if target is not None and int(target) == step and rank == 1 and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
-        os._exit(17)
-
-
-def _row(config, step, epoch, model, dataset, noise, snr, window) -> dict:
+def _row(run: _Run) -> dict:
     """One metrics row: the window's means, validation, and the smoothed statistics."""
-    val_loss, val_accuracy = evaluate(model, dataset)
-    estimate = noise.estimate(0.95)  # one read-out of the smoothed sums for the whole row
+    config, window, stats = run.config, run.window, run.stats
+    val_loss, val_accuracy = evaluate(run.model, run.dataset)
+    estimate = stats.noise.estimate(0.95)  # one read-out of the smoothed sums for the whole row
     norms = torch.tensor(window.norms, dtype=torch.float64)
     quantiles = norm_quantiles(norms, QUANTILES)
     row = {
-        "step": step,
-        "epoch": epoch,
-        "examples": step * config.batch_size,
-        "lr": config.lr,
-        "batch_size": config.batch_size,
-        "loss": window.loss / window.examples,
-        "accuracy": None if dataset.task == "regression" else window.correct / window.examples,
-        "val_loss": val_loss,
-        "val_accuracy": val_accuracy,
-        "b_simple": _finite_or_none(estimate.b_simple),
-        "b_simple_low": _finite_or_none(estimate.lower),
-        "b_simple_high": _finite_or_none(estimate.upper),
-        "trace_sigma": _finite_or_none(estimate.trace_sigma),
-        "grad_sq_norm": _finite_or_none(estimate.grad_sq_norm),
-        **{f"norm_q{round(q * 100):02d}": float(v) for q, v in zip(QUANTILES, quantiles)},
-        "norm_max": float(norms.max()),
+        Column.STEP: run.step,
+        Column.EPOCH: run.epoch,
+        Column.EXAMPLES: run.step * config.batch_size,
+        Column.LR: config.lr,
+        Column.BATCH_SIZE: config.batch_size,
+        Column.LOSS: window.loss / window.examples,
+        Column.ACCURACY: None if run.dataset.task == "regression" else window.correct / window.examples,
+        Column.VAL_LOSS: val_loss,
+        Column.VAL_ACCURACY: val_accuracy,
+        Column.B_SIMPLE: _finite_or_none(estimate.b_simple),
+        Column.B_SIMPLE_LOW: _finite_or_none(estimate.lower),
+        Column.B_SIMPLE_HIGH: _finite_or_none(estimate.upper),
+        Column.TRACE_SIGMA: _finite_or_none(estimate.trace_sigma),
+        Column.GRAD_SQ_NORM: _finite_or_none(estimate.grad_sq_norm),
+        **{Column.norm(label): float(v) for (label, _), v in zip(Column.NORM_QUANTILES, quantiles)},
+        Column.NORM_MAX: float(norms.max()),
     }
-    row.update({f"snr/{name}": _finite_or_none(v) for name, v in snr.layer_snr().items()})
+    row.update({Column.snr(name): _finite_or_none(v) for name, v in stats.snr.layer_snr().items()})
+    row[Column.GRAD_COSINE] = _finite_or_none(stats.alignment.recent_cosine(window.steps))
+    if stats.two_batch.state is not None:
+        row[Column.B_SIMPLE_TWO_BATCH] = _finite_or_none(stats.two_batch.b_simple)
     return row
 
 
@@ -366,16 +454,16 @@ class _Progress:
 
     def log(self, row: dict) -> None:
         fields = {
-            "epoch": row["epoch"] + 1,
-            "loss": f"{row['loss']:.4f}",
-            "val_acc": "-" if row["val_accuracy"] is None else f"{row['val_accuracy']:.3f}",
-            "B_simple": "-" if row["b_simple"] is None else f"{row['b_simple']:.1f}",
+            "epoch": row[Column.EPOCH] + 1,
+            "loss": f"{row[Column.LOSS]:.4f}",
+            "val_acc": "-" if row[Column.VAL_ACCURACY] is None else f"{row[Column.VAL_ACCURACY]:.3f}",
+            "B_simple": "-" if row[Column.B_SIMPLE] is None else f"{row[Column.B_SIMPLE]:.1f}",
         }
         if self.bar is not None:
             self.bar.set_postfix(fields, refresh=False)
         elif self.enabled:
             text = " ".join(f"{k}={v}" for k, v in fields.items())
-            print(f"step {row['step']}: {text}", file=self.stream, flush=True)
+            print(f"step {row[Column.STEP]}: {text}", file=self.stream, flush=True)
 
     def advance(self) -> None:
         if self.bar is not None:
