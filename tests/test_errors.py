@@ -63,9 +63,9 @@ def test_unknown_reduction():
 def test_unsupported_layer_names_path_class_and_fixes():
     model = nn.Sequential(nn.Linear(4, 4), Scale())
     with pytest.raises(pergrad.UnsupportedModuleError) as err:
-        pergrad.PerExample(model)
+        pergrad.PerExample(model, on_unsupported="error")
     text = str(err.value)
-    assert "Scale at '1'" in text and "register_rule" in text and "fallback" in text
+    assert "Scale at '1'" in text and "register_rule" in text and "'auto'" in text
 
 
 def test_on_unsupported_value_is_checked():

@@ -10,7 +10,7 @@ Public API:
 """
 
 from .checks import AdditivityReport, IdentityReport, SamplingReport, check_additivity, check_identity, check_sampling
-from .errors import CaptureError, ExampleCouplingError, PergradError, UnsupportedModuleError
+from .errors import CaptureError, ExampleCouplingError, PergradError, UnsupportedModuleError, VerificationError
 from .per_example import PerExample, PerExampleResult
 from . import distributed
 from .distributed import DistributedPerExample, StepResult
@@ -40,6 +40,7 @@ __all__ = [
     "StepResult",
     "Rule",
     "UnsupportedModuleError",
+    "VerificationError",
     "register_rule",
     "registered_rules",
     "stats",

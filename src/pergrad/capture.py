@@ -9,7 +9,7 @@ outputs; those receive the gradient of the reduced loss during the backward pass
 from __future__ import annotations
 
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
 import torch
@@ -17,10 +17,13 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from .errors import CaptureError, ExampleCouplingError, UnsupportedModuleError
-from .rules import FALLBACK, Call, Keep, Rule, rule_for
+from .rules import FALLBACK, Call, Keep, Rule, rule_for, widen
+from .rules.direct import DIRECT, DirectCall, DirectMode
 from .rules.functional import output_tensors
 
 __all__ = ["Capture", "Target"]
+
+_ON_UNSUPPORTED = ("auto", "fallback", "error")
 
 
 @dataclass
@@ -46,9 +49,23 @@ class Target:
     internals: dict[str, Tensor] = field(default_factory=dict)
     shared: bool = False
     detached: dict[str, nn.Parameter] = field(default_factory=dict)
+    modes: list[tuple[DirectMode, DirectCall]] = field(default_factory=list)
 
     def describe(self) -> str:
         return f"{type(self.module).__name__} at '{self.path or '<model>'}'"
+
+    def path_taken(self) -> str:
+        """How this module's per-example gradients are computed (see :attr:`Capture.paths`)."""
+        if self.rule is FALLBACK:
+            return "torch.func"
+        if self.rule is not DIRECT:
+            return f"rule {type(self.rule).__name__}"
+        records = [c.pieces.get("direct") for c in self.calls]
+        unhandled = sorted({u for r in records if r is not None for u in r.unhandled})
+        if unhandled:
+            return f"torch.func ({'; '.join(unhandled)})"
+        ops = sorted({op for r in records if r is not None for op in r.ops})
+        return f"direct ({', '.join(ops)})" if ops else "direct"
 
 
 def _detached(x: Any) -> Any:
@@ -67,9 +84,11 @@ class Capture:
         UnsupportedModuleError: a module with trainable parameters and no rule, under "error".
     """
 
-    def __init__(self, model: nn.Module, on_unsupported: str = "error"):
-        if on_unsupported not in ("error", "fallback"):
-            raise ValueError(f"on_unsupported must be 'error' or 'fallback', got {on_unsupported!r}.")
+    def __init__(self, model: nn.Module, on_unsupported: str = "auto"):
+        if on_unsupported not in _ON_UNSUPPORTED:
+            raise ValueError(
+                f"on_unsupported must be one of {', '.join(map(repr, _ON_UNSUPPORTED))}, got {on_unsupported!r}."
+            )
         names = {id(p): name for name, p in model.named_parameters()}
         self.targets: list[Target] = []
         covered_prefixes: list[str] = []
@@ -83,11 +102,11 @@ class Capture:
                     raise UnsupportedModuleError(
                         f"{type(module).__name__} at '{path or '<model>'}' has trainable "
                         f"parameters {own} and no per-example rule. Register one with "
-                        f"pergrad.register_rule({type(module).__name__}, rule), pass "
-                        "on_unsupported='fallback' to compute it with torch.func, or freeze "
+                        f"pergrad.register_rule({type(module).__name__}, rule), leave "
+                        "on_unsupported at 'auto' to compute it from its operations, or freeze "
                         "those parameters (requires_grad_(False))."
                     )
-                rule = FALLBACK
+                rule = DIRECT if on_unsupported == "auto" else FALLBACK
             if rule is None:
                 continue
             if rule.covers_submodules:
@@ -96,11 +115,14 @@ class Capture:
             if params:
                 self.targets.append(Target(path, module, rule, params, []))
         self.keep = Keep(grads=False, second=False)
+        self.n_forward: int | None = None  # examples of the model's forward in progress
         self._paused = False
-        self._handles = []
+        self._handles = [model.register_forward_pre_hook(self._count_examples, with_kwargs=True, prepend=True)]
         for t in self.targets:
             if type(t.rule).grads_in_backward is not Rule.grads_in_backward:
                 self._handles.append(t.module.register_forward_pre_hook(self._detach_hook(t)))
+            if t.rule is DIRECT:
+                self._handles.append(t.module.register_forward_pre_hook(self._direct_hook(t), with_kwargs=True))
             self._handles.append(
                 t.module.register_forward_hook(self._forward_hook(t), with_kwargs=True, always_call=True)
             )
@@ -108,6 +130,41 @@ class Capture:
         for t in self._exposing:
             _EXPOSING[id(t.module)] = (self, t)
             t.module.forward = types.MethodType(_exposing_forward, t.module)
+
+    @property
+    def paths(self) -> dict[str, str]:
+        """{module path: how its per-example gradients are computed}: ``"rule LinearRule"``,
+        ``"direct (mul, expand)"`` (its parameters given an example axis in the operations
+        that use them), or ``"torch.func (…)"`` with the operation that sent it there."""
+        return {t.path or "<model>": t.path_taken() for t in self.targets}
+
+    def _count_examples(self, module, args, kwargs):
+        """Before the model's forward: n = the leading size of its first tensor input."""
+        if self._capturing():
+            first = next((x for x in (*args, *kwargs.values()) if isinstance(x, Tensor) and x.dim() > 0), None)
+            self.n_forward = None if first is None else first.shape[0]
+
+    def _direct_hook(self, target: Target):
+        """Before a call of a module with directly used parameters: watch its operations."""
+
+        def hook(module, args, kwargs):
+            if not self._capturing():
+                return
+            record = DirectCall()
+            n = self.n_forward
+            if n is None:
+                first = next((x for x in (*args, *kwargs.values()) if isinstance(x, Tensor) and x.dim() > 0), None)
+                n = None if first is None else first.shape[0]
+            if n is None:
+                record.unhandled.append("no example axis known")
+                target.modes.append((None, record))
+                return
+            params = {id(p): (local, p) for local, p in target.rule.parameters(module)}
+            mode = DirectMode(params, n, record)
+            mode.__enter__()
+            target.modes.append((mode, record))
+
+        return hook
 
     def _detach_hook(self, target: Target):
         """Before a call whose rule builds some batch gradients itself: run the forward on
@@ -128,9 +185,18 @@ class Capture:
             internals, target.internals = target.internals, {}
             detached, target.detached = target.detached, {}
             module._parameters.update(detached)  # restored even when the forward raised
+            record = None
+            if target.rule is DIRECT and target.modes:
+                mode, record = target.modes.pop()
+                if mode is not None:
+                    mode.__exit__(None, None, None)
+                    output = _direct_output(mode, output)
             if not self._capturing() or output is None:
                 return None
+            args, kwargs, output = self._broadcast(args, kwargs, output)
             call = Call(tuple(_detached(a) for a in args), {k: _detached(v) for k, v in kwargs.items()})
+            if record is not None:
+                call.pieces["direct"] = record
             if detached:
                 call.grad_outputs = [None]
                 target.calls.append(call)
@@ -138,7 +204,7 @@ class Capture:
                 return _RuleBuildsGrads.apply(output, build, *detached.values())
             outputs = output_tensors(output)
             if not any(o.requires_grad for o in outputs):
-                return None
+                return None if record is None else output
             call.grad_outputs = [None] * len(outputs)
             for k, o in enumerate(outputs):
                 if o.requires_grad:
@@ -148,9 +214,29 @@ class Capture:
                 if tensor.requires_grad:
                     tensor.register_hook(_store_internal_grad(call, name))
             target.calls.append(call)
-            return None
+            return output
 
         return hook
+
+    def _broadcast(self, args: tuple, kwargs: dict, output: Any) -> tuple[tuple, dict, Any]:
+        """A call made for a batch of one whose output broadcasts against the batch (position
+        ids of shape (1, t)): its output and inputs get the example axis explicitly, so that its
+        output gradient arrives per example. Any other call is returned unchanged."""
+        n = self.n_forward
+        tensors = [x for x in (*args, *kwargs.values(), *output_tensors(output)) if isinstance(x, Tensor) and x.dim() > 0]
+        if n is None or n == 1 or not tensors or any(x.shape[0] != 1 for x in tensors):
+            return args, kwargs, output
+
+        def widen_batch(x):
+            return x.expand(n, *x.shape[1:]) if isinstance(x, Tensor) and x.dim() > 0 else x
+
+        if isinstance(output, Tensor):
+            output = widen_batch(output)
+        elif isinstance(output, (tuple, list)):
+            output = type(output)(widen_batch(o) for o in output)
+        else:
+            return args, kwargs, output
+        return tuple(widen_batch(a) for a in args), {k: widen_batch(v) for k, v in kwargs.items()}, output
 
     def _backward_call(self, target: Target, call: Call, names: list[str]):
         """The backward of one call whose rule builds the batch gradients of ``names``."""
@@ -159,8 +245,10 @@ class Capture:
             _store_grad(call, 0)(grad_output)
             # pieces summed over several calls or modules before squaring must be kept whole
             whole = self.keep.grads or target.shared or len(target.calls) > 1
-            grads = target.rule.backward_call(target.module, call, grad_output, Keep(whole, self.keep.second))
-            return [grads[n] for n in names]
+            wide = replace(call, args=tuple(widen(a) for a in call.args))
+            grads = target.rule.backward_call(target.module, wide, widen(grad_output), Keep(whole, self.keep.second))
+            params = target.module._parameters
+            return [grads[n].to(params[n].dtype) for n in names]
 
         return backward
 
@@ -171,8 +259,9 @@ class Capture:
         """Raise, before any gradient is computed, if the captured forward cannot be used.
 
         Raises:
-            CaptureError: nothing captured since the last backward, or a call whose batch
-                size is not n.
+            CaptureError: nothing captured since the last backward, a call whose batch size is
+                not n (nor n·t positions flattened examples-first, for a position-wise layer),
+                or a module that returns a tensor computed from its parameters alone.
             ExampleCouplingError: a module that mixes examples (e.g. BatchNorm in training).
         """
         if self.targets and not any(t.calls for t in self.targets):
@@ -184,19 +273,40 @@ class Capture:
             if t.calls and (reason := t.rule.check(t.module)):
                 raise ExampleCouplingError(f"{t.describe()}: {reason}.")
             for call in t.calls:
-                m = t.rule.batch_size(t.module, call)
-                if m != n:
+                record = call.pieces.get("direct")
+                if record is not None and record.shared_output:
                     self.clear()
                     raise CaptureError(
-                        f"{t.describe()} saw a batch of {m} examples but losses has {n}. Pass one "
-                        "loss per example (shape (n,), e.g. reduction='none'), keep the example "
-                        "axis first, and run forwards that are not backpropagated (evaluation) "
-                        "under torch.no_grad()."
+                        f"{t.describe()} returns {record.shared_output}, computed from its parameters "
+                        "alone with no example axis, and the model broadcasts it over the batch "
+                        "outside the module: pergrad cannot see each example's share there. Return "
+                        "it with a leading axis of size 1 (e.g. table[None]), so that pergrad gives "
+                        "it the example axis, or register a rule for the module that uses it."
                     )
+                m = t.rule.batch_size(t.module, call)
+                if m == n or m % n == 0 and t.rule.flattens_positions and m > 0:
+                    continue
+                self.clear()
+                raise CaptureError(
+                    f"{t.describe()} saw a batch of {m} examples but losses has {n}. Pass one "
+                    "loss per example (shape (n,), e.g. reduction='none'), keep the example "
+                    "axis first, and run forwards that are not backpropagated (evaluation) "
+                    "under torch.no_grad(). (An input without an example axis, such as a "
+                    "position table of shape (t, t), needs a rule for the module that broadcasts "
+                    "it, or its parameters frozen.)"
+                )
 
-    def reached_calls(self, target: Target) -> list[Call]:
-        """The calls of a target that the last backward reached."""
-        return [c for c in target.calls if c.reached]
+    def reached_calls(self, target: Target, n: int) -> list[Call]:
+        """The calls of a target that the last backward reached, as its rule reads them:
+        examples first ((n·t, …) flattened inputs as (n, t, …)), and float16/bfloat16
+        tensors in float32."""
+        calls = [c for c in target.calls if c.reached]
+        return [_examples_first(c, target.rule.batch_size(target.module, c), n) for c in calls]
+
+    def saw_low_precision(self) -> bool:
+        """Whether an output gradient of the forward in hand is float16/bfloat16 (autocast)."""
+        half = (torch.float16, torch.bfloat16)
+        return any(g is not None and g.dtype in half for t in self.targets for c in t.calls for g in c.grad_outputs)
 
     def paused(self) -> "_Paused":
         """Context in which forwards are not captured (rules that recompute a forward)."""
@@ -226,6 +336,49 @@ class Capture:
                 if id(p) not in seen:
                     seen.add(id(p))
                     yield t.param_names[local], p
+
+
+def _examples_first(call: Call, m: int, n: int) -> Call:
+    """The call with its float16/bfloat16 tensors widened, and, where its m rows are n
+    examples' positions flattened together, every tensor with m rows read as (n, m/n, …)."""
+
+    def fix(x):
+        if not isinstance(x, Tensor):
+            return x
+        if m != n and x.dim() > 0 and x.shape[0] == m:
+            x = x.reshape(n, m // n, *x.shape[1:])
+        return widen(x)
+
+    return replace(
+        call,
+        args=tuple(fix(a) for a in call.args),
+        kwargs={k: fix(v) for k, v in call.kwargs.items()},
+        grad_outputs=[fix(g) for g in call.grad_outputs],
+        internals={k: fix(v) for k, v in call.internals.items()},
+        internal_grads={k: fix(v) for k, v in call.internal_grads.items()},
+    )
+
+
+def _direct_output(mode: DirectMode, output: Any) -> Any:
+    """A directly-used module's output, with a tensor computed from a parameter alone given
+    the example axis where it has a leading axis of 1 (a position table ``table[None]``) and
+    flagged (:attr:`DirectCall.shared_output`) where it has none."""
+
+    def fix(x):
+        d = mode._tracked(x)
+        if d is None:
+            return x
+        if x.dim() > 0 and x.shape[0] == 1:
+            mode.record.ops.add("output")
+            return mode._per_example(d, x.dim())
+        mode.record.shared_output = f"a tensor of shape {tuple(x.shape)}"
+        return x
+
+    if isinstance(output, Tensor):
+        return fix(output)
+    if isinstance(output, (tuple, list)):
+        return type(output)(fix(o) for o in output)
+    return output
 
 
 # id(module) -> (capture, target) for the modules whose rule exposes internals of the forward

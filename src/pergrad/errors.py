@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["PergradError", "UnsupportedModuleError", "ExampleCouplingError", "CaptureError"]
+__all__ = ["PergradError", "UnsupportedModuleError", "ExampleCouplingError", "CaptureError", "VerificationError"]
 
 
 class PergradError(Exception):
@@ -19,3 +19,7 @@ class ExampleCouplingError(PergradError, ValueError):
 
 class CaptureError(PergradError, RuntimeError):
     """The captured forward does not match the backward asked for (no forward, wrong n)."""
+
+
+class VerificationError(PergradError, RuntimeError):
+    """A per-example result disagrees with autograd's gradient of that example's own loss."""

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .capture import Capture
+from .errors import VerificationError
 from .rules import Keep, flat_sq_norm
 
 __all__ = ["PerExample", "PerExampleResult"]
@@ -68,8 +69,16 @@ class PerExample:
             (for ``nn.MultiheadAttention``, as its ``batch_first`` says).
         grads: also return per-example gradients, (n, *p.shape) per parameter.
         second_moment: also return Σⱼ (∇ℓⱼ)² per parameter.
-        on_unsupported: "error" (default) raises for a trainable module without a rule;
-            "fallback" computes that module alone with torch.func.
+        on_unsupported: what to do with a trainable module that has no registered rule (or
+            that overrides the ``forward`` of a class that has one). "auto" (default): give its
+            directly used parameters an example axis in the operations that use them, and
+            compute a call whose operations cannot be followed with torch.func (see
+            :attr:`paths`); "fallback": torch.func for such modules; "error": raise.
+        verify: check per-example results against autograd's gradient of single examples'
+            own losses (examples 0 and n−1, per parameter; it costs two more backward passes
+            through the retained graph): "first" (default) on the first backward only,
+            True on every backward, False never. A mismatch raises
+            :class:`~pergrad.errors.VerificationError` naming the module and its path.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
@@ -87,11 +96,16 @@ class PerExample:
         *,
         grads: bool = False,
         second_moment: bool = False,
-        on_unsupported: str = "error",
+        on_unsupported: str = "auto",
+        verify: bool | str = "first",
     ):
+        if verify not in (True, False, "first"):
+            raise ValueError(f"verify must be True, False or 'first', got {verify!r}.")
         self.model = model
         self.want_grads = grads
         self.want_second_moment = second_moment
+        self.verify = verify
+        self._verified = False
         self._capture = Capture(model, on_unsupported)
         counts: dict[str, int] = {}
         for t in self._capture.targets:
@@ -114,7 +128,16 @@ class PerExample:
         """Remove every hook and saved tensor."""
         self._capture.remove()
 
-    def backward(self, losses: Tensor, reduction: str = "mean") -> PerExampleResult:
+    @property
+    def paths(self) -> dict[str, str]:
+        """{module path: how its per-example gradients are computed}, one entry per module
+        with trainable parameters: ``"rule LinearRule"`` (a registered rule), ``"direct (mul,
+        expand)"`` (its own parameters given an example axis in the operations named), or
+        ``"torch.func (…)"`` (the module alone through torch.func, with the reason). Paths of
+        direct modules are known after the first forward."""
+        return self._capture.paths
+
+    def backward(self, losses: Tensor, reduction: str = "mean", *, scaler=None) -> PerExampleResult:
         """Backpropagate the reduced loss once and measure every example's gradient.
 
         Args:
@@ -122,6 +145,10 @@ class PerExample:
                 loss may itself sum or average over its tokens or pixels.
             reduction: "mean" leaves ∇ (1/n) Σ ℓⱼ in ``.grad``; "sum" leaves ∇ Σ ℓⱼ. Like
                 autograd, the gradient is added to any ``.grad`` already there.
+            scaler: a ``torch.amp.GradScaler`` for float16 training: the reduced loss is
+                backpropagated as ``scaler.scale(L)``, so ``.grad`` holds the scaled gradient
+                that ``scaler.step(optimizer)`` expects, while every per-example result and
+                ``batch_grad_sq_norm`` are unscaled (divided by the scale, norms by its square).
 
         Returns:
             A :class:`PerExampleResult`.
@@ -131,18 +158,24 @@ class PerExample:
                 or not finite.
             CaptureError / ExampleCouplingError: see :meth:`Capture.check_before_backward`.
             All are raised before anything is written into ``.grad``.
+            VerificationError: see ``verify``.
         """
         n = _check_losses(losses, reduction)
         capture = self._capture
         capture.check_before_backward(n)
+        verify = self.verify is True or (self.verify == "first" and not self._verified)
 
         params = self._params
         earlier = {name: p.grad for name, p in params.items()}
         for p in params.values():
             p.grad = None
         reduced = losses.mean() if reduction == "mean" else losses.sum()
+        loss_scale = 1.0
+        if scaler is not None and scaler.is_enabled():
+            reduced = scaler.scale(reduced)
+            loss_scale = float(scaler.get_scale())
         try:
-            reduced.backward()
+            reduced.backward(retain_graph=verify)
         finally:
             fresh = {name: p.grad for name, p in params.items()}
             for name, p in params.items():
@@ -150,8 +183,11 @@ class PerExample:
                     p.grad = earlier[name] if fresh[name] is None else earlier[name] + fresh[name]
 
         param_batch_sq = _sq_norms_by_name(fresh, losses.new_zeros(()).detach())
+        if loss_scale != 1.0:
+            param_batch_sq = {k: v / loss_scale**2 for k, v in param_batch_sq.items()}
         batch_sq = torch.stack(list(param_batch_sq.values())).sum()
-        scale = float(n) if reduction == "mean" else 1.0
+        scale = (float(n) if reduction == "mean" else 1.0) / loss_scale
+        low_precision = verify and capture.saw_low_precision()
         try:
             with torch.no_grad(), capture.paused():
                 per_param = self._per_parameter(n, scale, params)
@@ -159,7 +195,7 @@ class PerExample:
             capture.clear()
 
         sq_norms = torch.stack(list(per_param.sq.values())).sum(0)
-        return PerExampleResult(
+        result = PerExampleResult(
             sq_norms=sq_norms,
             param_sq_norms=per_param.sq,
             batch_grad_sq_norm=batch_sq,
@@ -169,6 +205,53 @@ class PerExample:
             reduction=reduction,
             grads=per_param.grads if self.want_grads else None,
             second_moment=per_param.second if self.want_second_moment else None,
+        )
+        if verify:
+            self._check_against_autograd(losses, result, low_precision)
+            self._verified = True
+        return result
+
+    def _check_against_autograd(self, losses: Tensor, result: PerExampleResult, low_precision: bool) -> None:
+        """Compare ‖∇ℓⱼ‖² per parameter with autograd's, for j = 0 and n−1, through the
+        retained graph (``.grad`` is stashed and restored; plain ``backward`` so that
+        reentrant activation checkpointing works too).
+
+        Tolerance: relative 1e-5 in float64 (models that round inside to float32 on purpose,
+        as Llama's softmax, differ by about 1e-7), 1e-3 in float32, 5e-2 where the forward ran in
+        float16/bfloat16, of the larger of the two values plus a floor of that times 1e-3 of
+        the example's total squared norm.
+
+        Raises:
+            VerificationError: naming the parameter, its module and the module's path.
+        """
+        params = self._params
+        dtype = next(iter(params.values())).dtype if params else torch.float32
+        rtol = 5e-2 if low_precision else 1e-5 if dtype == torch.float64 else 1e-3
+        examples = sorted({0, result.n - 1})
+        stash = {name: p.grad for name, p in params.items()}
+        try:
+            for j in examples:
+                for p in params.values():
+                    p.grad = None
+                losses[j].backward(retain_graph=j != examples[-1])
+                want = {name: 0.0 if p.grad is None else float(p.grad.double().square().sum()) for name, p in params.items()}
+                total = sum(want.values())
+                for name, w in want.items():
+                    got = float(result.param_sq_norms[name][j])
+                    if abs(got - w) > rtol * (max(got, w) + 1e-3 * total):
+                        raise VerificationError(self._mismatch(name, j, got, w))
+        finally:
+            for name, p in params.items():
+                p.grad = stash[name]
+
+    def _mismatch(self, name: str, j: int, got: float, want: float) -> str:
+        owner = next(t for t in self._capture.targets if name in t.param_names.values())
+        return (
+            f"per-example gradient of '{name}' ({owner.describe()}, {owner.path_taken()}) is wrong: "
+            f"‖∇ℓ_{j}‖² = {got:.6g} here, {want:.6g} by autograd on example {j}'s own loss. "
+            "The module's computation is not what its rule assumes: register a rule for its class "
+            "(pergrad.register_rule), or pass on_unsupported='fallback' and make sure it has no "
+            "registered parent class whose forward it overrides. Please report the model."
         )
 
     def _per_parameter(self, n: int, scale: float, params: dict[str, nn.Parameter]) -> "_PerParameter":
@@ -181,7 +264,7 @@ class PerExample:
         out = _PerParameter()
         summed: dict[str, Tensor] = {}  # per-example gradients of shared parameters
         for target in self._capture.targets:
-            calls = self._capture.reached_calls(target)
+            calls = self._capture.reached_calls(target, n)
             if not calls:
                 continue
             rule, module = target.rule, target.module

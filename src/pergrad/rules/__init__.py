@@ -1,7 +1,7 @@
 """Per-layer rules. Every rule module is imported here, in one visible place, to register it."""
 
 from . import attention, conv, embedding, linear, norm  # noqa: F401  (registration)
-from ._registry import Call, Keep, Rule, flat_sq_norm, register_rule, registered_rules, rule_for
+from ._registry import Call, Keep, Rule, flat_sq_norm, register_rule, registered_rules, rule_for, widen
 from .functional import FALLBACK, Batched, FunctionalRule
 
 __all__ = [
@@ -14,4 +14,5 @@ __all__ = [
     "register_rule",
     "registered_rules",
     "rule_for",
+    "widen",
 ]

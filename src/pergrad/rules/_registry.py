@@ -21,7 +21,7 @@ from typing import Any, Iterator, NamedTuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Call", "Keep", "Rule", "flat_sq_norm", "register_rule", "rule_for", "registered_rules"]
+__all__ = ["Call", "Keep", "Rule", "flat_sq_norm", "register_rule", "rule_for", "registered_rules", "widen"]
 
 
 @dataclass
@@ -83,6 +83,10 @@ class Rule:
     #: (for modules that use their children's weights functionally, like MultiheadAttention).
     covers_submodules: bool = False
 
+    #: Whether the rule reads an input whose examples and positions were flattened together,
+    #: (n·t, ...) in examples-first order, as (n, t, ...) (true of position-wise layers).
+    flattens_positions: bool = False
+
     def check(self, module: nn.Module) -> str | None:
         """Return why the module, as configured now, has no per-example gradients, or None."""
         return None
@@ -139,6 +143,14 @@ class Rule:
         return {k: v.square().sum(0) for k, v in self.per_example_grads(module, inputs).items()}
 
 
+def widen(x: Any) -> Any:
+    """A float16/bfloat16 tensor as float32 (autocast's activations and gradients), so that
+    per-example sums and norms accumulate in float32; anything else unchanged."""
+    if isinstance(x, Tensor) and x.dtype in (torch.float16, torch.bfloat16):
+        return x.float()
+    return x
+
+
 def flat_sq_norm(x: Tensor) -> Tensor:
     """(n, ...) -> (n,): squared Euclidean norm of each example's slice."""
     return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1).square()
@@ -181,10 +193,16 @@ def register_rule(module_type: type[nn.Module], rule: Rule | None = None, *, ove
 
 
 def rule_for(module: nn.Module) -> Rule | None:
-    """The rule for a module: the first registered class along ``type(module).__mro__``."""
+    """The rule for a module: that of the first registered class along ``type(module).__mro__``,
+    provided the module still runs that class's ``forward``.
+
+    A rule knows a computation, not just a class: a subclass that overrides ``forward`` (timm's
+    ``LayerNorm2d`` permutes, a Linear subclass may scale its weight) gets no inherited rule
+    unless it is registered itself.
+    """
     for cls in type(module).__mro__:
         if cls in _RULES:
-            return _RULES[cls]
+            return _RULES[cls] if type(module).forward is cls.forward else None
     return None
 
 

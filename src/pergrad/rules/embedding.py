@@ -14,30 +14,43 @@ from torch import Tensor, nn
 from ._registry import Call, Rule, register_rule
 
 
-def _rows(module: nn.Embedding, calls: list[Call]) -> tuple[Tensor, Tensor, Tensor, int]:
+def embedding_rows(index: Tensor, g: Tensor, vocab: int, padding_idx: int | None) -> tuple[Tensor, Tensor, Tensor]:
     """Distinct (example, index) pairs and their summed gradient rows.
+
+    Args:
+        index: (n, t) looked-up indices.
+        g: (n, t, d) gradients of the reduced loss with respect to the looked-up rows.
+        vocab: number of rows of the table, V.
+        padding_idx: the row that gets no gradient, or None.
 
     Returns:
         example (u,), index (u,), rows (u, d) with ``rows[k] = Σ g`` over the positions of
-        ``example[k]`` that look up ``index[k]``; and n.
+        ``example[k]`` that look up ``index[k]``.
     """
-    n = calls[0].args[0].shape[0]
-    vocab = module.num_embeddings
-    idx = torch.cat([c.args[0].reshape(n, -1) for c in calls], 1)  # (n, t)
-    g = torch.cat([c.grad_outputs[0].reshape(n, -1, module.embedding_dim) for c in calls], 1)
-    keys = (torch.arange(n, device=idx.device).unsqueeze(1) * vocab + idx).reshape(-1)
-    g = g.reshape(-1, module.embedding_dim)
-    if module.padding_idx is not None:
-        keep = idx.reshape(-1) != module.padding_idx
+    n, d = index.shape[0], g.shape[-1]
+    keys = (torch.arange(n, device=index.device).unsqueeze(1) * vocab + index).reshape(-1)
+    g = g.reshape(-1, d)
+    if padding_idx is not None:
+        keep = index.reshape(-1) != padding_idx
         keys, g = keys[keep], g[keep]
     unique, inverse = torch.unique(keys, return_inverse=True)
-    rows = g.new_zeros(unique.shape[0], g.shape[1]).index_add_(0, inverse, g)
-    return unique // vocab, unique % vocab, rows, n
+    rows = g.new_zeros(unique.shape[0], d).index_add_(0, inverse, g)
+    return unique // vocab, unique % vocab, rows
+
+
+def _rows(module: nn.Embedding, calls: list[Call]) -> tuple[Tensor, Tensor, Tensor, int]:
+    """:func:`embedding_rows` over all calls of the module, and n."""
+    n = calls[0].args[0].shape[0]
+    idx = torch.cat([c.args[0].reshape(n, -1) for c in calls], 1)  # (n, t)
+    g = torch.cat([c.grad_outputs[0].reshape(n, -1, module.embedding_dim) for c in calls], 1)
+    return (*embedding_rows(idx, g, module.num_embeddings, module.padding_idx), n)
 
 
 @register_rule(nn.Embedding)
 class EmbeddingRule(Rule):
     """Weight (V, d): per example, gradient rows summed over repeated indices."""
+
+    flattens_positions = True
 
     def check(self, module):
         if module.scale_grad_by_freq:

@@ -46,6 +46,8 @@ class Built(NamedTuple):
 class LinearRule(WeightSharingRule):
     """Weight (o, i): ``P_j = Σ_t g_jt a_jtᵀ``; bias (o,): ``Σ_t g_jt``."""
 
+    flattens_positions = True
+
     def grads_in_backward(self, module, args):
         x = args[0] if args else None  # an input passed by keyword: leave the weight to autograd
         if not isinstance(x, Tensor) or x.dim() < 3:

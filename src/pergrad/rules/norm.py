@@ -48,6 +48,8 @@ class _AffineNormRule(Rule):
 class _LastAxesRule(_AffineNormRule):
     """Weights over the trailing ``normalized_shape`` axes (LayerNorm, RMSNorm)."""
 
+    flattens_positions = True
+
     def fold(self, module, x):
         shape = tuple(module.normalized_shape)
         return x.reshape(x.shape[0], -1, *shape).sum(1)

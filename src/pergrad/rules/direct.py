@@ -1,0 +1,516 @@
+"""Parameters a module uses directly in its own forward: class tokens, position tables,
+layer-scale vectors, RMSNorm weights, a Linear subclass that scales its weight, GPT-2's
+``Conv1D``. This is the rule of every trainable module that has no registered rule.
+
+While such a module runs its forward under capture, a torch function mode watches the
+operations that take one of its own parameters ``p`` (or a tensor computed from ``p`` alone,
+``r = f(p)``: a slice, a reshape, ``2 * p``). Where the operation treats examples
+independently along the example axis, the mode gives the parameter that axis explicitly:
+
+    P = p.expand(n, *p.shape)        # a view: no copy; autograd sums its gradient back into p
+
+and runs the operation on ``vmap(f)(P)`` instead of ``r``. Each example's output then depends
+on its own slice ``P[j]`` only, so the gradient autograd delivers to ``P`` during the ordinary
+backward pass is, row by row, the per-example pieces ``∂L/∂P[j]`` (n, *p.shape) — for any
+``f``, with no formula per operation. The output is the same tensor as before, so the model
+computes exactly what it did.
+
+Operations handled this way (the example axis is axis 0 of their other operands):
+broadcasting arithmetic (``x * gamma``, ``x + pos_embed``), ``expand`` (``cls_token.expand(n,
+-1, -1)``), the affine part of ``layer_norm`` / ``rms_norm`` / ``group_norm``, ``linear``,
+``matmul`` / ``addmm`` / ``embedding`` with the parameter as weight. Two of them keep the
+cheaper forms of the registered rules when the parameter itself is the weight: a linear map
+records its input ``a`` and output gradient ``g`` (the norms by :mod:`._sequence`, never an
+(n, o, i) tensor), an embedding its indices (rows summed per example, never (n, V, d)).
+A flattened input ``(n·t, i)`` (``x.view(-1, i)``) is read as ``(n, t, i)``, examples first.
+
+Any other operation on a parameter (a convolution with its own weight, an op mixing two
+parameters) makes that call go through the torch.func rule (:mod:`.functional`): exact, and
+the module's path says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import vmap
+from torch.overrides import TorchFunctionMode
+
+from . import _sequence as seq
+from ._registry import Call, Rule, widen
+from .embedding import embedding_rows
+from .functional import FALLBACK
+
+__all__ = ["DIRECT", "DirectMode", "DirectRule"]
+
+
+@dataclass
+class _Derived:
+    """A tensor computed from one parameter alone: ``value = f(param)``."""
+
+    name: str
+    param: Tensor
+    f: Callable[[Tensor], Tensor] | None  # None: the parameter itself
+    value: Tensor
+
+
+@dataclass
+class Linear:
+    """A linear map of the call with a parameter as its weight: ``y = a Wᵀ`` (``"oi"``) or
+    ``y = a W`` (``"io"``), plus an optional bias parameter.
+
+    Attributes:
+        a: (n, t, i) the input, examples first.
+        weight, bias: parameter names (bias may be None).
+        layout: "oi" (F.linear) or "io" (matmul, addmm: GPT-2's Conv1D).
+        g: (n, t, o) gradient of the reduced loss with respect to y, once the backward ran.
+    """
+
+    a: Tensor
+    weight: str
+    bias: str | None
+    layout: str
+    g: Tensor | None = None
+
+    def pieces(self, shapes: dict[str, torch.Size]) -> dict[str, Tensor]:
+        """{name: (n, *p.shape)} per-example pieces."""
+        a, g = widen(self.a), widen(self.g)
+        n = a.shape[0]
+        w = seq.weight_grads(a, g)  # (n, o, i)
+        out = {self.weight: (w if self.layout == "oi" else w.transpose(1, 2)).reshape(n, *shapes[self.weight])}
+        if self.bias is not None:
+            out[self.bias] = seq.bias_grads(g).reshape(n, *shapes[self.bias])
+        return out
+
+    def sq_norms(self) -> dict[str, Tensor]:
+        a, g = widen(self.a), widen(self.g)
+        out = {self.weight: seq.weight_sq_norms(a, g)}
+        if self.bias is not None:
+            out[self.bias] = seq.row_sq_norms(seq.bias_grads(g))
+        return out
+
+
+@dataclass
+class Lookup:
+    """An embedding lookup of the call with a parameter as its table (V, d).
+
+    Attributes:
+        index: (n, t) the indices, examples first.
+        weight: the parameter name.
+        padding_idx: the row that gets no gradient, or None.
+        g: (n, t, d) gradient of the reduced loss with respect to the looked-up rows.
+    """
+
+    index: Tensor
+    weight: str
+    padding_idx: int | None
+    g: Tensor | None = None
+
+    def _rows(self, vocab: int):
+        return embedding_rows(self.index, widen(self.g), vocab, self.padding_idx)
+
+    def pieces(self, shapes: dict[str, torch.Size]) -> dict[str, Tensor]:
+        vocab, d = shapes[self.weight]
+        example, index, rows = self._rows(vocab)
+        out = rows.new_zeros(self.index.shape[0], vocab, d)
+        out[example, index] = rows
+        return {self.weight: out}
+
+    def sq_norms(self, vocab: int) -> dict[str, Tensor]:
+        example, _, rows = self._rows(vocab)
+        sq = rows.new_zeros(self.index.shape[0]).index_add_(0, example, seq.row_sq_norms(rows))
+        return {self.weight: sq}
+
+
+@dataclass
+class DirectCall:
+    """What the mode recorded during one call of a module.
+
+    Attributes:
+        dense: {name: (n, *p.shape)} per-example pieces delivered to the expanded parameters.
+        records: linear maps and lookups kept in factored form.
+        unhandled: operations on a parameter the mode could not give an example axis (the
+            call then goes through torch.func).
+        ops: names of the operations handled.
+        n: number of examples the call was watched for (None: not watched).
+        shared_output: a description of an output computed from a parameter alone, without
+            an example axis (which no rule can split), or None.
+    """
+
+    dense: dict[str, Tensor] = field(default_factory=dict)
+    records: list[Linear | Lookup] = field(default_factory=list)
+    unhandled: list[str] = field(default_factory=list)
+    ops: set[str] = field(default_factory=set)
+    n: int | None = None
+    shared_output: str | None = None
+
+
+def _op_name(func) -> str:
+    return getattr(func, "__name__", repr(func)).strip("_")
+
+
+_ARITHMETIC = {
+    f
+    for name in ("add", "sub", "mul", "div", "true_divide", "addcmul", "addcdiv", "where", "lerp", "maximum", "minimum")
+    for f in (getattr(torch, name, None), getattr(Tensor, name, None), getattr(Tensor, name + "_", None))
+    if f is not None
+} | {
+    getattr(Tensor, f"__{p}{name}__")
+    for name in ("add", "sub", "mul", "truediv")
+    for p in ("", "r", "i")
+    if hasattr(Tensor, f"__{p}{name}__")
+}
+# operations that make a new tensor of the parameter alone; anything else on a parameter
+# alone is accepted too if it returns a tensor (``2 * p``, ``p.float()``) — see _derive
+_EXPAND = {Tensor.expand, Tensor.expand_as}
+
+
+class DirectMode(TorchFunctionMode):
+    """Active during one call of a module whose parameters are used directly.
+
+    Args:
+        params: {id(parameter): (local name, parameter)}, the module's own trainable ones.
+        n: number of examples of the forward in progress.
+        record: where the call's pieces and records go.
+    """
+
+    def __init__(self, params: dict[int, tuple[str, Tensor]], n: int, record: DirectCall):
+        super().__init__()
+        self.params = params
+        self.n = n
+        self.record = record
+        record.n = n
+        self.derived: dict[int, _Derived] = {}
+        self.expanded: dict[str, Tensor] = {}
+
+    # --- tracking -------------------------------------------------------------------
+    def _tracked(self, x: Any) -> _Derived | None:
+        if not isinstance(x, Tensor):
+            return None
+        own = self.params.get(id(x))
+        if own is not None and own[1] is x:
+            return _Derived(own[0], x, None, x)
+        found = self.derived.get(id(x))
+        return found if found is not None and found.value is x else None
+
+    def _expanded(self, name: str, param: Tensor) -> Tensor:
+        """P = p.expand(n, *p.shape), one per parameter and call, hooked for its gradient."""
+        if name not in self.expanded:
+            big = param.unsqueeze(0).expand(self.n, *param.shape)
+            if big.requires_grad:
+                dense = self.record.dense
+                big.register_hook(lambda grad: dense.__setitem__(name, grad))
+            self.expanded[name] = big
+        return self.expanded[name]
+
+    def _per_example(self, d: _Derived, rank: int) -> Tensor | None:
+        """``vmap(f)(P)`` shaped to broadcast against operands of ``rank`` dims whose axis 0
+        is the example axis; None where ``d.value`` does not broadcast over that axis."""
+        value = d.value
+        if value.dim() == rank and value.shape[0] != 1 or value.dim() > rank:
+            return None
+        big = self._expanded(d.name, d.param)
+        out = big if d.f is None else vmap(d.f)(big)  # (n, *value.shape)
+        if value.dim() == rank:
+            return out.squeeze(1)
+        return out.reshape(self.n, *(1,) * (rank - 1 - value.dim()), *value.shape)
+
+    # --- dispatch -------------------------------------------------------------------
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        found = [(k, d) for k, a in enumerate(args) if (d := self._tracked(a)) is not None]
+        found += [(k, d) for k, v in kwargs.items() if (d := self._tracked(v)) is not None]
+        if not found:
+            return func(*args, **kwargs)
+        handler = _HANDLERS.get(func)
+        out = handler(self, func, args, kwargs, found) if handler is not None else None
+        if out is not None:
+            self.record.ops.add(_op_name(func))
+            return out
+        return self._derive_or_give_up(func, args, kwargs, found)
+
+    def _derive_or_give_up(self, func, args, kwargs, found):
+        """An operation the handlers do not know: fine if it only reads the parameter's
+        metadata or computes from that one parameter alone; otherwise the call goes to
+        torch.func."""
+        out = func(*args, **kwargs)
+        if not isinstance(out, Tensor) or not out.requires_grad:
+            return out
+        others = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor) and self._tracked(a) is None]
+        names = {d.name for _, d in found}
+        if len(names) == 1 and not any(o.requires_grad for o in others) and len(found) == 1:
+            (k, d), = found
+            self.derived[id(out)] = _Derived(d.name, d.param, _compose(d.f, func, args, kwargs, k), out)
+            return out
+        self.record.unhandled.append(f"{_op_name(func)} on {sorted(names)}")
+        return out
+
+
+def _compose(f, func, args, kwargs, k):
+    """The function t -> func(..., f(t) at position k, ...)."""
+
+    def g(t):
+        x = t if f is None else f(t)
+        if isinstance(k, int):
+            return func(*args[:k], x, *args[k + 1 :], **kwargs)
+        return func(*args, **{**kwargs, k: x})
+
+    return g
+
+
+def _rank_and_batched(mode: DirectMode, tensors: list[Tensor]) -> int | None:
+    """The broadcast rank of the operation's untracked tensors, if one of them has the
+    example axis first (rank ≥ 1, axis-0 size n); else None."""
+    others = [t for t in tensors if mode._tracked(t) is None]
+    if not others:
+        return None
+    shape = torch.broadcast_shapes(*(t.shape for t in others))
+    if len(shape) == 0 or shape[0] != mode.n:
+        return None
+    return len(shape)
+
+
+def _arithmetic(mode, func, args, kwargs, found):
+    tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
+    rank = _rank_and_batched(mode, tensors)
+    if rank is None or any(isinstance(k, int) and k == 0 and _is_inplace(func) for k, _ in found):
+        return None
+    args, kwargs = list(args), dict(kwargs)
+    for k, d in found:
+        big = mode._per_example(d, rank)
+        if big is None:
+            return None
+        if isinstance(k, int):
+            args[k] = big
+        else:
+            kwargs[k] = big
+    return func(*args, **kwargs)
+
+
+def _is_inplace(func) -> bool:
+    name = getattr(func, "__name__", "")
+    return name.endswith("_") and not name.startswith("__") or name.startswith("__i")
+
+
+def _expand(mode, func, args, kwargs, found):
+    if len(found) != 1 or found[0][0] != 0:
+        return None
+    d = found[0][1]
+    if func is Tensor.expand_as:
+        sizes = tuple(args[1].shape)
+    else:
+        rest = args[1:]
+        sizes = tuple(rest[0]) if len(rest) == 1 and not isinstance(rest[0], int) else tuple(rest)
+    if not sizes or sizes[0] != mode.n:
+        return None
+    big = mode._per_example(d, len(sizes))
+    return None if big is None else big.expand(sizes)
+
+
+def _affine(mode, x: Tensor, channel_axis: int, weight, bias, normalised: Tensor):
+    """``normalised * w + b`` with the tracked ones given the example axis."""
+    rank = x.dim()
+    if rank < 2 or x.shape[0] != mode.n:
+        return None
+
+    def shaped(p):
+        d = mode._tracked(p)
+        if d is None:
+            if p is None:
+                return None
+            shape = (1,) * channel_axis + tuple(p.shape) + (1,) * (rank - channel_axis - p.dim())
+            return p.reshape(shape)
+        if channel_axis == 1 and d.value.dim() == 1:  # (c,) -> (n, c, 1, …)
+            big = mode._per_example(d, 2)
+            return None if big is None else big.reshape(mode.n, -1, *(1,) * (rank - 2))
+        return mode._per_example(d, rank)
+
+    w, b = shaped(weight), shaped(bias)
+    if (weight is not None and w is None) or (bias is not None and b is None):
+        return None
+    out = normalised if w is None else normalised * w
+    return out if b is None else out + b
+
+
+def _layer_norm(mode, func, args, kwargs, found):
+    x, shape, weight, bias, eps = _bind(args, kwargs, ("input", "normalized_shape", "weight", "bias", "eps"), (None, 1e-5))
+    return _affine(mode, x, x.dim() - len(shape), weight, bias, F.layer_norm(x, shape, None, None, eps))
+
+
+def _rms_norm(mode, func, args, kwargs, found):
+    x, shape, weight, eps = _bind(args, kwargs, ("input", "normalized_shape", "weight", "eps"), (None,))
+    return _affine(mode, x, x.dim() - len(shape), weight, None, F.rms_norm(x, shape, None, eps))
+
+
+def _group_norm(mode, func, args, kwargs, found):
+    x, groups, weight, bias, eps = _bind(args, kwargs, ("input", "num_groups", "weight", "bias", "eps"), (None, None, 1e-5))
+    return _affine(mode, x, 1, weight, bias, F.group_norm(x, groups, None, None, eps))
+
+
+def _bind(args, kwargs, names, defaults):
+    """Positional and keyword arguments of a functional call, in ``names`` order."""
+    values = list(args) + [kwargs.get(name) for name in names[len(args) :]]
+    first_default = len(names) - len(defaults)
+    for k in range(first_default, len(names)):
+        if values[k] is None and names[k] not in kwargs:
+            values[k] = defaults[k - first_default]
+    return values
+
+
+def _examples_first(mode, a: Tensor, width: int) -> Tensor | None:
+    """An input (n, *, i) or flattened (n·t, i) as (n, t, i)."""
+    if a.dim() < 2 or a.shape[0] % mode.n or a.shape[-1] != width:
+        return None
+    return a.reshape(mode.n, -1, width)
+
+
+def _linear(mode, func, args, kwargs, found):
+    x, weight, bias = _bind(args, kwargs, ("input", "weight", "bias"), (None,))
+    return _linear_map(mode, x, weight, bias, "oi")
+
+
+def _linear_map(mode, x: Tensor, weight: Tensor, bias: Tensor | None, layout: str):
+    """``x Wᵀ + b`` ("oi") or ``x W + b`` ("io") with W and/or b tracked."""
+    dw, db = mode._tracked(weight), mode._tracked(bias)
+    if dw is not None and mode._tracked(x) is not None or weight.dim() != 2:
+        return None
+    o, i = weight.shape if layout == "oi" else weight.shape[::-1]
+    a = _examples_first(mode, x, i)
+    if a is None:
+        return None
+    if dw is not None and dw.f is None and (bias is None or db is not None and db.f is None):
+        # the parameter itself: keep the factored form (a, g)
+        y = F.linear(x, weight if layout == "oi" else weight.T, bias)
+        record = Linear(a.detach(), dw.name, None if bias is None else db.name, layout)
+        if y.requires_grad:
+            y.register_hook(lambda grad: setattr(record, "g", grad.reshape(mode.n, -1, o)))
+            mode.record.records.append(record)
+        return y
+    if dw is not None:
+        big = mode._per_example(dw, 3)  # (n, o, i) or (n, i, o)
+        if big is None:
+            return None
+        y = torch.bmm(a, big.transpose(1, 2) if layout == "oi" else big)
+    else:
+        y = torch.matmul(a, weight.T if layout == "oi" else weight)
+    y = y.reshape(*x.shape[:-1], o)
+    if bias is None:
+        return y
+    b = mode._per_example(db, y.dim()) if db is not None else bias
+    return None if b is None else y + b
+
+
+def _matmul(mode, func, args, kwargs, found):
+    x, weight = args[0], args[1]
+    if len(args) != 2 or kwargs or mode._tracked(x) is not None:
+        return None
+    return _linear_map(mode, x, weight, None, "io")
+
+
+def _addmm(mode, func, args, kwargs, found):
+    bias, x, weight = args[:3]
+    if len(args) != 3 or kwargs or mode._tracked(x) is not None:
+        return None
+    return _linear_map(mode, x, weight, bias, "io")
+
+
+def _embedding(mode, func, args, kwargs, found):
+    index, weight, padding_idx, max_norm = _bind(args, kwargs, ("input", "weight", "padding_idx", "max_norm"), (None, None))
+    d = mode._tracked(weight)
+    if d is None or d.f is not None or max_norm is not None or kwargs.get("scale_grad_by_freq"):
+        return None
+    if index.dim() == 0 or index.shape[0] % mode.n:
+        return None
+    y = F.embedding(index, weight, padding_idx)
+    if padding_idx is not None and padding_idx < 0:
+        padding_idx += weight.shape[0]
+    record = Lookup(index.reshape(mode.n, -1), d.name, padding_idx)
+    if y.requires_grad:
+        y.register_hook(lambda grad: setattr(record, "g", grad.reshape(mode.n, -1, weight.shape[1])))
+        mode.record.records.append(record)
+    return y
+
+
+_HANDLERS = {
+    **{f: _arithmetic for f in _ARITHMETIC},
+    **{f: _expand for f in _EXPAND},
+    F.layer_norm: _layer_norm,
+    F.rms_norm: _rms_norm,
+    F.group_norm: _group_norm,
+    F.linear: _linear,
+    torch.matmul: _matmul,
+    Tensor.matmul: _matmul,
+    Tensor.__matmul__: _matmul,
+    torch.mm: _matmul,
+    torch.addmm: _addmm,
+    F.embedding: _embedding,
+}
+
+
+class DirectRule(Rule):
+    """The rule of a module whose own parameters its forward uses directly (see module doc).
+
+    A call whose operations the mode could not follow is computed by the torch.func rule.
+    """
+
+    def batch_size(self, module, call):
+        record: DirectCall | None = call.pieces.get("direct")
+        if record is None or record.unhandled or record.n is None:
+            return FALLBACK.batch_size(module, call)
+        return record.n
+
+    def prepare(self, module, calls: list[Call]):
+        return calls
+
+    def per_example_grads(self, module, calls):
+        shapes = {k: p.shape for k, p in self.parameters(module)}
+        out: dict[str, Tensor] = {}
+        for call in calls:
+            for k, v in self._call_pieces(module, call, shapes).items():
+                out[k] = out[k] + v if k in out else v
+        return out
+
+    def sq_norms(self, module, calls):
+        only = self._factored_only(calls)
+        if only is None:
+            return super().sq_norms(module, calls)
+        shapes = {k: p.shape for k, p in self.parameters(module)}
+        out = {}
+        for record in only.records:
+            out.update(record.sq_norms() if isinstance(record, Linear) else record.sq_norms(shapes[record.weight][0]))
+        rest = {k: v for k, v in self._call_pieces(module, calls[0], shapes, records=False).items() if k not in out}
+        out.update({k: v.reshape(v.shape[0], -1).square().sum(1) for k, v in rest.items()})
+        return out
+
+    @staticmethod
+    def _factored_only(calls: list[Call]) -> DirectCall | None:
+        """The record of a single call whose factored records each own their parameters."""
+        if len(calls) != 1:
+            return None
+        record: DirectCall = calls[0].pieces.get("direct")
+        if record is None or record.unhandled:
+            return None
+        names = [n for r in record.records for n in (r.weight, getattr(r, "bias", None)) if n is not None]
+        if len(names) != len(set(names)) or set(names) & set(record.dense) or any(r.g is None for r in record.records):
+            return None
+        return record
+
+    def _call_pieces(self, module, call: Call, shapes, records: bool = True) -> dict[str, Tensor]:
+        record: DirectCall = call.pieces.get("direct")
+        if record is None or record.unhandled:
+            return FALLBACK._one_call(module, call)
+        out = {k: v.reshape(v.shape[0], *shapes[k]) for k, v in record.dense.items()}
+        if records:
+            for r in record.records:
+                if r.g is None:
+                    continue
+                for k, v in r.pieces(shapes).items():
+                    out[k] = out[k] + v if k in out else v
+        return out
+
+
+DIRECT = DirectRule()
