@@ -14,6 +14,7 @@ training loop, and :class:`ParamSNR` a :class:`SNRState`.
   ratio from second moments.
 - :mod:`.batch_size`: the norm test of Byrd et al. 2012 and the AdaScale gain.
 - :mod:`.norms`: quantiles of a window of norms, and over a stream; the largest norms.
+- :mod:`.tradeoff`: the steps–examples trade-off and the critical batch size B_crit.
 
 References:
     McCandlish et al. 2018, "An Empirical Model of Large-Batch Training", arXiv:1812.06162.
@@ -34,6 +35,7 @@ from .batch_size import NormTest, adascale_gain, norm_test
 from .noise_scale import NoiseEstimate, NoiseScale, NoiseState
 from .norms import LargestNorms, NormHistogram, norm_quantiles
 from .snr import ParamSNR, SNREstimate, SNRState
+from .tradeoff import TradeoffFit, fit_tradeoff
 
 __all__ = [
     "BatchEstimate",
@@ -47,8 +49,10 @@ __all__ = [
     "SNREstimate",
     "SNRState",
     "StatsWarning",
+    "TradeoffFit",
     "adascale_gain",
     "batch_estimate",
+    "fit_tradeoff",
     "mean_grad_sq_norm",
     "norm_quantiles",
     "norm_test",
