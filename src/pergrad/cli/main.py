@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 from typing import NoReturn, Sequence
 
-from pergrad.cli import check, explain, report, train
+from pergrad.cli import cbs, check, explain, report, train
 
-_COMMANDS = (train, report, check, explain)
+_COMMANDS = (train, report, check, explain, cbs)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,8 +1,10 @@
-"""Batch-size advice from the logged noise scale B_simple.
+"""Batch-size advice from the logged noise scale B_simple, or from a measured B_crit.
 
 B_simple = tr Σ / |G|² is the batch size at which the mini-batch gradient's noise
 (tr Σ / B) equals its signal (|G|²). Well below it, doubling B nearly halves the noise of each
 step; well above it, extra examples buy little (McCandlish et al. 2018, arXiv:1812.06162).
+B_simple predicts the critical batch size B_crit; where ``pergrad cbs`` measured B_crit, the
+advice compares the batch size with the measurement instead, and says so.
 
 References:
     McCandlish, Kaplan, Amodei et al. (2018), "An Empirical Model of Large-Batch Training",
@@ -41,6 +43,7 @@ class BatchSizeAdvice:
         n_values: how many logged B_simple values the median is over.
         n_logged: how many rows had a B_simple value at all.
         message: the advice in plain words, with the numbers.
+        basis: "B_simple", or "B_crit" when the verdict compares B with a measured B_crit.
     """
 
     verdict: str
@@ -53,6 +56,7 @@ class BatchSizeAdvice:
     n_values: int
     n_logged: int
     message: str
+    basis: str = "B_simple"
 
 
 def advise_batch_size(
@@ -63,6 +67,7 @@ def advise_batch_size(
     batch_size: int,
     tail: float = TAIL,
     factor: float = FACTOR,
+    b_crit: tuple[float, float, float] | None = None,
 ) -> BatchSizeAdvice:
     """Compare the batch size with the median B_simple over the last part of training.
 
@@ -74,6 +79,9 @@ def advise_batch_size(
         batch_size: B.
         tail: share of the rows *with* a B_simple value that the median reads, from the end.
         factor: the margin either side of "about right".
+        b_crit: (B_crit, low, high) measured by ``pergrad cbs``, or None. When its interval is
+            bounded the verdict compares B with B_crit; when only its lower end is measured
+            (high = inf) it does so only if that lower end already exceeds factor·B.
 
     Returns:
         A :class:`BatchSizeAdvice`.
@@ -94,6 +102,16 @@ def advise_batch_size(
     med_low, med_high = (_nanmedian(v[rows]) for v in (low, high))
     first, last = int(steps[rows[0]]), int(steps[rows[-1]])
 
+    if b_crit is not None:
+        measured = _measured_advice(b_crit, batch_size, factor)
+        if measured is not None:
+            verdict, message = measured
+            return BatchSizeAdvice(
+                verdict, batch_size, median, med_low, med_high, first, last, len(rows), n_logged,
+                f"{message} (B_simple, which predicts it, has median {number(median)} over the last "
+                f"{len(rows)} of {n_logged} logged values.)",
+                basis="B_crit",
+            )  # fmt: skip
     if median > factor * batch_size:
         verdict = TOO_SMALL
     elif batch_size > factor * median:
@@ -131,10 +149,44 @@ def advise_batch_size(
             "A larger batch would give diminishing returns per example; a smaller one, noisier "
             "steps."
         )
+    if b_crit is not None:
+        message += f" (The measured B_crit is at least {number(b_crit[1])}, not bounded above, so the advice reads B_simple.)"
     return BatchSizeAdvice(
         verdict, batch_size, median, med_low, med_high, first, last, len(rows), n_logged,
         f"{message} Numbers used: {used}.",
     )  # fmt: skip
+
+
+def _measured_advice(b_crit: tuple[float, float, float], batch_size: int, factor: float) -> tuple[str, str] | None:
+    """(verdict, message) from a measured B_crit, or None when the measurement cannot decide."""
+    value, low, high = b_crit
+    used = (
+        f"Numbers used: the measured critical batch size B_crit = {number(value)} (interval "
+        f"{number(low)}–{number(high)}, from pergrad cbs), batch size B = {batch_size}."
+    )
+    if math.isinf(high):
+        if low > factor * batch_size:
+            return TOO_SMALL, (
+                f"The batch is too small: the measured B_crit is at least {number(low)}, more than "
+                f"{factor:g}× the batch size; larger batches would still cut the steps almost in "
+                f"proportion. {used}"
+            )
+        return None
+    if value > factor * batch_size:
+        return TOO_SMALL, (
+            f"The batch is too small: the measured B_crit is more than {factor:g}× the batch size, "
+            f"so a larger batch would reach the target in proportionally fewer steps at little "
+            f"cost in examples. {used}"
+        )
+    if batch_size > factor * value:
+        return WASTEFUL, (
+            f"The batch is larger than it needs to be: B is more than {factor:g}× the measured "
+            f"B_crit; about {number(value)} examples per step would reach the same loss on fewer "
+            f"examples. {used}"
+        )
+    return ABOUT_RIGHT, (
+        f"The batch size is about right: B is within a factor {factor:g} of the measured B_crit. {used}"
+    )
 
 
 def _nanmedian(values: np.ndarray) -> float:

@@ -23,6 +23,7 @@ from ..checks.suite import sampling_report
 from ..train.metrics import Column
 from ..train.sampler import BatchOrder
 from .advice import advise_batch_size
+from .cbs import cbs_section, load_cbs
 from .html import page
 from .run_files import ReportError, load_data_and_model, load_run
 from .theta import examples_at_theta, float64_copy, per_example_gradients
@@ -49,6 +50,7 @@ def build_report(run_dir: str | Path) -> Path:
             cannot be written; nothing has been written then.
     """
     run = load_run(run_dir)
+    cbs = load_cbs(run.path)
     dataset, model = load_data_and_model(run)
     config, metrics = run.config, run.metrics
     batch_size = int(metrics.last(Column.BATCH_SIZE)[0] or config.batch_size)
@@ -60,6 +62,7 @@ def build_report(run_dir: str | Path) -> Path:
         metrics.column(Column.B_SIMPLE_LOW),
         metrics.column(Column.B_SIMPLE_HIGH),
         batch_size,
+        b_crit=_measured_b_crit(cbs),
     )
     sampling = sampling_report(config, dataset)
     alignment = _alignment(run.checkpoint)
@@ -80,6 +83,7 @@ def build_report(run_dir: str | Path) -> Path:
             ),
             sections.curves_section(metrics),
             sections.noise_scale_section(metrics, advice),
+            cbs_section("cbs", dict(sections.SECTIONS)["cbs"], cbs, metrics),
             sections.snr_section(metrics, batch_size),
             sections.norms_section(examples, metrics),
             sections.outliers_section(examples, x, y, dataset.image_shape, dataset.task),
@@ -107,6 +111,13 @@ def build_report(run_dir: str | Path) -> Path:
             f"cannot write the report into {run.path} ({err.strerror}); make the directory writable"
         ) from None
     return report
+
+
+def _measured_b_crit(cbs: dict | None) -> tuple[float, float, float] | None:
+    """(B_crit, low, high) from cbs.json, None where there is no fitted B_crit with an interval."""
+    if cbs is None or cbs["b_crit"] is None or not cbs["b_crit_interval"]:
+        return None
+    return (cbs["b_crit"], *cbs["b_crit_interval"])
 
 
 def _alignment(checkpoint: dict) -> AlignmentReport | None:

@@ -40,6 +40,7 @@ SECTIONS = (
     ("assumptions", "Are the batches random?"),
     ("curves", "Loss and accuracy"),
     ("noise-scale", "Noise scale and batch size"),
+    ("cbs", "Critical batch size"),
     ("snr", "Signal-to-noise per parameter"),
     ("norms", "Per-example gradient norms"),
     ("outliers", "Largest gradients"),

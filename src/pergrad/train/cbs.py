@@ -1,0 +1,511 @@
+"""The critical batch size, measured two ways with the trainer, beside the noise scale that predicts it.
+
+1. The sweep (McCandlish et al. 2018): for each batch size B of a ladder of powers of two, a
+   few learning rates (the best kept per B) and several seeds, train until the validation loss
+   first reaches a target; S(B) steps and E(B) examples; :func:`pergrad.stats.fit_tradeoff`
+   gives S_min, E_min and B_crit = E_min / S_min.
+2. The branches (Merrill et al. 2025): from checkpoints of the reference run at several steps t,
+   continue at k·B with the learning rate scaled by the optimizer's rule (k for SGD, √k for
+   Adam) for the same number of examples; B*(t) is the largest k·B whose validation loss is not
+   worse than the k = 1 branch's by more than a tolerance (:func:`branch_critical_batch`).
+
+The run directory ``OUT`` is the reference run itself (``pergrad train`` with the given
+settings, so ``pergrad report OUT`` works and shows B_simple(t)), plus::
+
+    OUT/cbs.json              the result (:func:`run_cbs`)
+    OUT/cbs/reference.json    target loss, the reference's steps to it, the branch points
+    OUT/cbs/points/step-T.pt  the reference's checkpoint at step T (a branch point)
+    OUT/cbs/jobs/NAME.json    one finished job (written atomically by the job itself)
+    OUT/cbs/jobs/NAME/        that job's run directory
+
+Jobs run in parallel processes; a job whose JSON exists is never run again, so an interrupted
+sweep resumes where it stopped (an unfinished job restarts from its beginning).
+
+References:
+    McCandlish, Kaplan, Amodei et al. 2018, "An Empirical Model of Large-Batch Training",
+    arXiv:1812.06162.
+    Merrill, Arora, Groeneveld, Hajishirzi 2025, "Critical Batch Size Revisited: A Simple
+    Empirical Approach to Large-Batch Language Model Training", arXiv:2505.23971.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .._atomic import write_atomic
+from ..stats import fit_tradeoff
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import ConfigError, TrainConfig
+from .data import load_dataset
+from .ground_truth import linreg_noise_scales
+from .loop import prepare_run_dir, train
+from .metrics import read_metrics
+from .sampler import BatchOrder
+
+__all__ = ["CBSPlan", "make_plan", "run_cbs", "run_job", "branch_critical_batch", "RESULT", "TOLERANCE"]
+
+RESULT = "cbs.json"
+TOLERANCE = 0.1  # a branch passes when its loss is at most (1 + TOLERANCE) × the k = 1 branch's
+_LR_FACTORS = (0.5, 1.0, 2.0)  # learning rates tried per B, times the reference's lr moved to B (grid_lr)
+_BUDGET = 2.5  # a sweep job stops unreached after 2.5× the steps (or examples) the reference needed
+_ROWS = 25  # logged rows per sweep job, about: the resolution of its steps to the target
+_BRANCH_STEPS = 8  # the largest branch runs at least this many steps
+
+
+@dataclass(frozen=True)
+class CBSPlan:
+    """What a ``pergrad cbs`` run measures.
+
+    Attributes:
+        batch_sizes: the sweep's ladder of B.
+        lr_factors: learning rates per B, as multiples of :func:`grid_lr`.
+        seeds: seeds per (B, lr): config.seed, config.seed + 1, ...
+        branch_points: how many reference checkpoints to branch from.
+        branch_factors: the k of the branches (k = 1 first).
+        tolerance: relative loss tolerance of a branch.
+        target_loss: the validation loss to reach; None: the reference run's at half its steps.
+    """
+
+    batch_sizes: tuple[int, ...]
+    lr_factors: tuple[float, ...]
+    seeds: int
+    branch_points: int
+    branch_factors: tuple[int, ...]
+    tolerance: float = TOLERANCE
+    target_loss: float | None = None
+
+    @property
+    def n_jobs(self) -> int:
+        sweep = len(self.batch_sizes) * len(self.lr_factors) * self.seeds
+        return sweep + self.branch_points * len(self.branch_factors)
+
+
+def make_plan(
+    config: TrainConfig,
+    *,
+    quick: bool = False,
+    seeds: int | None = None,
+    target_loss: float | None = None,
+    tolerance: float = TOLERANCE,
+) -> CBSPlan:
+    """The default plan for a config: batch sizes the powers of two from 8 up to half the
+    training set (every other one when quick), branches at k·B for powers of two k up to the same.
+
+    Raises:
+        ConfigError: fewer than two seeds, a target loss ≤ 0, a negative tolerance, a training
+            set too small for a ladder, or a batch size of the ladder that does not split into
+            ``config.accumulate`` micro-batches.
+    """
+    if seeds is not None and seeds < 2:
+        raise ConfigError(f"--seeds must be at least 2 (the interval of B_crit needs replicates), got {seeds}")
+    if target_loss is not None and not (math.isfinite(target_loss) and target_loss > 0):
+        raise ConfigError(f"--target-loss must be a positive number, got {target_loss}")
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise ConfigError(f"--tolerance must be a number >= 0, got {tolerance}")
+    n_train = load_dataset(config).train_x.shape[0]
+    top = 2 ** int(math.log2(n_train // 2)) if n_train >= 16 else 0
+    ladder = [b for b in (2**p for p in range(3, 20)) if b <= top]
+    if quick:
+        ladder = ladder[::2]
+    if len(ladder) < 3:
+        raise ConfigError(f"the training set has {n_train} examples: too few for a ladder of batch sizes; use a larger dataset")
+    factors = [k for k in (2**p for p in range(0, 12)) if k * config.batch_size <= top]
+    if quick:
+        factors = factors[::2]
+    for b in ladder + [k * config.batch_size for k in factors]:
+        config.replace(batch_size=b)  # ConfigError when b does not split into the micro-batches
+    return CBSPlan(
+        batch_sizes=tuple(ladder),
+        lr_factors=(0.5, 2.0) if quick else _LR_FACTORS,
+        seeds=seeds or (2 if quick else 3),
+        branch_points=2 if quick else 4,
+        branch_factors=tuple(factors),
+        tolerance=tolerance,
+        target_loss=target_loss,
+    )
+
+
+def scaled_lr(config: TrainConfig, batch_size: int) -> float:
+    """The reference lr moved to another batch size by the optimizer's rule (the branches' lr):
+    linearly for SGD, by the square root for Adam."""
+    k = batch_size / config.batch_size
+    return config.lr * (math.sqrt(k) if config.optimizer == "adam" else k)
+
+
+def grid_lr(config: TrainConfig, batch_size: int) -> float:
+    """The centre of the sweep's learning-rate grid at a batch size: :func:`scaled_lr` below the
+    reference batch, and above it the square-root rule, since the linear one overshoots the
+    stable learning rate once the noise no longer dominates."""
+    if batch_size <= config.batch_size:
+        return scaled_lr(config, batch_size)
+    return config.lr * math.sqrt(batch_size / config.batch_size)
+
+
+def branch_critical_batch(batch_sizes, losses, tolerance: float) -> tuple[float, bool]:
+    """B*: the largest batch size up to which every branch's loss is within the tolerance.
+
+    Args:
+        batch_sizes: (k,) increasing batch sizes, the first the base branch's.
+        losses: (k,) each branch's loss after the same number of examples.
+        tolerance: a branch passes when its loss ≤ (1 + tolerance) × the base branch's loss.
+
+    Returns:
+        (B*, bounded): B* and whether a larger branch failed (else B* is only a lower bound).
+        A failure ends the search, so a lucky branch beyond it does not count; a non-finite
+        loss fails.
+
+    References:
+        Merrill et al. 2025, arXiv:2505.23971.
+    """
+    base = losses[0]
+    best = batch_sizes[0]
+    for b, loss in zip(batch_sizes[1:], losses[1:]):
+        if not (math.isfinite(loss) and loss <= (1 + tolerance) * base):
+            return float(best), True
+        best = b
+    return float(best), False
+
+
+# --- jobs -------------------------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    """Raised from the trainer's row callback to end a sweep job early."""
+
+
+def run_job(job: dict) -> dict:
+    """Run one job (a dict: kind "sweep" or "branch", name, config, ...) and write its JSON.
+
+    Returns:
+        The job's result (also in ``job["result_path"]``, written atomically).
+    """
+    torch.set_num_threads(1)
+    start = time.time()
+    config = TrainConfig.from_dict(job["config"])
+    shutil.rmtree(config.out, ignore_errors=True)  # an unfinished earlier attempt
+    result = _sweep_job(job, config) if job["kind"] == "sweep" else _branch_job(job, config)
+    result = {**{k: job[k] for k in ("kind", "name", "batch_size", "lr", "seed")}, **result}
+    result["wall_s"] = time.time() - start
+    write_atomic(job["result_path"], json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def _sweep_job(job: dict, config: TrainConfig) -> dict:
+    """Train until the validation loss first reaches the target; the step of the crossing is
+    interpolated linearly between the two logged rows around it."""
+    target, seen = job["target"], []
+
+    def on_row(row: dict) -> None:
+        seen.append((row["step"], row["val_loss"]))
+        if row["val_loss"] <= target or not math.isfinite(row["val_loss"]) or row["val_loss"] > 2 * seen[0][1]:
+            raise _Stop
+
+    try:
+        train(config, quiet=True, stop_after=job["max_steps"], on_row=on_row, stream=io.StringIO())
+    except _Stop:
+        pass
+    step, loss = seen[-1] if seen else (0, math.inf)
+    if not loss <= target:
+        return {"reached": False, "steps": None, "examples": None, "last_val_loss": _finite(loss)}
+    steps = float(step)
+    if len(seen) > 1 and seen[-2][1] > loss:
+        before_step, before_loss = seen[-2]
+        steps -= (step - before_step) * (target - loss) / (before_loss - loss)
+    return {"reached": True, "steps": steps, "examples": steps * job["mean_batch"], "last_val_loss": loss}
+
+
+def _branch_job(job: dict, config: TrainConfig) -> dict:
+    """Continue the reference checkpoint at this batch size and lr for the branch's steps.
+
+    The trainer writes a fresh checkpoint of the branch's own run (its format), whose model and
+    optimizer are replaced by the reference's, with the optimizer's lr set to the branch's.
+    """
+    train(config, quiet=True, stop_after=0, stream=io.StringIO())
+    path = Path(config.out) / "checkpoint.pt"
+    state, point = load_checkpoint(path), load_checkpoint(job["point"])
+    optimizer = point["optimizer"]
+    for group in optimizer["param_groups"]:
+        group["lr"] = config.lr
+    save_checkpoint(path, {**state, "model": point["model"], "optimizer": optimizer})
+    result = train(config, resume=True, quiet=True, stop_after=job["steps"], stream=io.StringIO())
+    loss = result.rows[-1]["val_loss"] if result.rows else math.inf
+    return {"point": job["at_step"], "steps": job["steps"], "examples": job["steps"] * config.batch_size,
+            "val_loss": _finite(loss)}  # fmt: skip
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
+
+
+# --- the reference run ------------------------------------------------------------------------
+
+
+def _reference(config: TrainConfig, plan: CBSPlan, out: Path) -> dict:
+    """Train the reference run in ``out`` (pausing at the branch points to keep their
+    checkpoints; resume is exact, so it is the uninterrupted run), then fix the target loss and
+    the reference's steps to it. Read back from ``cbs/reference.json`` when already done."""
+    path = out / "cbs" / "reference.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    points_dir = out / "cbs" / "points"
+    points_dir.mkdir(parents=True, exist_ok=True)
+    dataset = load_dataset(config)
+    total = BatchOrder.for_run(config, dataset).steps_per_epoch() * config.epochs
+    points = sorted({max(1, round(total * (j + 1) / (plan.branch_points + 1))) for j in range(plan.branch_points)})
+    for j, at in enumerate(points):
+        train(config, resume=j > 0, quiet=True, stop_after=at, stream=io.StringIO())
+        shutil.copyfile(out / "checkpoint.pt", points_dir / f"step-{at}.pt")
+    result = train(config, resume=True, quiet=True, stream=io.StringIO())
+    rows = read_metrics(out / "metrics.csv")
+    target = plan.target_loss
+    if target is None:
+        target = min(rows, key=lambda r: abs(r["step"] - result.step / 2))["val_loss"]
+    crossing = next((r for r in rows if r["val_loss"] <= target), None)
+    if crossing is None:
+        raise ConfigError(
+            f"the reference run never reached the target validation loss {target:g} "
+            f"(best {min(r['val_loss'] for r in rows):.4g}): choose a larger --target-loss or train longer"
+        )
+    reference = {
+        "target_loss": target,
+        "steps_to_target": crossing["step"],
+        "total_steps": result.step,
+        "points": points,
+        "b_simple": {k: crossing.get(k) for k in ("b_simple", "b_simple_low", "b_simple_high")},
+        "b_simple_step": crossing["step"],
+    }
+    write_atomic(path, json.dumps(reference, indent=1) + "\n")
+    return reference
+
+
+# --- planning the jobs ------------------------------------------------------------------------
+
+
+def _jobs(config: TrainConfig, plan: CBSPlan, out: Path, reference: dict) -> list[dict]:
+    """Every job of the plan, sweep first (longest first), then the branches."""
+    dataset = load_dataset(config)
+    jobs_dir = out / "cbs" / "jobs"
+    s_ref = reference["steps_to_target"]
+    jobs = []
+    for b in sorted(plan.batch_sizes):
+        order = BatchOrder(dataset.train_x.shape[0], b, config.seed)
+        sizes = [len(x) for x in order.batches(0)]
+        max_steps = math.ceil(_BUDGET * s_ref * max(1.0, config.batch_size / b))
+        for factor in plan.lr_factors:
+            lr = grid_lr(config, b) * factor
+            for seed in range(config.seed, config.seed + plan.seeds):
+                name = f"sweep-b{b}-lr{lr:.6g}-seed{seed}"
+                run = config.replace(
+                    batch_size=b, lr=lr, seed=seed, out=str(jobs_dir / name), log_every=max(1, int(max_steps / (_BUDGET * _ROWS))),
+                    epochs=math.ceil(max_steps / len(sizes)) + 1,
+                )  # fmt: skip
+                jobs.append({"kind": "sweep", "name": name, "batch_size": b, "lr": lr, "seed": seed,
+                             "config": run.to_dict(), "target": reference["target_loss"], "max_steps": max_steps,
+                             "mean_batch": sum(sizes) / len(sizes)})  # fmt: skip
+    examples = _BRANCH_STEPS * config.batch_size * max(plan.branch_factors)
+    for at in reference["points"]:
+        for k in plan.branch_factors:
+            b, name = k * config.batch_size, f"branch-t{at}-k{k}"
+            steps = math.ceil(examples / b)
+            run = config.replace(batch_size=b, lr=scaled_lr(config, b), out=str(jobs_dir / name), log_every=steps,
+                                 epochs=math.ceil(steps * b / dataset.train_x.shape[0]) + 2)  # fmt: skip
+            jobs.append({"kind": "branch", "name": name, "batch_size": b, "lr": run.lr, "seed": config.seed,
+                         "config": run.to_dict(), "point": str(out / "cbs" / "points" / f"step-{at}.pt"),
+                         "at_step": at, "steps": steps})  # fmt: skip
+    jobs.sort(key=lambda j: -j.get("max_steps", j.get("steps")))  # the longest first: the pool ends together
+    for job in jobs:
+        job["result_path"] = str(jobs_dir / f"{job['name']}.json")
+    return jobs
+
+
+# --- running them -----------------------------------------------------------------------------
+
+
+def run_cbs(config: TrainConfig, plan: CBSPlan, *, workers: int = 1, stream=None) -> dict:
+    """Measure the critical batch size as ``plan`` says, into the run directory ``config.out``.
+
+    Args:
+        config: the reference run's settings (``pergrad train``'s).
+        plan: from :func:`make_plan`.
+        workers: parallel processes for the jobs (1: in this process, one after another).
+        stream: where progress goes (default stderr).
+
+    Returns:
+        The content of ``cbs.json`` (also written there, atomically).
+
+    Raises:
+        ConfigError: unusable settings, or a reference run that never reaches the target.
+    """
+    stream = stream or sys.stderr
+    out = prepare_run_dir(config.out)
+    saved = out / "cbs" / "plan.json"
+    if saved.is_file() and json.loads(saved.read_text()) != json.loads(json.dumps(_plan_record(config, plan))):
+        raise ConfigError(f"{out} holds a cbs run with other settings: choose another --out, or repeat the same settings to resume")
+    (out / "cbs" / "jobs").mkdir(parents=True, exist_ok=True)
+    write_atomic(saved, json.dumps(_plan_record(config, plan), indent=1) + "\n")
+    print(f"pergrad cbs: reference run ({config.batch_size} per step, {config.epochs} epochs) in {out}", file=stream, flush=True)
+    reference = _reference(config, plan, out)
+    jobs = _jobs(config, plan, out, reference)
+    done = [j for j in jobs if Path(j["result_path"]).is_file()]
+    pending = [j for j in jobs if not Path(j["result_path"]).is_file()]
+    print(f"pergrad cbs: target validation loss {reference['target_loss']:.4g}; {len(jobs)} jobs, "
+          f"{len(done)} already done, {workers} in parallel", file=stream, flush=True)  # fmt: skip
+    _run_all(pending, workers, len(done), len(jobs), stream)
+    results = [json.loads(Path(j["result_path"]).read_text()) for j in jobs]
+    summary = summarize(config, plan, reference, results, out)
+    write_atomic(out / RESULT, json.dumps(_jsonable(summary), indent=1) + "\n")
+    return summary
+
+
+def _plan_record(config: TrainConfig, plan: CBSPlan) -> dict:
+    return {"config": {**config.to_dict(), "out": None}, "plan": plan.__dict__}
+
+
+def _run_all(jobs: list[dict], workers: int, done: int, total: int, stream) -> None:
+    """Run the jobs, ``workers`` at a time, printing one progress line per finished job."""
+    started = time.time()
+
+    def report(result: dict) -> None:
+        nonlocal done
+        done += 1
+        what = (f"{result['steps']:.1f} steps" if result.get("reached") else "target not reached") if result["kind"] == "sweep" \
+            else f"val loss {result['val_loss']}"  # fmt: skip
+        print(f"[{done}/{total}] {result['name']}: {what} ({time.time() - started:.0f} s)", file=stream, flush=True)
+
+    if workers == 1:
+        for job in jobs:
+            report(run_job(job))
+        return
+    context = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
+    try:
+        running = {pool.submit(run_job, job) for job in jobs}
+        while running:
+            finished, running = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                report(future.result())
+    except BaseException:  # an interruption: start no further job; finished ones are saved
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+
+
+def default_workers() -> int:
+    """The cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# --- the result -------------------------------------------------------------------------------
+
+
+def summarize(config: TrainConfig, plan: CBSPlan, reference: dict, results: list[dict], out: Path) -> dict:
+    """The content of cbs.json from the finished jobs (see :func:`run_cbs`)."""
+    sweep = [r for r in results if r["kind"] == "sweep"]
+    points, best_lr = _best_points(sweep, plan.seeds)
+    summary = {
+        "target_loss": reference["target_loss"],
+        "batch_size": config.batch_size,
+        "optimizer": config.optimizer,
+        "tolerance": plan.tolerance,
+        "b_crit": None, "b_crit_interval": None, "b_crit_bounded": None, "s_min": None, "e_min": None,
+        "best_lr": best_lr,
+        "points": points,
+        "sweep": sweep,
+    }  # fmt: skip
+    if len({p["batch_size"] for p in points}) >= 2:
+        fit = fit_tradeoff([p["steps"] for p in points], [p["examples"] for p in points], seeds=[p["seed"] for p in points])
+        summary.update(b_crit=fit.b_crit, b_crit_interval=list(fit.interval) if fit.interval else None,
+                       b_crit_bounded=fit.bounded, s_min=fit.s_min, e_min=fit.e_min,
+                       confidence=fit.confidence, residuals=fit.residuals.tolist())  # fmt: skip
+    b_simple = reference["b_simple"]
+    summary["b_simple"] = b_simple["b_simple"]
+    summary["b_simple_interval"] = [b_simple["b_simple_low"], b_simple["b_simple_high"]]
+    summary["b_simple_step"] = reference["b_simple_step"]
+    summary["ratio"], summary["ratio_interval"] = _ratio(summary)
+    summary["branches"] = _branches(config, plan, results)
+    if config.dataset == "linreg" and config.model == "linear":
+        summary["ground_truth"] = _ground_truth(config, reference, out)
+    return summary
+
+
+def _best_points(sweep: list[dict], seeds: int) -> tuple[list[dict], dict]:
+    """Per B, the points of the lr whose seeds all reached the target in the fewest mean steps."""
+    points, best_lr = [], {}
+    for b in sorted({r["batch_size"] for r in sweep}):
+        by_lr = {}
+        for r in sweep:
+            if r["batch_size"] == b:
+                by_lr.setdefault(r["lr"], []).append(r)
+        complete = {lr: rs for lr, rs in by_lr.items() if len(rs) == seeds and all(r["reached"] for r in rs)}
+        if not complete:
+            continue
+        lr = min(complete, key=lambda lr: np.mean([r["steps"] for r in complete[lr]]))
+        best_lr[str(b)] = lr
+        points += [{"batch_size": b, "lr": lr, "seed": r["seed"], "steps": r["steps"], "examples": r["examples"]}
+                   for r in complete[lr]]  # fmt: skip
+    return points, best_lr
+
+
+def _ratio(summary: dict) -> tuple[float | None, list | None]:
+    """B_simple / B_crit, with the interval from the two intervals' ends (conservative)."""
+    b_simple, b_crit = summary["b_simple"], summary["b_crit"]
+    if b_simple is None or b_crit is None or not (0 < b_crit < math.inf):
+        return None, None
+    ratio = b_simple / b_crit
+    low_s, high_s = (math.inf if v is None else v for v in summary["b_simple_interval"])
+    if summary["b_crit_interval"] is None:
+        return ratio, None
+    low_c, high_c = summary["b_crit_interval"]
+    return ratio, [low_s / high_c if high_c > 0 else 0.0, high_s / low_c if low_c > 0 else math.inf]
+
+
+def _branches(config: TrainConfig, plan: CBSPlan, results: list[dict]) -> list[dict]:
+    """B*(t) at each branch point, with every branch's loss."""
+    rows = []
+    for at in sorted({r["point"] for r in results if r["kind"] == "branch"}):
+        branch = sorted((r for r in results if r["kind"] == "branch" and r["point"] == at), key=lambda r: r["batch_size"])
+        sizes = [r["batch_size"] for r in branch]
+        losses = [math.inf if r["val_loss"] is None else r["val_loss"] for r in branch]
+        b_star, bounded = branch_critical_batch(sizes, losses, plan.tolerance)
+        rows.append({"step": at, "b_star": b_star, "bounded": bounded, "batch_sizes": sizes, "val_losses": losses,
+                     "examples": branch[0]["examples"]})  # fmt: skip
+    return rows
+
+
+def _ground_truth(config: TrainConfig, reference: dict, out: Path) -> dict:
+    """B_noise = tr(HΣ)/(GᵀHG) and B_simple in closed form at each branch point and at the end."""
+    rows = []
+    checkpoints = [(at, out / "cbs" / "points" / f"step-{at}.pt") for at in reference["points"]]
+    for at, path in checkpoints + [(reference["total_steps"], out / "checkpoint.pt")]:
+        model = load_checkpoint(path)["model"]
+        b_noise, b_simple = linreg_noise_scales(config, model["weight"].reshape(-1), model["bias"].reshape(()))
+        rows.append({"step": at, "b_noise": b_noise, "b_simple": b_simple})
+    at_target = float(np.interp(reference["steps_to_target"], [r["step"] for r in rows], [r["b_noise"] for r in rows]))
+    return {"along_run": rows, "b_noise_at_target": at_target, "steps_to_target": reference["steps_to_target"]}
+
+
+def _jsonable(value):
+    """JSON without NaN: ±inf as the strings "inf"/"-inf" (as report_data.json), NaN as null."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+    return value
