@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from . import figures
 from ._format import number
@@ -194,4 +195,8 @@ def cbs_figure(cbs: dict, metrics: Metrics) -> Figure:
     right.set_yscale("log")
     right.set(xlabel="step of the run", ylabel="batch size", title="B*(t) from branches against B_simple(t)")
     right.legend(frameon=False, fontsize=7.5)
+    for axis in (left.xaxis, left.yaxis, right.yaxis):  # plain numbers at 1, 2, 5 × 10ᵏ
+        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.set_minor_formatter(NullFormatter())
     return fig
