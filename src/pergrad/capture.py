@@ -50,6 +50,7 @@ class Target:
     shared: bool = False
     detached: dict[str, nn.Parameter] = field(default_factory=dict)
     modes: list[tuple[DirectMode, DirectCall]] = field(default_factory=list)
+    last_path: str = "direct"
 
     def describe(self) -> str:
         return f"{type(self.module).__name__} at '{self.path or '<model>'}'"
@@ -60,12 +61,7 @@ class Target:
             return "torch.func"
         if self.rule is not DIRECT:
             return f"rule {type(self.rule).__name__}"
-        records = [c.pieces.get("direct") for c in self.calls]
-        unhandled = sorted({u for r in records if r is not None for u in r.unhandled})
-        if unhandled:
-            return f"torch.func ({'; '.join(unhandled)})"
-        ops = sorted({op for r in records if r is not None for op in r.ops})
-        return f"direct ({', '.join(ops)})" if ops else "direct"
+        return self.last_path
 
 
 def _detached(x: Any) -> Any:
@@ -160,7 +156,7 @@ class Capture:
                 target.modes.append((None, record))
                 return
             params = {id(p): (local, p) for local, p in target.rule.parameters(module)}
-            mode = DirectMode(params, n, record)
+            mode = DirectMode(params, {id(b) for b in module.buffers()}, n, record)
             mode.__enter__()
             target.modes.append((mode, record))
 
@@ -191,6 +187,7 @@ class Capture:
                 if mode is not None:
                     mode.__exit__(None, None, None)
                     output = _direct_output(mode, output)
+                target.last_path = record.path()
             if not self._capturing() or output is None:
                 return None
             args, kwargs, output = self._broadcast(args, kwargs, output)

@@ -207,7 +207,10 @@ class PerExample:
             second_moment=per_param.second if self.want_second_moment else None,
         )
         if verify:
-            self._check_against_autograd(losses, result, low_precision)
+            try:
+                self._check_against_autograd(losses, result, low_precision)
+            finally:
+                capture.clear()  # calls of a checkpointed forward recomputed by those backwards
             self._verified = True
         return result
 

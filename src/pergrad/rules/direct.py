@@ -148,6 +148,12 @@ class DirectCall:
     n: int | None = None
     shared_output: str | None = None
 
+    def path(self) -> str:
+        """How this call's pieces are computed, in words."""
+        if self.unhandled:
+            return f"torch.func ({'; '.join(sorted(set(self.unhandled)))})"
+        return f"direct ({', '.join(sorted(self.ops))})" if self.ops else "direct"
+
 
 def _op_name(func) -> str:
     return getattr(func, "__name__", repr(func)).strip("_")
@@ -174,13 +180,15 @@ class DirectMode(TorchFunctionMode):
 
     Args:
         params: {id(parameter): (local name, parameter)}, the module's own trainable ones.
+        buffers: ids of the module's buffers (constants, unlike the inputs).
         n: number of examples of the forward in progress.
         record: where the call's pieces and records go.
     """
 
-    def __init__(self, params: dict[int, tuple[str, Tensor]], n: int, record: DirectCall):
+    def __init__(self, params: dict[int, tuple[str, Tensor]], buffers: set[int], n: int, record: DirectCall):
         super().__init__()
         self.params = params
+        self.buffers = buffers
         self.n = n
         self.record = record
         record.n = n
@@ -235,14 +243,15 @@ class DirectMode(TorchFunctionMode):
 
     def _derive_or_give_up(self, func, args, kwargs, found):
         """An operation the handlers do not know: fine if it only reads the parameter's
-        metadata or computes from that one parameter alone; otherwise the call goes to
-        torch.func."""
+        metadata or computes from that one parameter alone (with indices, masks or buffers);
+        otherwise the call goes to torch.func."""
         out = func(*args, **kwargs)
         if not isinstance(out, Tensor) or not out.requires_grad:
             return out
         others = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor) and self._tracked(a) is None]
         names = {d.name for _, d in found}
-        if len(names) == 1 and not any(o.requires_grad for o in others) and len(found) == 1:
+        constant = all(not o.is_floating_point() or id(o) in self.buffers for o in others)  # indices, masks
+        if len(found) == 1 and constant:
             (k, d), = found
             self.derived[id(out)] = _Derived(d.name, d.param, _compose(d.f, func, args, kwargs, k), out)
             return out
