@@ -8,6 +8,8 @@ gradient norms available as a tensor of shape ``(n,)``. The methods:
     pergrad            PerExample(model)                                      sq_norms
     pergrad+2nd        PerExample(model, second_moment=True)                  sq_norms, Σᵢ (∇ℓᵢ)²
     pergrad-grads      PerExample(model, grads=True)                          sq_norms, every ∇ℓᵢ
+    pergrad-verify     PerExample(model, verify=True): every step checked against autograd on two
+                       examples, as the first step of every PerExample is (the others run verify=False)
     torch.func         vmap(grad(per-example loss via functional_call))      every ∇ℓᵢ, then norms
     opacus             GradSampleModule (hooks): p.grad_sample               every ∇ℓᵢ, then norms
     opacus-ghost       GradSampleModuleFastGradientClipping, ghost clipping: norms in a first backward,
@@ -82,6 +84,8 @@ WORKLOADS: dict[str, Callable[[str], Workload]] = {
     "sdpa": lambda dev: wl.transformer(32, 64, device=dev, sdpa=True, key="sdpa"),
     "mlp-1024": lambda dev: wl.mlp(1024, device=dev, key="mlp-1024"),
     "sdpa-t256": lambda dev: wl.transformer(16, 256, device=dev, sdpa=True, key="sdpa-t256"),
+    "llama": lambda dev: wl.llama(16, 64, device=dev),
+    "vit": lambda dev: wl.vit(32, device=dev),
 }
 QUICK_WORKLOADS = ["mlp", "cnn", "transformer", "sdpa"]
 
@@ -141,8 +145,11 @@ class Plain(Method):
 
 
 class Pergrad(Method):
+    """Steady state: the check against autograd that PerExample runs on its first backward is
+    off here (``verify=False``); ``pergrad-verify`` times a step with it on."""
+
     key, label = "pergrad", "pergrad"
-    options: dict = {}
+    options: dict = {"verify": False}
 
     def __init__(self, w: Workload):
         super().__init__(w)
@@ -168,12 +175,20 @@ class Pergrad(Method):
 
 class PergradSecond(Pergrad):
     key, label = "pergrad+2nd", "pergrad +2nd moment"
-    options = {"second_moment": True}
+    options = {"second_moment": True, "verify": False}
 
 
 class PergradGrads(Pergrad):
     key, label = "pergrad-grads", "pergrad grads"
-    options = {"grads": True}
+    options = {"grads": True, "verify": False}
+
+
+class PergradVerify(Pergrad):
+    """A step checked against autograd on two examples (what the first backward of every
+    PerExample costs, once)."""
+
+    key, label = "pergrad-verify", "pergrad verified step"
+    options = {"verify": True}
 
 
 class TorchFunc(Method):
@@ -309,7 +324,7 @@ class BackpackVariance(Backpack):
 
 
 METHODS: dict[str, type[Method]] = {
-    m.key: m for m in (Plain, Pergrad, PergradSecond, PergradGrads, TorchFunc, Opacus, OpacusGhost,
+    m.key: m for m in (Plain, Pergrad, PergradSecond, PergradGrads, PergradVerify, TorchFunc, Opacus, OpacusGhost,
                        OpacusGhostNorms, Backpack, BackpackVariance)
 }
 

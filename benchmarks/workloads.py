@@ -183,3 +183,44 @@ def transformer(n: int = 32, t: int = 64, seed: int = 0, device: str = "cpu", ke
     return Workload(key, f"Transformer 2L d128 {kind}, n={n} t={t}", model.to(device),
                     tokens[:, :-1].contiguous().to(device), tokens[:, 1:].contiguous().to(device),
                     next_token_losses)
+
+
+class LogitsOf(nn.Module):
+    """A Hugging Face model called on one tensor, returning its logits."""
+
+    def __init__(self, model: nn.Module, keyword: str):
+        super().__init__()
+        self.model, self.keyword = model, keyword
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(**{self.keyword: x}).logits
+
+
+def llama(n: int = 16, t: int = 64, seed: int = 0, device: str = "cpu", key: str = "llama") -> Workload:
+    """transformers' LlamaForCausalLM, random init: 2 layers, d=128, 4 heads (2 key-value heads),
+    SwiGLU 344, RMSNorm, RoPE, vocabulary 1000, SDPA attention."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=1000, hidden_size=128, intermediate_size=344, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=t,
+                         attn_implementation="sdpa")
+    model = LogitsOf(LlamaForCausalLM(config), "input_ids")
+    tokens = torch.randint(0, 1000, (n, t + 1))
+    return Workload(key, f"Llama (transformers) 2L d128, n={n} t={t}", model.to(device),
+                    tokens[:, :-1].contiguous().to(device), tokens[:, 1:].contiguous().to(device),
+                    next_token_losses)
+
+
+def vit(n: int = 32, seed: int = 0, device: str = "cpu", key: str = "vit") -> Workload:
+    """transformers' ViTForImageClassification, random init: 32x32 images, patches 4x4 (64
+    tokens and a class token), 2 layers, d=128, 4 heads, MLP 512, 10 classes."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(seed)
+    config = ViTConfig(image_size=32, patch_size=4, num_channels=3, hidden_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, intermediate_size=512, num_labels=10, attn_implementation="sdpa")
+    model = LogitsOf(ViTForImageClassification(config), "pixel_values")
+    x, y = torch.randn(n, 3, 32, 32), torch.randint(0, 10, (n,))
+    return Workload(key, f"ViT (transformers) 2L d128, 32x32/4, n={n}", model.to(device), x.to(device),
+                    y.to(device), classification_losses)
