@@ -25,10 +25,16 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# pergrad against torch.func, Opacus and BackPACK; writes benchmarks/RESULTS.md and its figures
-bench: $(STAMP)
-	$(PY) -m pip install --quiet $(TORCH) -e '.[test,bench]'
-	$(PY) benchmarks/run.py
+# pergrad against torch.func, Opacus and BackPACK; writes benchmarks/RESULTS.md and its figures.
+# Its own venv: BackPACK needs torchvision, whose PyPI wheel (a CUDA build) breaks transformers'
+# imports beside the CPU torch, so it stays out of the test venv. The transformers workloads
+# (llama, vit) run in the test venv: .venv/bin/python benchmarks/run.py --workloads llama vit
+BENCH := .venv-bench
+bench:
+	test -x $(BENCH)/bin/python || $(PYTHON) -m venv $(BENCH)
+	$(BENCH)/bin/python -m pip install --quiet $(TORCH)
+	$(BENCH)/bin/python -m pip install --quiet $(TORCH) -e '.[bench]'
+	$(BENCH)/bin/python benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) runs build src/*.egg-info
+	rm -rf $(VENV) $(BENCH) runs build src/*.egg-info

@@ -140,7 +140,8 @@ class DistributedPerExample:
             (``ddp.module``), so that parameter names carry no ``module.`` prefix.
         second_moment: also merge Σⱼ gⱼ² per parameter (for :class:`~pergrad.ParamSNR`).
         group: the process group (default: the world).
-        on_unsupported: as for :class:`~pergrad.PerExample`.
+        on_unsupported, verify: as for :class:`~pergrad.PerExample` (each micro-batch's
+            backward runs under ``no_sync``, so the first one's check is local to the worker).
     """
 
     def __init__(
@@ -149,14 +150,15 @@ class DistributedPerExample:
         *,
         second_moment: bool = False,
         group: dist.ProcessGroup | None = None,
-        on_unsupported: str = "error",
+        on_unsupported: str = "auto",
+        verify: bool | str = "first",
     ):
         if isinstance(model, nn.parallel.DistributedDataParallel):
             raise ValueError(
                 "DistributedPerExample got the DistributedDataParallel wrapper: pass the wrapped "
                 "model (ddp.module), and run the forward through the wrapper as usual."
             )
-        self._pe = PerExample(model, second_moment=second_moment, on_unsupported=on_unsupported)
+        self._pe = PerExample(model, second_moment=second_moment, on_unsupported=on_unsupported, verify=verify)
         self._params = {name: p for name, p in model.named_parameters() if p.requires_grad}
         self.second_moment = second_moment
         self.group = group
