@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import types
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -113,6 +113,10 @@ class Capture:
         self.keep = Keep(grads=False, second=False)
         self.n_forward: int | None = None  # examples of the model's forward in progress
         self._paused = False
+        # a backward not run by PerExample.backward: this is called once at its end
+        self.on_external_backward: Callable[[], None] | None = None
+        self.own_backward = False  # PerExample.backward is running its own backward
+        self._end_queued = False
         self._handles = [model.register_forward_pre_hook(self._count_examples, with_kwargs=True, prepend=True)]
         for t in self.targets:
             if type(t.rule).grads_in_backward is not Rule.grads_in_backward:
@@ -205,11 +209,11 @@ class Capture:
             call.grad_outputs = [None] * len(outputs)
             for k, o in enumerate(outputs):
                 if o.requires_grad:
-                    o.register_hook(_store_grad(call, k))
+                    o.register_hook(self._noticed(_store_grad(call, k)))
             for name, tensor in internals.items():
                 call.internals[name] = tensor.detach()
                 if tensor.requires_grad:
-                    tensor.register_hook(_store_internal_grad(call, name))
+                    tensor.register_hook(self._noticed(_store_internal_grad(call, name)))
             target.calls.append(call)
             return output
 
@@ -239,7 +243,7 @@ class Capture:
         """The backward of one call whose rule builds the batch gradients of ``names``."""
 
         def backward(grad_output: Tensor) -> list[Tensor]:
-            _store_grad(call, 0)(grad_output)
+            self._noticed(_store_grad(call, 0))(grad_output)
             # pieces summed over several calls or modules before squaring must be kept whole
             whole = self.keep.grads or target.shared or len(target.calls) > 1
             wide = replace(call, args=tuple(widen(a) for a in call.args))
@@ -248,6 +252,22 @@ class Capture:
             return [grads[n].to(params[n].dtype) for n in names]
 
         return backward
+
+    def _noticed(self, hook: Callable[[Tensor], None]) -> Callable[[Tensor], None]:
+        """A gradient hook that also notices a backward run by someone else (a framework's
+        ``loss.backward()``) and asks autograd to call :attr:`on_external_backward` at its end."""
+
+        def noticing(grad: Tensor) -> None:
+            hook(grad)
+            if not self.own_backward and not self._end_queued and self.on_external_backward is not None:
+                self._end_queued = True
+                torch.autograd.Variable._execution_engine.queue_callback(self._end_external)
+
+        return noticing
+
+    def _end_external(self) -> None:
+        self._end_queued = False
+        self.on_external_backward()
 
     def _capturing(self) -> bool:
         return not self._paused and torch.is_grad_enabled()
@@ -299,6 +319,15 @@ class Capture:
         tensors in float32."""
         calls = [c for c in target.calls if c.reached]
         return [_examples_first(c, target.rule.batch_size(target.module, c), n) for c in calls]
+
+    def examples_reached(self) -> int | None:
+        """The number of examples of the backward that just ran: the model's forward's, or the
+        batch size of the first call it reached; None if it reached none."""
+        for t in self.targets:
+            for call in t.calls:
+                if call.reached:
+                    return self.n_forward if self.n_forward is not None else t.rule.batch_size(t.module, call)
+        return None
 
     def saw_low_precision(self) -> bool:
         """Whether an output gradient of the forward in hand is float16/bfloat16 (autocast)."""

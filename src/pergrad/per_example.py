@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .capture import Capture
-from .errors import VerificationError
+from .errors import CaptureError, VerificationError
 from .rules import Keep, flat_sq_norm
 
 __all__ = ["PerExample", "PerExampleResult"]
@@ -117,6 +117,8 @@ class PerExample:
             t.shared = any(name in self._shared for name in t.param_names.values())
         self._capture.keep = Keep(grads=grads, second=second_moment)
         self._params = dict(self._capture.parameters())
+        self._gathered: list[tuple[int, _PerParameter]] = []  # backwards run by someone else
+        self._capture.on_external_backward = self._gather
 
     def __enter__(self) -> "PerExample":
         return self
@@ -174,9 +176,11 @@ class PerExample:
         if scaler is not None and scaler.is_enabled():
             reduced = scaler.scale(reduced)
             loss_scale = float(scaler.get_scale())
+        capture.own_backward = True
         try:
             reduced.backward(retain_graph=verify)
         finally:
+            capture.own_backward = False
             fresh = {name: p.grad for name, p in params.items()}
             for name, p in params.items():
                 if earlier[name] is not None:
@@ -207,12 +211,95 @@ class PerExample:
             second_moment=per_param.second if self.want_second_moment else None,
         )
         if verify:
+            capture.own_backward = True
             try:
                 self._check_against_autograd(losses, result, low_precision)
             finally:
+                capture.own_backward = False
                 capture.clear()  # calls of a checkpointed forward recomputed by those backwards
             self._verified = True
         return result
+
+    def result(self, reduction: str = "mean", *, loss_scale: float = 1.0, grad_scale: float | None = None) -> PerExampleResult:
+        """What the backward passes run by someone else since the last call measured.
+
+        With the hooks attached, an ordinary ``loss.backward()`` (a framework's, on the batch's
+        mean or sum loss) is measured too: at its end, its examples' pieces are computed and
+        kept, and the examples of several backward passes (micro-batches of one optimizer step)
+        are gathered, in order, until this method reads them and starts a new gathering.
+
+        Args:
+            reduction: how the losses backpropagated since the last result relate to the B
+                gathered examples' own losses ℓⱼ. "mean": they add up to (1/B) Σⱼ ℓⱼ (one
+                backward of a batch's mean loss; K micro-batches' mean losses each divided by
+                K; Hugging Face's token-summed loss over ``num_items_in_batch``, where example
+                j's loss is then its summed token loss times B / (tokens in the batch)); the
+                per-example gradient is B times its piece. "sum": they add up to Σⱼ ℓⱼ.
+            loss_scale: the factor the backpropagated losses carried (``scaler.get_scale()``
+                of a ``torch.amp.GradScaler``): per-example results are divided by it.
+            grad_scale: the factor ``.grad`` carries now (default ``loss_scale``; 1.0 once
+                the gradients were unscaled). ``batch_grads`` and ``batch_grad_sq_norm`` are
+                read from ``.grad`` divided by it, so the gradients must have been zeroed
+                before the step's first backward, as training loops do.
+
+        Returns:
+            A :class:`PerExampleResult` over the B gathered examples.
+
+        Raises:
+            CaptureError: no backward was measured since the last result.
+
+        The first-backward check against autograd needs per-example losses, so it runs in
+        :meth:`backward` only, not here.
+        """
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}.")
+        if not self._gathered:
+            raise CaptureError(
+                "No backward pass was measured since the last result: run the forward and "
+                "loss.backward() with PerExample attached (its hooks live until remove()) first."
+            )
+        parts, self._gathered = self._gathered, []
+        total = sum(n for n, _ in parts)
+        scale = (float(total) if reduction == "mean" else 1.0) / loss_scale
+        names = list(self._params)
+        sq = {k: torch.cat([part.sq[k] for _, part in parts]) * scale**2 for k in names}
+        grads = {k: torch.cat([part.grads[k] for _, part in parts]) * scale for k in names} if self.want_grads else None
+        second = None
+        if self.want_second_moment:
+            second = {k: sum(part.second[k] for _, part in parts) * scale**2 for k in names}
+        unscale = loss_scale if grad_scale is None else grad_scale
+        batch = {k: (torch.zeros_like(p) if p.grad is None else p.grad.detach() / unscale) for k, p in self._params.items()}
+        param_batch_sq = _sq_norms_by_name(batch, torch.zeros((), dtype=torch.float64))
+        return PerExampleResult(
+            sq_norms=torch.stack(list(sq.values())).sum(0),
+            param_sq_norms=sq,
+            batch_grad_sq_norm=torch.stack(list(param_batch_sq.values())).sum(),
+            param_batch_grad_sq_norms=param_batch_sq,
+            batch_grads=batch,
+            n=total,
+            reduction=reduction,
+            grads=grads,
+            second_moment=second,
+        )
+
+    def reset(self) -> None:
+        """Drop every captured call and every gathered backward."""
+        self._gathered.clear()
+        self._capture.clear()
+
+    def _gather(self) -> None:
+        """At the end of a backward run by someone else: its examples' pieces, kept for
+        :meth:`result` (pieces of whatever loss was backpropagated: scale 1)."""
+        capture = self._capture
+        n = capture.examples_reached()
+        if n is None:
+            return
+        capture.check_before_backward(n)
+        try:
+            with torch.no_grad(), capture.paused():
+                self._gathered.append((n, self._per_parameter(n, 1.0, self._params)))
+        finally:
+            capture.clear()
 
     def _check_against_autograd(self, losses: Tensor, result: PerExampleResult, low_precision: bool) -> None:
         """Compare ‖∇ℓⱼ‖² per parameter with autograd's, for j = 0 and n−1, through the
