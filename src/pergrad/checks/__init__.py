@@ -2,16 +2,13 @@
 
 from .additivity import AdditivityReport, check_additivity
 from .identity import IdentityReport, check_identity
-from .sampling import AlignmentReport, GradientAlignment, SamplingReport, check_sampling, consecutive_alignment_test
+from .sampling import SamplingReport, check_sampling
 
 __all__ = [
     "AdditivityReport",
-    "AlignmentReport",
-    "GradientAlignment",
     "IdentityReport",
     "SamplingReport",
     "check_additivity",
     "check_identity",
     "check_sampling",
-    "consecutive_alignment_test",
 ]

@@ -26,7 +26,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checks.suite import run_checks
+    from ..train.suite import run_checks
 
     try:
         rows = run_checks(config_from_args(args))

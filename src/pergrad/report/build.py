@@ -18,10 +18,10 @@ import torch
 from .. import __version__
 from .._atomic import write_atomic
 from . import figures, sections
-from ..checks.sampling import AlignmentReport, GradientAlignment
-from ..checks.suite import sampling_report
+from ..stats.alignment import AlignmentReport, GradientAlignment
 from ..train.metrics import Column
 from ..train.sampler import BatchOrder
+from ..train.suite import sampling_report
 from .advice import advise_batch_size
 from .cbs import cbs_section, load_cbs
 from .html import page

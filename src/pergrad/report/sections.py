@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
-from ..checks.sampling import AlignmentReport, SamplingReport
+from ..checks.sampling import SamplingReport
+from ..stats.alignment import AlignmentReport
 from . import figures
 from ._format import number
 from .advice import FACTOR, TAIL, UNKNOWN, BatchSizeAdvice

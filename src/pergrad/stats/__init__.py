@@ -15,6 +15,8 @@ training loop, and :class:`ParamSNR` a :class:`SNRState`.
 - :mod:`.batch_size`: the norm test of Byrd et al. 2012 and the AdaScale gain.
 - :mod:`.norms`: quantiles of a window of norms, and over a stream; the largest norms.
 - :mod:`.tradeoff`: the steps–examples trade-off and the critical batch size B_crit.
+- :mod:`.alignment`: :class:`GradientAlignment`, are consecutive batch gradients more aligned
+  than other pairs (a permutation test over a stream of count-sketched gradients).
 
 References:
     McCandlish et al. 2018, "An Empirical Model of Large-Batch Training", arXiv:1812.06162.
@@ -23,6 +25,7 @@ References:
     Johnson, Agrawal, Gu and Guestrin 2020, "AdaScale SGD", ICML, arXiv:2007.05105.
 """
 
+from .alignment import AlignmentReport, GradientAlignment, consecutive_alignment_test
 from .batch import (
     BatchEstimate,
     StatsWarning,
@@ -38,7 +41,9 @@ from .snr import ParamSNR, SNREstimate, SNRState
 from .tradeoff import TradeoffFit, fit_tradeoff
 
 __all__ = [
+    "AlignmentReport",
     "BatchEstimate",
+    "GradientAlignment",
     "LargestNorms",
     "NoiseEstimate",
     "NoiseScale",
@@ -52,6 +57,7 @@ __all__ = [
     "TradeoffFit",
     "adascale_gain",
     "batch_estimate",
+    "consecutive_alignment_test",
     "fit_tradeoff",
     "mean_grad_sq_norm",
     "norm_quantiles",

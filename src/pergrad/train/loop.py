@@ -24,11 +24,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..checks.sampling import GradientAlignment
-from ..checks.suite import sampling_warning
 from .. import distributed
 from ..distributed import DistributedPerExample
-from ..stats import NoiseScale, ParamSNR, norm_quantiles
+from ..stats import GradientAlignment, NoiseScale, ParamSNR, norm_quantiles
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .data import Dataset, load_dataset
@@ -36,6 +34,7 @@ from .losses import per_example_accuracy, per_example_losses
 from .metrics import Column, MetricsLog, read_metrics
 from .models import build_model
 from .sampler import BatchOrder
+from .suite import sampling_warning
 
 __all__ = ["RunResult", "train", "prepare_run_dir", "QUANTILES", "ALIGNMENT_SKETCH", "ALIGNMENT_STEPS"]
 

@@ -1,4 +1,5 @@
-"""All checks on one training setup: the rows of ``pergrad check`` and the trainer's warnings.
+"""The checks of :mod:`pergrad.checks` on one training setup: the rows of ``pergrad check``, the
+trainer's sampling warning and the report's sampling section.
 
 The setup is a :class:`~pergrad.train.config.TrainConfig`: its dataset, model (at its initial
 weights), loss and batch order are the ones ``pergrad train`` would use. The identity and
@@ -10,14 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..train.config import TrainConfig
-from ..train.data import Dataset, load_dataset
-from ..train.losses import per_example_losses
-from ..train.models import build_model
-from ..train.sampler import BatchOrder
-from .additivity import check_additivity
-from .identity import check_identity
-from .sampling import SamplingReport, check_sampling
+from ..checks import IdentityReport, SamplingReport, check_additivity, check_identity, check_sampling
+from .config import TrainConfig
+from .data import Dataset, load_dataset
+from .losses import per_example_losses
+from .models import build_model
+from .sampler import BatchOrder
 
 __all__ = ["CheckRow", "run_checks", "sampling_report", "sampling_warning", "PROBE_EXAMPLES"]
 
@@ -63,7 +62,7 @@ def run_checks(config: TrainConfig) -> list[CheckRow]:
         CheckRow(
             "averaging identity",
             identity.passed,
-            f"max rel. diff {identity.max_rel_diff:.1e}",
+            _identity_result(identity),
             identity.explanation,
         ),
         CheckRow(
@@ -79,3 +78,11 @@ def run_checks(config: TrainConfig) -> list[CheckRow]:
             sampling.explanation,
         ),
     ]
+
+
+def _identity_result(report: IdentityReport) -> str:
+    """The key numbers: the batch gradient and pergrad's, each against independent gradients."""
+    text = f"max rel. diff {report.max_rel_diff:.1e}"
+    if report.pergrad_max_rel_diff is not None:
+        text += f", pergrad {report.pergrad_max_rel_diff:.1e}"
+    return text

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import pytest
 import torch
+from torch import nn
 
-from pergrad.checks import GradientAlignment
-from pergrad.checks.suite import run_checks, sampling_warning
+from pergrad.train import suite
+from pergrad.train.suite import run_checks, sampling_warning
 from pergrad.cli.main import main
 from pergrad.report import build_report
 from pergrad.train.config import TrainConfig
@@ -39,7 +41,24 @@ def test_check_fails_sorted_batches_with_exit_code_1(capsys):
 def test_check_rows_for_the_transformer_setup():
     rows = run_checks(TrainConfig(model="transformer", dataset="sequence"))
     assert [row.passed for row in rows] == [True, True, True]
-    assert float(rows[0].result.split()[-1]) <= 1e-10  # max rel. diff of the identity
+    batch, pergrad = re.fullmatch(r"max rel\. diff (\S+), pergrad (\S+)", rows[0].result).groups()
+    assert float(batch) <= 1e-10 and float(pergrad) <= 1e-10
+
+
+def test_check_fails_the_identity_of_a_model_with_batchnorm_in_training_mode(capsys, monkeypatch):
+    """`pergrad check` shows the identity against independent gradients: BatchNorm couples examples."""
+
+    def with_batchnorm(config, dataset):
+        torch.manual_seed(config.seed)
+        return nn.Sequential(nn.Linear(64, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 10))
+
+    monkeypatch.setattr(suite, "build_model", with_batchnorm)
+    assert main(["check"]) == 1
+    out = capsys.readouterr().out
+    identity_row = " ".join(out[out.index("averaging identity") : out.index("additivity (no coupling)")].split())
+    assert identity_row.startswith("averaging identity FAIL: max rel. diff inf The averaging identity does NOT hold")
+    assert "one example alone fails" in identity_row
+    assert "Examples are coupled by '1' (BatchNorm1d in training mode)" in identity_row
 
 
 @pytest.mark.parametrize(
@@ -85,25 +104,3 @@ def test_sorted_run_report_shows_the_failed_check_and_aligned_gradients(tmp_path
     # the consequence: consecutive gradients point the same (class-specific) way, and training fails
     assert sorted_run["grad_cosine"] > 0.6 > shuffled["grad_cosine"]
     assert sorted_run["val_accuracy"] < 0.3 < 0.8 < shuffled["val_accuracy"]
-
-
-def test_alignment_state_round_trip_and_recent_cosine():
-    gen = torch.Generator().manual_seed(0)
-    grads = [torch.randn(3000, generator=gen) for _ in range(12)]
-    whole = GradientAlignment(sketch_dim=256, seed=3, max_steps=8)
-    half = GradientAlignment(sketch_dim=256, seed=3, max_steps=8)
-    for k, g in enumerate(grads):
-        whole.update(g)
-        if k < 6:
-            half.update(g)
-    resumed = GradientAlignment()
-    resumed.load_state_dict(half.state_dict())
-    for g in grads[6:]:
-        resumed.update(g)
-    assert resumed.result() == whole.result()
-    assert whole.result().num_steps == 8  # max_steps keeps the most recent
-    same = GradientAlignment(sketch_dim=None)
-    for g in (grads[0], grads[0], 2 * grads[0]):
-        same.update(g)
-    assert same.recent_cosine(2) == pytest.approx(1.0)
-    assert GradientAlignment().recent_cosine(3) != GradientAlignment().recent_cosine(3)  # NaN before 2 steps
