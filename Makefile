@@ -1,13 +1,14 @@
 # Two commands do all setup on a fresh machine:
 #   make run   -- create .venv if missing, install, run the main job
-#   make test  -- same setup with the test extra, then the test suite
+#   make test  -- same setup with the test extra (and Debian's chromium), then the whole test suite
+#   make test-fast -- the same without the tests marked slow
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
 
-.PHONY: run test bench clean
+.PHONY: run test test-fast chromium bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +23,15 @@ $(STAMP): $(PY) pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/pergrad train
 
-test: $(STAMP)
+# the report's screenshot test renders with Debian's chromium; installed when missing (needs root)
+chromium:
+	@command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+
+test: $(STAMP) chromium
 	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 # pergrad against torch.func, Opacus and BackPACK; writes benchmarks/RESULTS.md and its figures.
 # Its own venv: BackPACK needs torchvision, whose PyPI wheel (a CUDA build) breaks transformers'

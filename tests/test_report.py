@@ -4,6 +4,7 @@ own files, the unbiasedness check, and one-line errors for unusable run director
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import re
@@ -23,6 +24,7 @@ from pergrad.report.sections import OUTLIERS, SECTIONS
 from pergrad.report.unbiasedness import (
     batch_sizes_for_check,
     center_and_gram,
+    check_unbiasedness,
     draw_batches,
     MAX_ENTRIES,
     examples_for_check,
@@ -183,8 +185,6 @@ def test_unbiasedness_measured_matches_predicted(linreg_run):
     assert check["autograd_max_diff"] < 1e-10
     assert [r["batch_size"] for r in check["rows"]] == batch_sizes_for_check(n, 64)
     for row in check["rows"]:
-        fpc = (n - row["batch_size"]) / (n - 1)
-        assert row["predicted"] == pytest.approx(check["trace_sigma"] / row["batch_size"] * fpc, rel=1e-12)
         if row["batch_size"] <= n // 4:
             assert 0.7 < row["ratio"] < 1.3, row
         assert abs(row["z"]) < 5, row
@@ -206,6 +206,19 @@ def test_sampling_errors_from_the_gram_matrix_equal_the_direct_computation():
     assert torch.equal(selection.sum(1), torch.full((40,), 5.0))  # 5 distinct examples each
     direct = torch.stack([(original[row.bool()].mean(0) - full).square().sum() for row in selection])
     torch.testing.assert_close(sampling_errors(gram, selection), direct, atol=1e-12, rtol=0)
+
+
+def test_predicted_sampling_error_is_the_exact_mean_over_every_batch():
+    """The prediction against brute force: ‖ḡ_S − ∇C‖² averaged over all C(8, B) batches S."""
+    gen = torch.Generator().manual_seed(2)
+    grads = torch.randn(8, 3, generator=gen, dtype=torch.float64) + 0.5
+    full = grads.mean(0)
+    check = check_unbiasedness(grads.clone(), full, n_train=8, run_batch_size=3, generator=gen, draws=10)
+    assert [row.batch_size for row in check.rows] == [1, 2, 3, 4]
+    for row in check.rows:
+        batches = itertools.combinations(range(8), row.batch_size)
+        exact = np.mean([float((grads[list(s)].mean(0) - full).square().sum()) for s in batches])
+        assert row.predicted == pytest.approx(exact, rel=1e-12)
 
 
 def test_large_problems_use_a_subset_and_say_so(tmp_path, monkeypatch):
@@ -318,21 +331,50 @@ def test_train_then_report_end_to_end(tmp_path, capsys):
     assert main(["report", str(run)]) == 0 and (run / "report.html").exists()
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium for a headless screenshot")
-def test_headless_screenshot_of_a_digits_report(digits_run, tmp_path):
-    from matplotlib.image import imread
-
-    png = tmp_path / "report.png"
+def _chromium(*args: str, profile: Path) -> subprocess.CompletedProcess:
+    """Headless Chromium (Debian's package; ``make test`` installs it when missing), offline."""
+    if shutil.which("chromium") is None:
+        pytest.fail("chromium is missing: run 'make test', which installs it (apt-get install chromium)")
     command = [
         "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,2400", f"--screenshot={png}",
-        (digits_run / "report.html").as_uri(),
+        f"--user-data-dir={profile}", *args,
     ]  # fmt: skip
-    subprocess.run(command, check=True, capture_output=True, timeout=120)
-    pixels = imread(png)[..., :3]
-    assert pixels.shape[:2] == (2400, 1280)
-    header = pixels[20, 640]  # the dark header band
-    assert np.allclose(header, [0x14 / 255, 0x27 / 255, 0x3A / 255], atol=0.02)
-    assert pixels[:, 100:1180].std() > 0.05  # text and figures, not a blank page
+    return subprocess.run(command, check=True, capture_output=True, text=True, timeout=120)
+
+
+def _white_runs(column: np.ndarray) -> list[tuple[int, int]]:
+    """(start, stop) of the runs of True in a (rows,) bool column."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], column.astype(np.int8), [0]])))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+
+
+@pytest.mark.slow
+def test_headless_screenshot_of_a_digits_report_shows_every_section(digits_run, tmp_path):
+    """Chromium renders the report: the DOM has every section in order, and the screenshot shows a
+    dark header, then one white card per section, each with text, and figures in colour."""
+    from matplotlib.image import imread
+
+    page = (digits_run / "report.html").as_uri()
+    dom = _chromium("--dump-dom", page, profile=tmp_path / "profile").stdout
+    rendered = re.findall(r'<section id="([^"]+)"><h2>([^<]*)</h2>', dom)
+    assert [r for r in rendered if r[0] in dict(SECTIONS)] == list(SECTIONS)
+
+    png, height = tmp_path / "report.png", 12000
+    _chromium(f"--window-size=1280,{height}", f"--screenshot={png}", page, profile=tmp_path / "profile")
+    pixels = imread(png)[..., :3]  # (height, 1280, 3) in [0, 1]
+    assert pixels.shape[:2] == (height, 1280)
+    assert np.allclose(pixels[20, 640], [0x14 / 255, 0x27 / 255, 0x3A / 255], atol=0.02)  # the dark header
+    background = pixels[-1, 0]
+    content = np.flatnonzero((np.abs(pixels - background).max(-1) > 0.03).any(1))
+    assert content.max() < height - 100, "the page is longer than the screenshot: raise its height"
+    white = (pixels > 0.99).all(-1)  # (height, 1280)
+    inside = int(np.argmax(white[: content.max()].mean(0) > 0.5)) + 4  # a column just inside the cards
+    cards = [(a, b) for a, b in _white_runs(white[:, inside]) if b - a > 100]
+    assert len(cards) == len(rendered)  # one card per section, in page order
+    for (a, b), (section_id, _) in zip(cards, rendered):
+        card = pixels[a:b, inside : 1280 - inside]
+        assert (~white[a:b, inside : 1280 - inside]).mean() > 0.02, f"section {section_id} is blank"
+        colour = (card.max(-1) - card.min(-1) > 0.3).mean()  # saturated pixels: lines and bars of figures
+        if section_id in ("curves", "noise-scale", "snr", "norms", "unbiasedness"):
+            assert colour > 2e-3, f"section {section_id} shows no figure"  # 8e-4 for text and links alone

@@ -92,11 +92,18 @@ def test_noise_scale_merge_equals_one_noise_scale_over_all_batches():
     assert empty.b_simple == single.b_simple
 
 
-def test_b_simple_is_the_ratio_of_the_smoothed_estimates():
+def test_b_simple_is_the_ratio_of_the_smoothed_estimates_not_their_mean_ratio():
+    """(tr Σ̂, |G|²̂) = (2, 0.2) then (4, 0.6), unsmoothed: 3 / 0.4 = 7.5 (the mean ratio would be 8.3)."""
+    noise = NoiseScale(1.0)
+    noise.update_estimate(BatchEstimate(2.0, 0.2))
+    noise.update_estimate(BatchEstimate(4.0, 0.6))
+    assert noise.b_simple == pytest.approx(7.5, rel=1e-12)
+
+
+def test_b_simple_interval_and_effective_batches():
     noise = NoiseScale(0.9)
     for r in _stream(10):
         noise.update(r)
-    assert noise.b_simple == pytest.approx(noise.trace_sigma / noise.grad_sq_norm, rel=1e-12)
     lower, upper = noise.interval(0.9)
     assert lower <= noise.b_simple <= upper
     wide = noise.interval(0.99)
@@ -190,3 +197,4 @@ def test_state_dict_round_trip_through_a_checkpoint(tmp_path):
     assert fresh.state is None
     with pytest.raises(ValueError, match="saved NoiseScale"):
         NoiseScale(0.5).load_state_dict(noise.state_dict())
+

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
 from pergrad.cli.main import main
+from pergrad.stats import NoiseScale, ParamSNR
 from pergrad.train.checkpoint import load_checkpoint
 from pergrad.train.config import ConfigError, TrainConfig
 from pergrad.train.loop import train
@@ -65,6 +67,9 @@ def test_other_models_and_datasets_train(tmp_path, model, dataset):
         (["--accumulate", "5"], "use a batch size divisible by 5"),
         (["--accumulate", "0"], "accumulate must be at least 1"),
         (["--nproc", "0"], "--nproc must be at least 1"),
+        (["--noise-beta", "0"], "noise_beta must be in (0, 1]"),
+        (["--noise-beta", "1.5"], "noise_beta must be in (0, 1]"),
+        (["--noise-beta", "nan"], "noise_beta must be in (0, 1]"),
     ],
 )
 def test_bad_settings_give_one_line_errors(tmp_path, capsys, argv, message):
@@ -99,3 +104,18 @@ def test_config_file_and_flags(tmp_path):
     path.write_text("learning_rate = 0.1\n")
     with pytest.raises(ConfigError, match="unknown config keys"):
         TrainConfig.load(path)
+
+
+@pytest.mark.parametrize("beta", [0.0, -0.5, 1.5, math.nan])
+def test_one_beta_range_for_the_statistics_and_the_trainer(beta):
+    """NoiseScale, ParamSNR and the trainer's config refuse the same β, with the same message."""
+    message = re.escape("must be in (0, 1]")
+    for make in (NoiseScale, ParamSNR):
+        with pytest.raises(ValueError, match=message):
+            make(beta)
+    with pytest.raises(ConfigError, match="noise_beta " + message):
+        TrainConfig(noise_beta=beta)
+
+
+def test_beta_one_averages_all_batches_in_the_statistics_and_the_trainer():
+    assert NoiseScale(1.0).beta == ParamSNR(1.0).beta == TrainConfig(noise_beta=1.0).noise_beta == 1.0

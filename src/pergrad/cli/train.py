@@ -26,7 +26,7 @@ _HELP = {
     "log_every": "steps between logged rows of statistics",
     "order": "batch order: shuffled (default) or sorted by label (a broken sampler, for demonstration)",
     "val_fraction": "share of the data held out for validation",
-    "noise_beta": "smoothing of the noise-scale averages (EMA factor)",
+    "noise_beta": "smoothing of the noise-scale and SNR averages, in (0, 1] (EMA factor; 1: plain averages)",
     "accumulate": "micro-batches per worker and step (gradient accumulation), of "
     "batch-size / (nproc x accumulate) examples each",
 }

@@ -37,6 +37,7 @@ from .batch import (
 from .batch_size import NormTest, adascale_gain, norm_test
 from .noise_scale import NoiseEstimate, NoiseScale, NoiseState
 from .norms import LargestNorms, NormHistogram, norm_quantiles
+from .smoothing import check_beta
 from .snr import ParamSNR, SNREstimate, SNRState
 from .tradeoff import TradeoffFit, fit_tradeoff
 
@@ -57,6 +58,7 @@ __all__ = [
     "TradeoffFit",
     "adascale_gain",
     "batch_estimate",
+    "check_beta",
     "consecutive_alignment_test",
     "fit_tradeoff",
     "mean_grad_sq_norm",

@@ -41,6 +41,7 @@ from torch import Tensor
 
 from ..per_example import PerExampleResult
 from .batch import BatchEstimate, StatsWarning, _estimates
+from .smoothing import check_beta
 
 __all__ = ["NoiseEstimate", "NoiseScale", "NoiseState"]
 
@@ -106,8 +107,7 @@ class NoiseState(NamedTuple):
             ValueError: β outside (0, 1], shapes differ from the state's, or an estimate is not
                 finite.
         """
-        if not 0.0 < beta <= 1.0:
-            raise ValueError(f"beta must lie in (0, 1], got {beta}.")
+        check_beta(beta)
         t = torch.as_tensor(estimate.trace_sigma, dtype=torch.float64)
         g = torch.as_tensor(estimate.grad_sq_norm, dtype=torch.float64)
         if t.shape != self.weight.shape or g.shape != self.weight.shape:
@@ -201,8 +201,7 @@ class NoiseScale:
     """
 
     def __init__(self, beta: float = 0.99, *, population_size: int | None = None):
-        if not 0.0 < beta <= 1.0:
-            raise ValueError(f"beta must lie in (0, 1], got {beta}.")
+        check_beta(beta)
         self.beta = beta
         self.population_size = population_size
         self.names: tuple[str, ...] | None = None

@@ -41,6 +41,7 @@ from torch import Tensor
 from ..per_example import PerExampleResult
 from .batch import StatsWarning, two_batch_estimate
 from .noise_scale import _check_settings
+from .smoothing import check_beta
 
 __all__ = ["ParamSNR", "SNREstimate", "SNRState"]
 
@@ -102,8 +103,7 @@ class SNRState(NamedTuple):
             ValueError: no second moments in ``result``; ``batch_grads`` missing a parameter or
                 not matching this backward's gradient; parameters differ from earlier batches.
         """
-        if not 0.0 < beta <= 1.0:
-            raise ValueError(f"beta must lie in (0, 1], got {beta}.")
+        check_beta(beta)
         if result.second_moment is None:
             raise ValueError(
                 "the result has no second moments: create the engine with "
@@ -145,8 +145,7 @@ class SNRState(NamedTuple):
         Raises:
             ValueError: n < 2, or parameters differ from earlier batches.
         """
-        if not 0.0 < beta <= 1.0:
-            raise ValueError(f"beta must lie in (0, 1], got {beta}.")
+        check_beta(beta)
         if n < 2:
             raise ValueError(f"a batch of n={n} example has no variance: give batches of at least 2 examples.")
         if self.signal and set(self.signal) != set(second_moment):
@@ -205,8 +204,7 @@ class ParamSNR:
     """
 
     def __init__(self, beta: float = 0.99, *, population_size: int | None = None):
-        if not 0.0 < beta <= 1.0:
-            raise ValueError(f"beta must lie in (0, 1], got {beta}.")
+        check_beta(beta)
         self.beta = beta
         self.population_size = population_size
         self.state = SNRState.init()

@@ -14,6 +14,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from .._atomic import write_atomic
+from ..stats.smoothing import check_beta
 
 __all__ = ["ConfigError", "TrainConfig", "MODELS", "DATASETS", "OPTIMIZERS", "ORDERS"]
 
@@ -88,7 +89,10 @@ class TrainConfig:
             f"order 'sorted' sorts the examples by class label, and dataset {self.dataset!r} has none: "
             "use it with --dataset digits",
         )
-        _check(0 <= self.noise_beta < 1, f"noise_beta must be in [0, 1), got {self.noise_beta}")
+        try:
+            check_beta(self.noise_beta, "noise_beta")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         _check(self.accumulate >= 1, f"accumulate must be at least 1, got {self.accumulate}")
         self.check_split(1)
 
