@@ -46,7 +46,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .per_example import PerExample, PerExampleResult
-from .stats.batch import BatchEstimate, two_batch_estimate
+from ._tensors import flatten, sq_norms
+from .stats.batch import BatchEstimate, per_example_estimate, two_batch_estimate
 
 __all__ = [
     "DistributedPerExample",
@@ -97,14 +98,10 @@ class StepResult:
         """Per-example tr Σ̂ and |G|²̂ of the global batch: (1+P,) float64, total then per parameter.
 
         tr Σ̂ = B/(B−1) (Σⱼ ‖gⱼ‖² / B − ‖ḡ‖²), |G|²̂ = ‖ḡ‖² − tr Σ̂ / B: exactly
-        :func:`pergrad.stats.batch_estimate` of one process on the concatenated batch.
-
-        Raises:
-            ValueError: the step had fewer than 2 examples.
+        :func:`pergrad.stats.batch_estimate` of one process on the concatenated batch (NaN,
+        with a :class:`~pergrad.stats.StatsWarning`, for a step of fewer than 2 examples).
         """
-        if self.n < 2:
-            raise ValueError(f"a step of n={self.n} example has no variance: use batches of at least 2 examples.")
-        return two_batch_estimate(self.sq_norm_sums / self.n, self.grad_sq_norms, 1, self.n, population_size)
+        return per_example_estimate(self.sq_norm_sums / self.n, self.grad_sq_norms, self.n, population_size)
 
     def two_batch_estimate(self, population_size: int | None = None) -> BatchEstimate | None:
         """tr Σ̂ and |G|²̂ (floats) from micro-batch against global-batch gradient norms.
@@ -250,7 +247,8 @@ class DistributedPerExample:
                 offset += q.numel()
 
         mean_grads = self._reduce_grads(n, world)
-        norms = [g.detach().to(torch.float64).square().sum().cpu() for g in mean_grads.values()]
+        zero = torch.zeros((), dtype=torch.float64)
+        norms = [s.cpu() for s in sq_norms({k: g.detach().double() for k, g in mean_grads.items()}, zero).values()]
         grad_sq = torch.stack([torch.stack(norms).sum(), *norms]) if norms else torch.zeros(1, dtype=torch.float64)
         result = StepResult(
             n=n,
@@ -275,7 +273,7 @@ class DistributedPerExample:
                 q.grad = torch.zeros_like(q)
         grads = [q.grad for q in params.values()]
         if world > 1 and grads:
-            flat = torch.cat([g.reshape(-1) for g in grads])
+            flat = flatten(grads)
             dist.all_reduce(flat, group=self.group)
             offset = 0
             for g in grads:

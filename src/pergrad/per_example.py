@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from . import _tensors
 from .capture import Capture
 from .errors import CaptureError, VerificationError
 from .rules import Keep, flat_sq_norm
@@ -186,7 +187,7 @@ class PerExample:
                 if earlier[name] is not None:
                     p.grad = earlier[name] if fresh[name] is None else earlier[name] + fresh[name]
 
-        param_batch_sq = _sq_norms_by_name(fresh, losses.new_zeros(()).detach())
+        param_batch_sq = _tensors.sq_norms(fresh, losses.new_zeros(()).detach())
         if loss_scale != 1.0:
             param_batch_sq = {k: v / loss_scale**2 for k, v in param_batch_sq.items()}
         batch_sq = torch.stack(list(param_batch_sq.values())).sum()
@@ -407,15 +408,6 @@ class _PerParameter:
     sq: dict[str, Tensor] = field(default_factory=dict)
     grads: dict[str, Tensor] = field(default_factory=dict)
     second: dict[str, Tensor] = field(default_factory=dict)
-
-
-def _sq_norms_by_name(grads: dict[str, Tensor | None], zero: Tensor) -> dict[str, Tensor]:
-    """{name: ‖grad‖²} as 0-dim tensors (``zero`` where the gradient is None), with one
-    multi-tensor norm kernel for all of them."""
-    present = [name for name, g in grads.items() if g is not None]
-    norms = torch._foreach_norm([grads[name] for name in present]) if present else []
-    squared = dict(zip(present, torch.stack(norms).square().unbind() if present else []))
-    return {name: squared.get(name, zero) for name in grads}
 
 
 def _check_losses(losses: Tensor, reduction: str) -> int:

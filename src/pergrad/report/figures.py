@@ -17,6 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.image import imsave
 
+from ..stats.batch import noise_coefficient
 from .advice import BatchSizeAdvice
 from ..train.metrics import Column
 from .run_files import Metrics
@@ -209,8 +210,9 @@ def unbiasedness_figure(check: UnbiasednessCheck, run_batch_size: int) -> Figure
     predicted = np.array([r.predicted for r in check.rows])
     fine = np.geomspace(b.min(), b.max(), 200)
     n = check.n_examples
-    left.plot(fine, check.trace_sigma / fine, color=GREY, lw=1.2, ls=":", label="tr Σ / B (with replacement)")
-    left.plot(fine, check.trace_sigma / fine * (n - fine) / (n - 1), color=VAL, lw=1.8,
+    left.plot(fine, check.trace_sigma * noise_coefficient(fine), color=GREY, lw=1.2, ls=":",
+              label="tr Σ / B (with replacement)")  # fmt: skip
+    left.plot(fine, check.trace_sigma * noise_coefficient(fine, n), color=VAL, lw=1.8,
               label="predicted tr Σ / B · (N − B)/(N − 1)")  # fmt: skip
     left.errorbar(b, measured, yerr=error, fmt="o", color=TRAIN, markersize=4.5, capsize=2,
                   label=f"measured, {check.draws} batches each (±2 s.e.)")  # fmt: skip

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ..checks.sampling import SamplingReport
 from ..stats.alignment import AlignmentReport
+from ..stats.noise_scale import b_simple_ratio
 from . import figures
 from ._format import number
 from .advice import FACTOR, TAIL, UNKNOWN, BatchSizeAdvice
@@ -430,7 +431,7 @@ def unbiasedness_section(check: UnbiasednessCheck, run_batch_size: int) -> tuple
             ("parameters p", check.n_params),
             ("tr Σ", number(check.trace_sigma)),
             ("‖∇C‖²", number(check.full_grad_sq_norm)),
-            ("B_simple at θ = tr Σ / ‖∇C‖²", number(_ratio(check.trace_sigma, check.full_grad_sq_norm))),
+            ("B_simple at θ = tr Σ / ‖∇C‖²", number(float(b_simple_ratio(check.trace_sigma, check.full_grad_sq_norm)))),
         )
     )
     identity = (
@@ -513,10 +514,6 @@ def footer(run_dir: Path, version: str) -> Raw:
 def _tile(value: object, label: str) -> str:
     """A big number with a small label under it."""
     return f'<div class="stat"><b>{esc(value)}</b><span>{esc(label)}</span></div>'
-
-
-def _ratio(a: float, b: float) -> float:
-    return a / b if b > 0 else math.inf
 
 
 def _value(t: Tensor) -> int | float | list:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .._tensors import flatten
 from ..per_example import PerExample
 from ..train.losses import per_example_losses, predictions
 
@@ -97,12 +98,8 @@ def per_example_gradients(model: nn.Module, x: Tensor, y: Tensor, task: str) -> 
             xb, yb = _inputs(x[start : start + chunk]), y[start : start + chunk]
             loss = per_example_losses(task, model(xb), _targets(yb, task))
             result = pe.backward(loss, reduction="sum")  # .grad accumulates Σᵢ ∇ℓᵢ
-            rows = grads[start : start + len(loss)]
-            offset = 0
-            for name, p in params:
-                rows[:, offset : offset + p.numel()] = result.grads[name].reshape(len(loss), -1)
-                offset += p.numel()
-    autograd_mean = torch.cat([_grad_or_zeros(p).reshape(-1) for _, p in params]) / n
+            grads[start : start + len(loss)] = flatten((result.grads[name] for name, _ in params), per_example=True)
+    autograd_mean = flatten(_grad_or_zeros(p) for _, p in params) / n
     model.zero_grad(set_to_none=True)
     return grads, autograd_mean
 

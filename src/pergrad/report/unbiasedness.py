@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..stats.batch import noise_coefficient
+
 __all__ = [
     "SamplingRow",
     "ConvergenceRow",
@@ -199,7 +201,7 @@ def check_unbiasedness(
     full_norm = math.sqrt(full_sq)
 
     def predicted(b: int) -> float:
-        return trace_sigma / b * (n - b) / (n - 1)
+        return trace_sigma * noise_coefficient(b, n)
 
     def relative(err_sq: float) -> float:
         return math.sqrt(max(err_sq, 0.0)) / full_norm if full_norm > 0 else math.nan

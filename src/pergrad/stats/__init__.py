@@ -31,11 +31,13 @@ from .batch import (
     StatsWarning,
     batch_estimate,
     mean_grad_sq_norm,
+    noise_coefficient,
     param_batch_estimates,
+    per_example_estimate,
     two_batch_estimate,
 )
 from .batch_size import NormTest, adascale_gain, norm_test
-from .noise_scale import NoiseEstimate, NoiseScale, NoiseState
+from .noise_scale import NoiseEstimate, NoiseScale, NoiseState, b_simple_ratio
 from .norms import LargestNorms, NormHistogram, norm_quantiles
 from .smoothing import check_beta
 from .snr import ParamSNR, SNREstimate, SNRState
@@ -57,13 +59,16 @@ __all__ = [
     "StatsWarning",
     "TradeoffFit",
     "adascale_gain",
+    "b_simple_ratio",
     "batch_estimate",
     "check_beta",
     "consecutive_alignment_test",
     "fit_tradeoff",
     "mean_grad_sq_norm",
+    "noise_coefficient",
     "norm_quantiles",
     "norm_test",
     "param_batch_estimates",
+    "per_example_estimate",
     "two_batch_estimate",
 ]

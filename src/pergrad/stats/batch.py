@@ -45,7 +45,9 @@ __all__ = [
     "StatsWarning",
     "batch_estimate",
     "mean_grad_sq_norm",
+    "noise_coefficient",
     "param_batch_estimates",
+    "per_example_estimate",
     "two_batch_estimate",
 ]
 
@@ -66,11 +68,16 @@ class BatchEstimate(NamedTuple):
     grad_sq_norm: float | Tensor
 
 
-def _noise_coefficient(size: int, population_size: int | None) -> float:
-    """c_B in E‖ḡ_B‖² = |G|² + c_B tr Σ: 1/B, or (N−B)/(B(N−1)) without replacement from N."""
+def noise_coefficient(batch_size, population_size: int | None = None):
+    """c_B in E‖ḡ_B‖² = |G|² + c_B tr Σ: 1/B, or (N−B)/(B(N−1)) for batches drawn without
+    replacement from N examples. Elementwise for an array or tensor of batch sizes.
+
+    References:
+        Cochran, "Sampling Techniques", 3rd ed., 1977 (the finite-population correction).
+    """
     if population_size is None:
-        return 1.0 / size
-    return (population_size - size) / (size * (population_size - 1))
+        return 1.0 / batch_size
+    return (population_size - batch_size) / (batch_size * (population_size - 1))
 
 
 def two_batch_estimate(
@@ -123,8 +130,8 @@ def two_batch_estimate(
             f"population_size={population_size} is smaller than the batch size {big_size}: a batch "
             "drawn without replacement cannot hold more examples than the data set."
         )
-    c_small = _noise_coefficient(small_size, population_size)
-    c_big = _noise_coefficient(big_size, population_size)
+    c_small = noise_coefficient(small_size, population_size)
+    c_big = noise_coefficient(big_size, population_size)
     trace_sigma = (small_sq_norm - big_sq_norm) / (c_small - c_big)
     return BatchEstimate(trace_sigma, big_sq_norm - c_big * trace_sigma)
 
@@ -169,16 +176,34 @@ def _pick(estimates: BatchEstimate, i: int) -> BatchEstimate:
 
 def _estimates(result: PerExampleResult, population_size: int | None) -> BatchEstimate:
     """(1+P,) float64 estimates: index 0 over all parameters, then each parameter in order."""
-    if result.n < 2:
+    return per_example_estimate(_mean_sq_norms(result), _batch_sq_norms(result), result.n, population_size)
+
+
+def per_example_estimate(
+    mean_sq_norms: Tensor, batch_sq_norms: Tensor, n: int, population_size: int | None = None
+) -> BatchEstimate:
+    """tr Σ̂ = n/(n−1) · (mean sⱼ − ‖ḡ‖²) and |G|²̂ = ‖ḡ‖² − tr Σ̂ / n (with the optional
+    finite-population correction): :func:`two_batch_estimate` with the small batch of size 1.
+
+    Args:
+        mean_sq_norms: (k,) float64 mean over the n examples of sⱼ = ‖gⱼ‖².
+        batch_sq_norms: (k,) float64 ‖ḡ‖² of their mean gradient.
+        n: examples in the batch.
+        population_size: N, for batches drawn without replacement from N examples; None for none.
+
+    Returns:
+        A :class:`BatchEstimate` of (k,) tensors; NaN, with a :class:`StatsWarning`, for n < 2.
+    """
+    if n < 2:
         warnings.warn(
-            "a batch of n=1 example has no variance: tr Σ and |G|² cannot be separated, so the "
+            f"a batch of n={n} example has no variance: tr Σ and |G|² cannot be separated, so the "
             "estimates are NaN. Use batches of at least 2 examples.",
             StatsWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
-        nan = torch.full((1 + len(result.param_sq_norms),), math.nan, dtype=torch.float64)
-        return BatchEstimate(nan, nan)
-    return two_batch_estimate(_mean_sq_norms(result), _batch_sq_norms(result), 1, result.n, population_size)
+        nan = torch.full_like(mean_sq_norms, math.nan)
+        return BatchEstimate(nan, nan.clone())
+    return two_batch_estimate(mean_sq_norms, batch_sq_norms, 1, n, population_size)
 
 
 def _as_float64(t: Tensor) -> Tensor:

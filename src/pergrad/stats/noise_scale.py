@@ -43,7 +43,7 @@ from ..per_example import PerExampleResult
 from .batch import BatchEstimate, StatsWarning, _estimates
 from .smoothing import check_beta
 
-__all__ = ["NoiseEstimate", "NoiseScale", "NoiseState"]
+__all__ = ["NoiseEstimate", "NoiseScale", "NoiseState", "b_simple_ratio"]
 
 
 class NoiseEstimate(NamedTuple):
@@ -152,7 +152,7 @@ class NoiseState(NamedTuple):
         v_tg = (self.cross / w - t_mean * g_mean) / dof
 
         inf = torch.full_like(t_mean, math.inf)
-        b_simple = torch.where(g_mean > 0, t_mean.clamp(min=0) / torch.where(g_mean > 0, g_mean, 1.0), inf)
+        b_simple = b_simple_ratio(t_mean, g_mean)
 
         # Fieller: a R² − 2 b R + c ≤ 0
         z2 = NormalDist().inv_cdf(0.5 + level / 2) ** 2
@@ -342,6 +342,25 @@ class NoiseScale:
         state = self.state if self.state is not None else NoiseState.init(1)
         est = state.finalize(level)
         return [NoiseEstimate(*(float(f[i]) for f in est)) for i in range(est.trace_sigma.shape[0])]
+
+
+def b_simple_ratio(trace_sigma: Tensor | float, grad_sq_norm: Tensor | float) -> Tensor:
+    """B_simple = max(tr Σ, 0) / |G|², elementwise: a negative noise estimate counts as 0, and
+    the ratio is inf where |G|² ≤ 0 (noise dominates the signal).
+
+    Args:
+        trace_sigma, grad_sq_norm: floats or float64 tensors of one shape.
+
+    Returns:
+        A float64 tensor of that shape.
+
+    References:
+        McCandlish et al. 2018, arXiv:1812.06162, eq. 2.8.
+    """
+    t = torch.as_tensor(trace_sigma, dtype=torch.float64)
+    g = torch.as_tensor(grad_sq_norm, dtype=torch.float64)
+    positive = g > 0
+    return torch.where(positive, t.clamp(min=0) / torch.where(positive, g, 1.0), math.inf)
 
 
 def _check_settings(kind: str, beta: float, population_size: int | None, state: dict) -> None:

@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import distributed
+from .._tensors import flatten
 from ..distributed import DistributedPerExample
 from ..stats import GradientAlignment, NoiseScale, ParamSNR, norm_quantiles
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -207,7 +208,7 @@ class _Statistics:
         two = merged.two_batch_estimate()
         if two is not None:
             self.two_batch.update_estimate(two)
-        self.alignment.update(torch.cat([g.reshape(-1) for g in merged.mean_grads.values()]).cpu())
+        self.alignment.update(flatten(merged.mean_grads.values()).cpu())
 
     def state_dict(self) -> dict:
         return {
