@@ -16,6 +16,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
+from ..train.metrics import Column
 from . import figures
 from ._format import number
 from .html import Raw, figure, note, section, table
@@ -177,7 +178,7 @@ def cbs_figure(cbs: dict, metrics: Metrics) -> Figure:
     left.set(xlabel="examples to the target E", ylabel="steps to the target S", title=f"Steps against examples (target loss {number(cbs['target_loss'])})")
     left.legend(frameon=False, fontsize=7.5)
 
-    steps_run, b_simple = metrics.column("step"), metrics.column("b_simple")
+    steps_run, b_simple = metrics.column(Column.STEP), metrics.column(Column.B_SIMPLE)
     shown = np.isfinite(b_simple) & (b_simple > 0)
     right.plot(steps_run[shown], b_simple[shown], color=figures.TRAIN, lw=1.6, label="B_simple(t) of the run")
     for b in cbs["branches"]:

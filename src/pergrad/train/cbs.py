@@ -52,7 +52,7 @@ from .config import ConfigError, TrainConfig
 from .data import load_dataset
 from .ground_truth import linreg_noise_scales
 from .loop import prepare_run_dir, train
-from .metrics import read_metrics
+from .metrics import Column, read_metrics
 from .sampler import BatchOrder
 
 __all__ = ["CBSPlan", "make_plan", "run_cbs", "run_job", "branch_critical_batch", "RESULT", "TOLERANCE"]
@@ -209,8 +209,9 @@ def _sweep_job(job: dict, config: TrainConfig) -> dict:
     target, seen = job["target"], []
 
     def on_row(row: dict) -> None:
-        seen.append((row["step"], row["val_loss"]))
-        if row["val_loss"] <= target or not math.isfinite(row["val_loss"]) or row["val_loss"] > 2 * seen[0][1]:
+        loss = row[Column.VAL_LOSS]
+        seen.append((row[Column.STEP], loss))
+        if loss <= target or not math.isfinite(loss) or loss > 2 * seen[0][1]:
             raise _Stop
 
     try:
@@ -272,20 +273,20 @@ def _reference(config: TrainConfig, plan: CBSPlan, out: Path) -> dict:
     rows = read_metrics(out / "metrics.csv")
     target = plan.target_loss
     if target is None:
-        target = min(rows, key=lambda r: abs(r["step"] - result.step / 2))["val_loss"]
-    crossing = next((r for r in rows if r["val_loss"] <= target), None)
+        target = min(rows, key=lambda r: abs(r[Column.STEP] - result.step / 2))[Column.VAL_LOSS]
+    crossing = next((r for r in rows if r[Column.VAL_LOSS] <= target), None)
     if crossing is None:
         raise ConfigError(
             f"the reference run never reached the target validation loss {target:g} "
-            f"(best {min(r['val_loss'] for r in rows):.4g}): choose a larger --target-loss or train longer"
+            f"(best {min(r[Column.VAL_LOSS] for r in rows):.4g}): choose a larger --target-loss or train longer"
         )
     reference = {
         "target_loss": target,
-        "steps_to_target": crossing["step"],
+        "steps_to_target": crossing[Column.STEP],
         "total_steps": result.step,
         "points": points,
-        "b_simple": {k: crossing.get(k) for k in ("b_simple", "b_simple_low", "b_simple_high")},
-        "b_simple_step": crossing["step"],
+        "b_simple": {k: crossing.get(k) for k in (Column.B_SIMPLE, Column.B_SIMPLE_LOW, Column.B_SIMPLE_HIGH)},
+        "b_simple_step": crossing[Column.STEP],
     }
     write_atomic(path, json.dumps(reference, indent=1) + "\n")
     return reference
