@@ -270,7 +270,7 @@ class PerExample:
             second = {k: sum(part.second[k] for _, part in parts) * scale**2 for k in names}
         unscale = loss_scale if grad_scale is None else grad_scale
         batch = {k: (torch.zeros_like(p) if p.grad is None else p.grad.detach() / unscale) for k, p in self._params.items()}
-        param_batch_sq = _sq_norms_by_name(batch, torch.zeros((), dtype=torch.float64))
+        param_batch_sq = _tensors.sq_norms(batch, torch.zeros((), dtype=torch.float64))
         return PerExampleResult(
             sq_norms=torch.stack(list(sq.values())).sum(0),
             param_sq_norms=sq,
