@@ -187,47 +187,101 @@ def test_an_operation_without_a_direct_form_goes_through_torch_func_and_says_so(
     assert paths["0"] == "torch.func (conv1d on ['weight'])"
 
 
-def test_a_table_returned_without_an_example_axis_is_a_clear_error():
-    class Table(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.weight = nn.Parameter(torch.randn(T, D))
+class Table(nn.Module):
+    """A module that returns a table computed from its parameter alone: (t, d), or (1, t, d)."""
 
-        def forward(self, x):
-            return self.weight[: x.shape[1]]  # (t, d): no example axis
+    def __init__(self, leading_one: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(T, D))
+        self.leading_one = leading_one
 
-    class Model(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.table = Table()
+    def forward(self, t: int):
+        table = self.weight[:t]
+        return table[None] if self.leading_one else table
 
-        def forward(self, x):
-            return x + self.table(x)
 
-    model = Model().double()
+class UsesTable(nn.Module):
+    """The parent adds the table to the batch (or, in ``einsum`` mode, contracts with it)."""
+
+    def __init__(self, leading_one=False, einsum=False):
+        super().__init__()
+        self.table, self.out, self.einsum = Table(leading_one), nn.Linear(D, 2), einsum
+
+    def forward(self, x):
+        table = self.table(x.shape[1])
+        if self.einsum:
+            return torch.einsum("ntd,td->nt", x, table)
+        return self.out(torch.tanh(x + table))
+
+
+@pytest.mark.parametrize("leading_one", [False, True])
+def test_a_table_returned_by_a_module_and_broadcast_in_its_parent(leading_one):
+    assert _check(UsesTable(leading_one).double(), _seq())["table"] == "direct (add)"
+
+
+def test_a_table_that_meets_the_batch_in_an_operation_without_a_direct_form_is_a_clear_error():
+    model = UsesTable(einsum=True).double()
     with pergrad.PerExample(model) as pe:
-        with pytest.raises(pergrad.CaptureError, match="Table at 'table' returns a tensor of shape"):
+        with pytest.raises(pergrad.CaptureError, match="Table at 'table' returns a tensor used by einsum"):
             pe.backward(per_example_loss(model(_seq()), 0))
 
 
-def test_a_table_returned_with_a_leading_axis_of_one_is_right():
-    class Table(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.weight = nn.Parameter(torch.randn(T, D))
+class Windows(nn.Module):
+    """Swin: each example's positions split into windows stacked along the batch axis (n·w, t, d),
+    attention in each window with a learned relative bias (1, heads, t, t) from a module of its own."""
 
-        def forward(self, x):
-            return self.weight[None, : x.shape[1]]  # (1, t, d)
+    def __init__(self, heads=2, window=2):
+        super().__init__()
+        self.qkv, self.heads, self.window = nn.Linear(D, 3 * D), heads, window
 
-    class Model(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.table, self.out = Table(), nn.Linear(D, 2)
+        class Bias(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.table = nn.Parameter(torch.randn(2 * window - 1, heads))
+                self.register_buffer("index", (torch.arange(window)[:, None] - torch.arange(window)[None, :] + window - 1))
 
-        def forward(self, x):
-            return self.out(torch.tanh(x + self.table(x)))
+            def forward(self):
+                return self.table[self.index].permute(2, 0, 1).unsqueeze(0)  # (1, heads, t, t)
 
-    assert _check(Model().double(), _seq())["table"] == "direct (output)"
+        self.bias = Bias()
+
+    def forward(self, x):
+        n, t, d = x.shape
+        w = x.reshape(n * (t // self.window), self.window, d)  # windows join the batch axis
+        q, k, v = self.qkv(w).reshape(w.shape[0], self.window, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias())
+        return out.transpose(1, 2).reshape(n, t, d)
+
+
+def test_windows_stacked_along_the_batch_with_a_relative_bias():
+    assert _check(Windows().double(), _seq())["bias"] == "direct (scaled_dot_product_attention)"
+
+
+class TransposedWeight(nn.Linear):
+    """Falcon's FalconLinear: ``input @ self.weight.T``."""
+
+    def forward(self, x):
+        return x @ self.weight.T
+
+
+class InPlaceResidual(nn.Module):
+    """Module outputs modified in place afterwards (Falcon: ``mlp_output += attention_output``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.direct = nn.Linear(D, D), TransposedWeight(D, D, bias=False)
+
+    def forward(self, x):
+        h = self.fc(x)
+        h += x
+        out = self.direct(torch.tanh(h))
+        out += h
+        return out
+
+
+def test_module_outputs_modified_in_place_afterwards():
+    paths = _check(InPlaceResidual().double(), _seq())
+    assert paths == {"fc": "rule LinearRule", "direct": "direct (matmul)"}
 
 
 class Doubler(nn.Module):

@@ -64,6 +64,23 @@ def _small(cls, **kw):
 
 
 T_ = transformers
+_H = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+
+
+class _Embeds(torch.nn.Module):
+    """A model whose output is image embeddings (CLIP's vision tower), with ``.logits`` for the loss."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **kw):
+        return type("Out", (), {"logits": self.model(**kw).image_embeds})()
+
+
+def _embeds_loss(out, batch):
+    return out.logits.square().sum(1)
+
 # name -> (model builder, batch builder, loss, relative tolerance and why it is not 1e-10)
 MODELS = {
     "gpt2": (lambda: T_.GPT2LMHeadModel(T_.GPT2Config(vocab_size=V, n_positions=16, n_embd=16, n_layer=2, n_head=2)),
@@ -100,6 +117,25 @@ MODELS = {
                 image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=1,
                 num_attention_heads=2, intermediate_size=32, num_labels=3)),
             lambda n: _images(n, 8), _cls_loss, 1e-10),
+    "swin": (lambda: T_.SwinForImageClassification(T_.SwinConfig(
+                image_size=16, patch_size=2, num_channels=3, embed_dim=8, depths=[1, 1], num_heads=[2, 2],
+                window_size=4, num_labels=3)),
+             lambda n: _images(n, 16), _cls_loss, 1e-10),
+    "clip-vision": (lambda: _Embeds(T_.CLIPVisionModelWithProjection(T_.CLIPVisionConfig(
+                image_size=8, patch_size=4, num_channels=3, projection_dim=8, **_H))),
+                    lambda n: _images(n, 8), _embeds_loss, 1e-10),
+    "falcon": (lambda: T_.FalconForCausalLM(T_.FalconConfig(vocab_size=V, hidden_size=16, num_hidden_layers=1,
+                                                           num_attention_heads=2)),
+               _text, _lm_loss, 1e-10),
+    "gemma": (lambda: T_.GemmaForCausalLM(T_.GemmaConfig(vocab_size=V, num_key_value_heads=1, head_dim=8,
+                                                        max_position_embeddings=16, **_H)),
+              _text, _lm_loss, 1e-6),
+    "albert": (lambda: T_.AlbertForSequenceClassification(T_.AlbertConfig(
+                vocab_size=V, embedding_size=8, max_position_embeddings=16, num_labels=3, **_H)),
+               lambda n: _text(n, labels=3), _cls_loss, 1e-10),
+    "deberta-v2": (lambda: T_.DebertaV2ForSequenceClassification(T_.DebertaV2Config(
+                vocab_size=V, max_position_embeddings=16, num_labels=3, **_H)),
+                   lambda n: _text(n, labels=3, mask=True), _cls_loss, 1e-10),
     "convnext": (lambda: T_.ConvNextForImageClassification(T_.ConvNextConfig(
                 num_channels=3, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)),
                  lambda n: _images(n, 16), _cls_loss, 1e-10),

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from .errors import CaptureError, ExampleCouplingError, UnsupportedModuleError
-from .rules import FALLBACK, Call, Keep, Rule, rule_for, widen
+from .rules import FALLBACK, Call, Keep, Rule, on_grad, rule_for, widen
 from .rules.direct import DIRECT, DirectCall, DirectMode
 from .rules.functional import output_tensors
 
@@ -117,7 +117,12 @@ class Capture:
         self.on_external_backward: Callable[[], None] | None = None
         self.own_backward = False  # PerExample.backward is running its own backward
         self._end_queued = False
-        self._handles = [model.register_forward_pre_hook(self._count_examples, with_kwargs=True, prepend=True)]
+        self._in_model_forward = False
+        self._lingering: list[tuple[DirectMode, Target]] = []  # modes kept past their module's call
+        self._handles = [
+            model.register_forward_pre_hook(self._count_examples, with_kwargs=True, prepend=True),
+            model.register_forward_hook(self._model_done, prepend=True, always_call=True),
+        ]
         for t in self.targets:
             if type(t.rule).grads_in_backward is not Rule.grads_in_backward:
                 self._handles.append(t.module.register_forward_pre_hook(self._detach_hook(t)))
@@ -143,6 +148,24 @@ class Capture:
         if self._capturing():
             first = next((x for x in (*args, *kwargs.values()) if isinstance(x, Tensor) and x.dim() > 0), None)
             self.n_forward = None if first is None else first.shape[0]
+            self._in_model_forward = self.n_forward is not None
+
+    def _model_done(self, module, args, output):
+        """After the model's forward: stop the modes kept past their module's call.
+
+        A module that returns a tensor computed from its parameters alone (a relative-position
+        bias table, as Swin's and BEiT's) has its mode kept on until the model's forward ends,
+        so that the operations where that tensor meets the batch, in the parent module, give it
+        the example axis. One that met the batch only in operations the mode cannot follow is
+        flagged: its gradient cannot be split (see :meth:`check_before_backward`).
+        """
+        self._in_model_forward = False
+        while self._lingering:
+            mode, target = self._lingering.pop()
+            mode.__exit__(None, None, None)
+            if mode.record.unhandled:
+                mode.record.shared_output = f"a tensor used by {'; '.join(mode.record.unhandled)} outside it"
+            target.last_path = mode.record.path()
 
     def _direct_hook(self, target: Target):
         """Before a call of a module with directly used parameters: watch its operations."""
@@ -171,8 +194,9 @@ class Capture:
         detached copies of those parameters, so that autograd leaves them out."""
 
         def hook(module, args):
-            if not self._capturing():
-                return
+            first = args[0] if args else None
+            if not self._capturing() or not isinstance(first, Tensor) or first.shape[:1] != (self.n_forward,):
+                return  # examples flattened with positions or windows: the pieces need regrouping first
             names = [n for n in target.rule.grads_in_backward(module, args) if module._parameters[n].requires_grad]
             target.detached = {n: module._parameters[n] for n in names}
             for n, p in target.detached.items():
@@ -188,13 +212,15 @@ class Capture:
             record = None
             if target.rule is DIRECT and target.modes:
                 mode, record = target.modes.pop()
-                if mode is not None:
+                if mode is not None and self._in_model_forward and _computed_from_parameters(mode, output):
+                    self._lingering.append((mode, target))  # keep watching: its output meets the batch later
+                elif mode is not None:
                     mode.__exit__(None, None, None)
-                    output = _direct_output(mode, output)
                 target.last_path = record.path()
             if not self._capturing() or output is None:
                 return None
-            args, kwargs, output = self._broadcast(args, kwargs, output)
+            if record is None:  # a directly-used module's mode gives its parameters the example axis itself
+                args, kwargs, output = self._broadcast(args, kwargs, output)
             call = Call(tuple(_detached(a) for a in args), {k: _detached(v) for k, v in kwargs.items()})
             if record is not None:
                 call.pieces["direct"] = record
@@ -209,11 +235,11 @@ class Capture:
             call.grad_outputs = [None] * len(outputs)
             for k, o in enumerate(outputs):
                 if o.requires_grad:
-                    o.register_hook(self._noticed(_store_grad(call, k)))
+                    on_grad(o, self._noticed(_store_grad(call, k)))
             for name, tensor in internals.items():
                 call.internals[name] = tensor.detach()
                 if tensor.requires_grad:
-                    tensor.register_hook(self._noticed(_store_internal_grad(call, name)))
+                    on_grad(tensor, self._noticed(_store_internal_grad(call, name)))
             target.calls.append(call)
             return output
 
@@ -295,10 +321,8 @@ class Capture:
                     self.clear()
                     raise CaptureError(
                         f"{t.describe()} returns {record.shared_output}, computed from its parameters "
-                        "alone with no example axis, and the model broadcasts it over the batch "
-                        "outside the module: pergrad cannot see each example's share there. Return "
-                        "it with a leading axis of size 1 (e.g. table[None]), so that pergrad gives "
-                        "it the example axis, or register a rule for the module that uses it."
+                        "alone with no example axis: pergrad cannot see each example's share there. "
+                        "Register a rule for the module that uses it, or freeze its parameters."
                     )
                 m = t.rule.batch_size(t.module, call)
                 if m == n or m % n == 0 and t.rule.flattens_positions and m > 0:
@@ -317,7 +341,7 @@ class Capture:
         """The calls of a target that the last backward reached, as its rule reads them:
         examples first ((n·t, …) flattened inputs as (n, t, …)), and float16/bfloat16
         tensors in float32."""
-        calls = [c for c in target.calls if c.reached]
+        calls = [c for c in target.calls if c.reached or _direct_reached(c)]
         return [_examples_first(c, target.rule.batch_size(target.module, c), n) for c in calls]
 
     def examples_reached(self) -> int | None:
@@ -325,7 +349,7 @@ class Capture:
         batch size of the first call it reached; None if it reached none."""
         for t in self.targets:
             for call in t.calls:
-                if call.reached:
+                if call.reached or _direct_reached(call):
                     return self.n_forward if self.n_forward is not None else t.rule.batch_size(t.module, call)
         return None
 
@@ -364,6 +388,11 @@ class Capture:
                     yield t.param_names[local], p
 
 
+def _direct_reached(call: Call) -> bool:
+    record = call.pieces.get("direct")
+    return record is not None and not record.unhandled and record.reached
+
+
 def _examples_first(call: Call, m: int, n: int) -> Call:
     """The call with its float16/bfloat16 tensors widened, and, where its m rows are n
     examples' positions flattened together, every tensor with m rows read as (n, m/n, …)."""
@@ -385,26 +414,10 @@ def _examples_first(call: Call, m: int, n: int) -> Call:
     )
 
 
-def _direct_output(mode: DirectMode, output: Any) -> Any:
-    """A directly-used module's output, with a tensor computed from a parameter alone given
-    the example axis where it has a leading axis of 1 (a position table ``table[None]``) and
-    flagged (:attr:`DirectCall.shared_output`) where it has none."""
-
-    def fix(x):
-        d = mode._tracked(x)
-        if d is None:
-            return x
-        if x.dim() > 0 and x.shape[0] == 1:
-            mode.record.ops.add("output")
-            return mode._per_example(d, x.dim())
-        mode.record.shared_output = f"a tensor of shape {tuple(x.shape)}"
-        return x
-
-    if isinstance(output, Tensor):
-        return fix(output)
-    if isinstance(output, (tuple, list)):
-        return type(output)(fix(o) for o in output)
-    return output
+def _computed_from_parameters(mode: DirectMode, output: Any) -> bool:
+    """Whether a directly-used module's output is (or holds) a tensor computed from its
+    parameters alone, with no example axis yet."""
+    return any(mode._tracked(o) is not None for o in output_tensors(output))
 
 
 # id(module) -> (capture, target) for the modules whose rule exposes internals of the forward
@@ -440,7 +453,7 @@ class _RuleBuildsGrads(torch.autograd.Function):
     @staticmethod
     def forward(ctx, output, build, *params):
         ctx.build = build
-        return output.view_as(output)
+        return output.clone()  # not a view: the caller may modify it in place (out += residual)
 
     @staticmethod
     @once_differentiable

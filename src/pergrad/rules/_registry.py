@@ -21,7 +21,7 @@ from typing import Any, Iterator, NamedTuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Call", "Keep", "Rule", "flat_sq_norm", "register_rule", "rule_for", "registered_rules", "widen"]
+__all__ = ["Call", "Keep", "Rule", "flat_sq_norm", "on_grad", "register_rule", "rule_for", "registered_rules", "widen"]
 
 
 @dataclass
@@ -141,6 +141,28 @@ class Rule:
     def second_moments(self, module: nn.Module, inputs: Any) -> dict[str, Tensor]:
         """Sums over examples of the squared pieces: ``{name: p.shape}`` = Σ_j P_j²."""
         return {k: v.square().sum(0) for k, v in self.per_example_grads(module, inputs).items()}
+
+
+def on_grad(tensor: Tensor, hook) -> None:
+    """Call ``hook(grad)`` with the gradient of the reduced loss with respect to ``tensor`` as it
+    is now, during the backward pass.
+
+    The hook goes on the node that made the tensor (``grad_fn``), not on the tensor: a caller
+    that modifies the tensor in place afterwards (``out += residual``, as Falcon's decoder does)
+    moves a tensor's own hooks away from this value, while the node still receives its
+    gradient. A leaf tensor gets an ordinary tensor hook.
+    """
+    node = tensor.grad_fn
+    if node is None:
+        tensor.register_hook(hook)
+        return
+    k = tensor.output_nr
+
+    def prehook(grad_outputs):
+        if grad_outputs[k] is not None:
+            hook(grad_outputs[k])
+
+    node.register_prehook(prehook)
 
 
 def widen(x: Any) -> Any:

@@ -41,7 +41,7 @@ from torch.func import vmap
 from torch.overrides import TorchFunctionMode
 
 from . import _sequence as seq
-from ._registry import Call, Rule, widen
+from ._registry import Call, Rule, on_grad, widen
 from .embedding import embedding_rows
 from .functional import FALLBACK
 
@@ -137,8 +137,8 @@ class DirectCall:
             call then goes through torch.func).
         ops: names of the operations handled.
         n: number of examples the call was watched for (None: not watched).
-        shared_output: a description of an output computed from a parameter alone, without
-            an example axis (which no rule can split), or None.
+        shared_output: a description of an output computed from parameters alone that met
+            the batch only in operations the mode cannot follow (which no rule can split), or None.
     """
 
     dense: dict[str, Tensor] = field(default_factory=dict)
@@ -147,6 +147,12 @@ class DirectCall:
     ops: set[str] = field(default_factory=set)
     n: int | None = None
     shared_output: str | None = None
+
+    @property
+    def reached(self) -> bool:
+        """Whether a gradient reached any parameter's pieces (even where the module's output
+        was modified in place and its own gradient hook never ran)."""
+        return bool(self.dense) or any(r.g is not None for r in self.records)
 
     def path(self) -> str:
         """How this call's pieces are computed, in words."""
@@ -215,17 +221,22 @@ class DirectMode(TorchFunctionMode):
             self.expanded[name] = big
         return self.expanded[name]
 
-    def _per_example(self, d: _Derived, rank: int) -> Tensor | None:
+    def _per_example(self, d: _Derived, rank: int, k: int = 1) -> Tensor | None:
         """``vmap(f)(P)`` shaped to broadcast against operands of ``rank`` dims whose axis 0
-        is the example axis; None where ``d.value`` does not broadcast over that axis."""
+        is the example axis, of size n·k where each example's k rows (windows) lie together;
+        None where ``d.value`` does not broadcast over that axis."""
         value = d.value
         if value.dim() == rank and value.shape[0] != 1 or value.dim() > rank:
             return None
         big = self._expanded(d.name, d.param)
         out = big if d.f is None else vmap(d.f)(big)  # (n, *value.shape)
         if value.dim() == rank:
-            return out.squeeze(1)
-        return out.reshape(self.n, *(1,) * (rank - 1 - value.dim()), *value.shape)
+            out = out.squeeze(1)
+        else:
+            out = out.reshape(self.n, *(1,) * (rank - 1 - value.dim()), *value.shape)
+        if k > 1:
+            out = out.unsqueeze(1).expand(self.n, k, *out.shape[1:]).reshape(self.n * k, *out.shape[1:])
+        return out
 
     # --- dispatch -------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -271,33 +282,49 @@ def _compose(f, func, args, kwargs, k):
     return g
 
 
-def _rank_and_batched(mode: DirectMode, tensors: list[Tensor]) -> int | None:
-    """The broadcast rank of the operation's untracked tensors, if one of them has the
-    example axis first (rank ≥ 1, axis-0 size n); else None."""
+def _rank_and_batched(mode: DirectMode, tensors: list[Tensor]) -> tuple[int, int] | None:
+    """The broadcast rank of the operation's untracked tensors and k, where one of them has
+    the example axis first with n·k rows (k windows or positions per example, examples
+    first); None if none has."""
     others = [t for t in tensors if mode._tracked(t) is None]
     if not others:
         return None
     shape = torch.broadcast_shapes(*(t.shape for t in others))
-    if len(shape) == 0 or shape[0] != mode.n:
+    if len(shape) == 0 or shape[0] == 0 or shape[0] % mode.n:
         return None
-    return len(shape)
+    return len(shape), shape[0] // mode.n
 
 
-def _arithmetic(mode, func, args, kwargs, found):
-    tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
-    rank = _rank_and_batched(mode, tensors)
-    if rank is None or any(isinstance(k, int) and k == 0 and _is_inplace(func) for k, _ in found):
-        return None
+def _substituted(mode, args, kwargs, found, rank: int, rows: int):
+    """args and kwargs with each tracked tensor given the example axis; None if one cannot be."""
     args, kwargs = list(args), dict(kwargs)
     for k, d in found:
-        big = mode._per_example(d, rank)
+        big = mode._per_example(d, rank, rows)
         if big is None:
             return None
         if isinstance(k, int):
             args[k] = big
         else:
             kwargs[k] = big
-    return func(*args, **kwargs)
+    return args, kwargs
+
+
+def _arithmetic(mode, func, args, kwargs, found):
+    tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
+    batched = _rank_and_batched(mode, tensors)
+    if batched is None or any(isinstance(k, int) and k == 0 and _is_inplace(func) for k, _ in found):
+        return None
+    new = _substituted(mode, args, kwargs, found, *batched)
+    return None if new is None else func(*new[0], **new[1])
+
+
+def _attention(mode, func, args, kwargs, found):
+    """``scaled_dot_product_attention`` with a bias computed from a parameter as its mask."""
+    query = args[0] if args else kwargs.get("query")
+    if len(found) != 1 or found[0][0] not in (3, "attn_mask") or query.dim() < 2 or query.shape[0] % mode.n:
+        return None
+    new = _substituted(mode, args, kwargs, found, query.dim(), query.shape[0] // mode.n)
+    return None if new is None else func(*new[0], **new[1])
 
 
 def _is_inplace(func) -> bool:
@@ -314,9 +341,9 @@ def _expand(mode, func, args, kwargs, found):
     else:
         rest = args[1:]
         sizes = tuple(rest[0]) if len(rest) == 1 and not isinstance(rest[0], int) else tuple(rest)
-    if not sizes or sizes[0] != mode.n:
+    if not sizes or sizes[0] <= 0 or sizes[0] % mode.n:
         return None
-    big = mode._per_example(d, len(sizes))
+    big = mode._per_example(d, len(sizes), sizes[0] // mode.n)
     return None if big is None else big.expand(sizes)
 
 
@@ -396,7 +423,7 @@ def _linear_map(mode, x: Tensor, weight: Tensor, bias: Tensor | None, layout: st
         y = F.linear(x, weight if layout == "oi" else weight.T, bias)
         record = Linear(a.detach(), dw.name, None if bias is None else db.name, layout)
         if y.requires_grad:
-            y.register_hook(lambda grad: setattr(record, "g", grad.reshape(mode.n, -1, o)))
+            on_grad(y, lambda grad: setattr(record, "g", grad.reshape(mode.n, -1, o)))
             mode.record.records.append(record)
         return y
     if dw is not None:
@@ -406,7 +433,8 @@ def _linear_map(mode, x: Tensor, weight: Tensor, bias: Tensor | None, layout: st
         y = torch.bmm(a, big.transpose(1, 2) if layout == "oi" else big)
     else:
         y = torch.matmul(a, weight.T if layout == "oi" else weight)
-    y = y.reshape(*x.shape[:-1], o)
+    if y.shape != (*x.shape[:-1], o):
+        y = y.reshape(*x.shape[:-1], o)
     if bias is None:
         return y
     b = mode._per_example(db, y.dim()) if db is not None else bias
@@ -439,7 +467,7 @@ def _embedding(mode, func, args, kwargs, found):
         padding_idx += weight.shape[0]
     record = Lookup(index.reshape(mode.n, -1), d.name, padding_idx)
     if y.requires_grad:
-        y.register_hook(lambda grad: setattr(record, "g", grad.reshape(mode.n, -1, weight.shape[1])))
+        on_grad(y, lambda grad: setattr(record, "g", grad.reshape(mode.n, -1, weight.shape[1])))
         mode.record.records.append(record)
     return y
 
@@ -457,6 +485,7 @@ _HANDLERS = {
     torch.mm: _matmul,
     torch.addmm: _addmm,
     F.embedding: _embedding,
+    F.scaled_dot_product_attention: _attention,
 }
 
 
