@@ -36,7 +36,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.func import vmap
 from torch.overrides import TorchFunctionMode
 
@@ -176,8 +176,9 @@ _ARITHMETIC = {
     for p in ("", "r", "i")
     if hasattr(Tensor, f"__{p}{name}__")
 }
-# operations that make a new tensor of the parameter alone; anything else on a parameter
-# alone is accepted too if it returns a tensor (``2 * p``, ``p.float()``) — see _derive
+# broadcasting a parameter to the batch (a class token to every example); any other operation
+# on a parameter alone (a slice, ``2 * p``, ``p.float()``) is followed as a derived tensor
+# (see DirectMode._derive_or_give_up)
 _EXPAND = {Tensor.expand, Tensor.expand_as}
 
 
