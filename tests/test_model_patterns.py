@@ -300,8 +300,10 @@ class WrongRule(Rule):
         return {"w": sum(0.5 * (c.grad_outputs[0] * c.args[0]).reshape(c.args[0].shape[0], -1, D).sum(1) for c in calls)}
 
 
-def test_the_first_backward_turns_a_wrong_rule_into_an_error():
-    pergrad.register_rule(Doubler, WrongRule())
+def test_the_first_backward_turns_a_wrong_rule_into_an_error(monkeypatch):
+    from pergrad.rules import _registry
+
+    monkeypatch.setitem(_registry._RULES, Doubler, WrongRule())  # registered for this test only
     model = nn.Sequential(nn.Linear(D, D), Doubler()).double()
     x = _seq()
     with pergrad.PerExample(model) as pe:
