@@ -56,6 +56,7 @@ __all__ = [
     "broadcast_object",
     "check_same_settings",
     "init_from_env",
+    "merge_result",
     "shutdown",
     "no_sync",
     "rank_and_world",
@@ -77,7 +78,8 @@ class StepResult:
         grad_sq_norms: (1+P,) float64 ‖ḡ‖² of the global mean gradient ḡ = (1/B) Σⱼ gⱼ.
         mean_grads: {name: p.shape} ḡ, which is also what ``p.grad`` now holds.
         second_moment: {name: p.shape} float64 Σⱼ gⱼ², or None if not requested.
-        micro_batches: M, the non-empty micro-batches over all workers.
+        micro_batches: M, the non-empty micro-batches over all workers (0 from
+            :func:`merge_result`, where they were not seen apart).
         micro_sq_norm_sum: Σₘ ‖ḡₘ‖², ḡₘ the mean gradient of micro-batch m.
         micro_inv_size_sum: Σₘ 1/bₘ, bₘ the size of micro-batch m.
         sums: (k,) float64 the caller's own sums (``step(sums=...)``), added over workers.
@@ -220,48 +222,12 @@ class DistributedPerExample:
         Raises:
             ValueError: no example in the step on any worker.
         """
-        extra = torch.zeros(0) if sums is None else sums.detach().reshape(-1)
-        extra = extra.to("cpu", torch.float64)
         head = torch.tensor([self._n, self._micro, self._micro_sq, self._micro_inv], dtype=torch.float64)
-        parts = [head, self._sq_sums, extra]
-        if self._second is not None:
-            parts += [m.reshape(-1).cpu() for m in self._second.values()]
-        merged = torch.cat(parts)
-        world = _world(self.group)
-        if world > 1:
-            merged = _on_backend_device(merged, self.group)
-            dist.all_reduce(merged, group=self.group)
-            merged = merged.cpu()
-        n = int(merged[0])
-        if n == 0:
+        merged = _merge_sums(head, self._sq_sums, sums, self._second, self._params, self.group)
+        if merged.n == 0:
             raise ValueError("the step had no example on any worker: call backward on at least one micro-batch first.")
-        p = len(self._params)
-        sq_sums = merged[_SCALARS : _SCALARS + 1 + p]
-        out_sums = merged[_SCALARS + 1 + p : _SCALARS + 1 + p + extra.numel()]
-        second = None
-        if self._second is not None:
-            flat = merged[_SCALARS + 1 + p + extra.numel() :]
-            second, offset = {}, 0
-            for name, q in self._params.items():
-                second[name] = flat[offset : offset + q.numel()].reshape(q.shape).to(q.device)
-                offset += q.numel()
-
-        mean_grads = self._reduce_grads(n, world)
-        zero = torch.zeros((), dtype=torch.float64)
-        norms = [s.cpu() for s in sq_norms({k: g.detach().double() for k, g in mean_grads.items()}, zero).values()]
-        grad_sq = torch.stack([torch.stack(norms).sum(), *norms]) if norms else torch.zeros(1, dtype=torch.float64)
-        result = StepResult(
-            n=n,
-            names=tuple(self._params),
-            sq_norm_sums=sq_sums,
-            grad_sq_norms=grad_sq,
-            mean_grads=mean_grads,
-            second_moment=second,
-            micro_batches=int(merged[1]),
-            micro_sq_norm_sum=float(merged[2]),
-            micro_inv_size_sum=float(merged[3]),
-            sums=out_sums,
-        )
+        mean_grads = self._reduce_grads(merged.n, _world(self.group))
+        result = merged.step_result(mean_grads)
         self._reset()
         return result
 
@@ -283,6 +249,111 @@ class DistributedPerExample:
             for g in grads:
                 g.div_(n)
         return {name: q.grad for name, q in params.items()}
+
+
+def merge_result(
+    result: PerExampleResult, sums: Tensor | None = None, group: dist.ProcessGroup | None = None
+) -> StepResult:
+    """Merge one optimizer step whose backward passes a framework ran (Lightning, the Hugging
+    Face Trainer) and whose gradient it already averaged over the workers.
+
+    Collective: every rank of the group must call it, with ``sums`` of the same length. The
+    per-example sums (and ``sums``) are added over workers in ONE ``all_reduce`` of a flat
+    float64 vector, as :meth:`DistributedPerExample.step` does; the gradient is not reduced
+    again: ``result.batch_grads`` (``.grad`` unscaled, which DistributedDataParallel has
+    averaged over the workers' equal-sized batches) is taken as the global mean gradient ḡ.
+
+    Args:
+        result: this worker's ``pe.result(reduction="mean", ...)`` over its micro-batches of the
+            step (``PerExample(model, second_moment=True)`` for the SNR).
+        sums: (k,) numbers of your own to add over workers in the same ``all_reduce``, or None.
+        group: the process group (default: the world; one process without one).
+
+    Returns:
+        A :class:`StepResult` over the B examples of all workers; ``micro_batches`` is 0 (the
+        micro-batch gradients were not seen apart, so there is no two-batch estimate).
+
+    Raises:
+        ValueError: ``result`` is not of ``reduction="mean"`` (a framework's mean loss).
+    """
+    if result.reduction != "mean":
+        raise ValueError(
+            f"merge_result needs a result of reduction='mean' (the framework's mean loss), got {result.reduction!r}: "
+            "read it with pe.result(reduction='mean')."
+        )
+    names = tuple(result.param_sq_norms)
+    per_param = [result.param_sq_norms[name].sum() for name in names]
+    sq_sums = torch.stack([result.sq_norms.sum(), *per_param]).detach().to("cpu", torch.float64)
+    head = torch.tensor([result.n, 0.0, 0.0, 0.0], dtype=torch.float64)
+    params = {name: result.batch_grads[name] for name in names}
+    second = result.second_moment
+    if second is not None:
+        second = {name: second[name].detach().to("cpu", torch.float64) for name in names}
+    merged = _merge_sums(head, sq_sums, sums, second, params, group)
+    return merged.step_result({name: g.detach() for name, g in params.items()})
+
+
+@dataclass(frozen=True)
+class _MergedSums:
+    """The per-example sums of a step added over workers: what both ways of merging share."""
+
+    n: int
+    names: tuple[str, ...]
+    vector: Tensor  # the reduced flat vector, laid out as _merge_sums writes it
+    extra: int
+    shapes: dict[str, torch.Size] | None  # of the second moments, when merged
+
+    def step_result(self, mean_grads: dict[str, Tensor]) -> StepResult:
+        """A :class:`StepResult` with the global mean gradient ``mean_grads`` ({name: p.shape})."""
+        p, k = len(self.names), self.extra
+        v = self.vector
+        second = None
+        if self.shapes is not None:
+            flat, second, offset = v[_SCALARS + 1 + p + k :], {}, 0
+            for name, shape in self.shapes.items():
+                size = shape.numel()
+                second[name] = flat[offset : offset + size].reshape(shape).to(mean_grads[name].device)
+                offset += size
+        zero = torch.zeros((), dtype=torch.float64)
+        norms = [s.cpu() for s in sq_norms({k: g.detach().double() for k, g in mean_grads.items()}, zero).values()]
+        grad_sq = torch.stack([torch.stack(norms).sum(), *norms]) if norms else torch.zeros(1, dtype=torch.float64)
+        return StepResult(
+            n=self.n,
+            names=self.names,
+            sq_norm_sums=v[_SCALARS : _SCALARS + 1 + p],
+            grad_sq_norms=grad_sq,
+            mean_grads=mean_grads,
+            second_moment=second,
+            micro_batches=int(v[1]),
+            micro_sq_norm_sum=float(v[2]),
+            micro_inv_size_sum=float(v[3]),
+            sums=v[_SCALARS + 1 + p : _SCALARS + 1 + p + k],
+        )
+
+
+def _merge_sums(
+    head: Tensor,
+    sq_sums: Tensor,
+    sums: Tensor | None,
+    second: dict[str, Tensor] | None,
+    params: dict[str, Tensor],
+    group: dist.ProcessGroup | None,
+) -> _MergedSums:
+    """Add a step's sums over the workers in ONE ``all_reduce`` of a flat float64 vector:
+    ``head`` (_SCALARS,) = (n, M, Σₘ ‖ḡₘ‖², Σₘ 1/bₘ), ``sq_sums`` (1+P,), the caller's ``sums``
+    (k,), then the second moments {name: p.shape} flattened in ``params`` order."""
+    extra = torch.zeros(0) if sums is None else sums.detach().reshape(-1)
+    extra = extra.to("cpu", torch.float64)
+    parts = [head, sq_sums, extra]
+    if second is not None:
+        parts += [second[name].reshape(-1).cpu() for name in params]
+    merged = torch.cat(parts)
+    if _world(group) > 1:
+        merged = _on_backend_device(merged, group)
+        dist.all_reduce(merged, group=group)
+        merged = merged.cpu()
+    shapes = None if second is None else {name: q.shape for name, q in params.items()}
+    return _MergedSums(int(merged[0]), tuple(params), merged, extra.numel(), shapes)
 
 
 def rank_and_world(group: dist.ProcessGroup | None = None) -> tuple[int, int]:

@@ -1,0 +1,120 @@
+"""What both callbacks keep over training: the step statistics, their metric names, a run directory.
+
+Per optimizer step, :meth:`StepStatistics.update` merges the workers' gathered per-example
+results (:func:`pergrad.distributed.merge_result`), feeds the global batch's tr Σ̂ and |G|²̂ to
+a :class:`~pergrad.NoiseScale` and its second moments to a :class:`~pergrad.ParamSNR` (both
+smoothed with weights β^(t−b)), and keeps the global batch's per-example norms.
+:meth:`StepStatistics.metrics` names them as the trainer's ``metrics.csv`` does
+(:class:`pergrad.train.metrics.Column`), behind the ``pergrad/`` prefix.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .. import distributed
+from .._atomic import write_atomic
+from ..distributed import StepResult, merge_result
+from ..per_example import PerExampleResult
+from ..stats import NoiseScale, ParamSNR, norm_quantiles
+from ..train.metrics import Column, MetricsLog
+
+__all__ = ["PREFIX", "RunDirectory", "StepStatistics"]
+
+PREFIX = "pergrad/"
+
+
+class StepStatistics:
+    """Smoothed B_simple, tr Σ, |G|² and per-parameter SNR over steps; the last step's norms.
+
+    Args:
+        beta: smoothing factor in (0, 1] of the noise scale and the SNR (see
+            :class:`~pergrad.NoiseScale`).
+        group: the process group the framework trains on (default: the world, or one process).
+    """
+
+    def __init__(self, beta: float, group: dist.ProcessGroup | None = None):
+        self.noise = NoiseScale(beta=beta)
+        self.snr = ParamSNR(beta=beta)
+        self.group = group
+        self.norms = torch.zeros(0, dtype=torch.float64)
+        self.steps = 0
+
+    def update(self, result: PerExampleResult, sums: torch.Tensor | None = None) -> StepResult:
+        """Add one optimizer step: this worker's ``pe.result(reduction="mean", ...)``, merged over
+        workers (collective: every rank calls it). A step of fewer than 2 examples in all (no
+        variance) leaves the smoothed statistics as they were.
+
+        Args:
+            result: this worker's gathered result, with second moments.
+            sums: (k,) numbers of the caller's to add over workers in the same ``all_reduce``.
+
+        Returns:
+            The merged :class:`~pergrad.distributed.StepResult`.
+        """
+        step = merge_result(result, sums, self.group)
+        self.norms = distributed.all_gather_cat(result.sq_norms.detach().double(), self.group).sqrt()
+        if step.n >= 2:
+            self.noise.update_estimate(step.estimate(), step.names)
+            self.snr.update_sums(step.second_moment, step.mean_grads, step.n)
+        self.steps += 1
+        return step
+
+    def values(self) -> dict[str, float | None]:
+        """{:class:`Column` name: value} of the statistics now: smoothed B_simple with its 95%
+        interval, tr Σ, |G|², the last step's per-example norm quantiles and maximum, and the
+        SNR of each parameter; None where not known yet (NaN), +inf kept."""
+        e = self.noise.estimate(0.95)
+        row = {
+            Column.B_SIMPLE: e.b_simple,
+            Column.B_SIMPLE_LOW: e.lower,
+            Column.B_SIMPLE_HIGH: e.upper,
+            Column.TRACE_SIGMA: e.trace_sigma,
+            Column.GRAD_SQ_NORM: e.grad_sq_norm,
+        }
+        if self.norms.numel():
+            quantiles = norm_quantiles(self.norms, [q for _, q in Column.NORM_QUANTILES])
+            row.update({Column.norm(label): float(v) for (label, _), v in zip(Column.NORM_QUANTILES, quantiles)})
+            row[Column.NORM_MAX] = float(self.norms.max())
+        row.update({Column.snr(name): v for name, v in self.snr.layer_snr().items()})
+        return {k: None if math.isnan(float(v)) else float(v) for k, v in row.items()}
+
+    def metrics(self) -> dict[str, float]:
+        """:meth:`values` named ``pergrad/<column>`` for a framework's loggers, without the unknown ones."""
+        return {PREFIX + k: v for k, v in self.values().items() if v is not None}
+
+
+class RunDirectory:
+    """A run directory that ``pergrad report DIR`` reads: ``config.toml`` and ``metrics.csv``.
+
+    ``config.toml`` holds what the callback knows of the run (framework, batch size, β...);
+    ``metrics.csv`` one row per logged step with the trainer's columns (:class:`Column`). Both
+    are written atomically, the metrics at every row.
+
+    Args:
+        path: the directory (created).
+        settings: {key: str, int or float} written to ``config.toml``.
+    """
+
+    def __init__(self, path: str | Path, settings: dict):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        lines = [f"{k} = {_toml(v)}" for k, v in settings.items()]
+        write_atomic(self.path / "config.toml", "\n".join(lines) + "\n")
+        self.log = MetricsLog(self.path / "metrics.csv")
+
+    def append(self, row: dict) -> None:
+        """Add one row ({:class:`Column` name: value}) and rewrite ``metrics.csv``."""
+        self.log.append(row)
+
+
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)

@@ -1,0 +1,111 @@
+"""pergrad.integrations.lightning: a real lightning.Trainer (CPU) with PergradCallback, its logged
+statistics against pergrad run by hand on the same batches and weights.
+
+The by-hand reference runs one ``PerExample.backward`` on each step's whole batch (all its
+micro-batches, of all workers) at the weights that step started from, and feeds
+``NoiseScale.update`` / ``ParamSNR.update``: not the callback's path (gathered external backward
+passes, merged sums), so a wrong gathering, scaling or merge shows.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pergrad
+from pergrad.stats import NoiseScale, ParamSNR, norm_quantiles
+from pergrad.train.metrics import Column, read_metrics
+
+from lightning_worker import C, D, fit
+
+BETA = 0.9
+
+
+def by_hand(weights: list[dict], steps: list[list[tuple]], dtype=torch.float64) -> list[dict]:
+    """{Column: value} after each step, from one backward of each step's whole batch."""
+    model = nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, C)).to(dtype)
+    noise, snr = NoiseScale(beta=BETA), ParamSNR(beta=BETA)
+    rows = []
+    for w, batches in zip(weights, steps):
+        model.load_state_dict({k.removeprefix("net."): v.to(dtype) for k, v in w.items()})
+        x = torch.cat([b[0] for b in batches]).to(dtype)
+        y = torch.cat([b[1] for b in batches])
+        model.zero_grad(set_to_none=True)
+        with pergrad.PerExample(model, second_moment=True) as pe:
+            result = pe.backward(F.cross_entropy(model(x), y, reduction="none"))
+        noise.update(result)
+        snr.update(result)
+        e = noise.estimate(0.95)
+        q = norm_quantiles(result.norms, [0.1, 0.5, 0.9])
+        row = {Column.B_SIMPLE: e.b_simple, Column.B_SIMPLE_LOW: e.lower, Column.B_SIMPLE_HIGH: e.upper,
+               Column.TRACE_SIGMA: e.trace_sigma, Column.GRAD_SQ_NORM: e.grad_sq_norm,
+               "norm_q10": float(q[0]), "norm_q50": float(q[1]), "norm_q90": float(q[2]),
+               Column.NORM_MAX: float(result.norms.max()), Column.BATCH_SIZE: x.shape[0]}  # fmt: skip
+        row.update({Column.snr("net." + k): v for k, v in snr.layer_snr().items()})
+        rows.append(row)
+    return rows
+
+
+def assert_rows_match(logged: list[dict], expected: list[dict], rel: float) -> None:
+    assert len(logged) == len(expected) > 0
+    for step, (got, want) in enumerate(zip(logged, expected)):
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, rel=rel, abs=1e-12), f"step {step + 1}, {key}"
+
+
+def micro_batches_by_step(seen: list, accumulate: int) -> list[list]:
+    return [seen[i : i + accumulate] for i in range(0, len(seen), accumulate)]
+
+
+def test_logged_statistics_equal_pergrad_by_hand_with_accumulation(tmp_path):
+    module, callback, trainer = fit(tmp_path, accumulate=2, beta=BETA)
+    expected = by_hand(module.weights, micro_batches_by_step(module.seen, 2))
+    assert len(expected) == 4  # 32 examples, micro-batches of 4, 2 per step
+    rows = read_metrics(tmp_path / "run" / "metrics.csv")
+    assert_rows_match(rows, expected, rel=1e-10)
+    assert [r[Column.STEP] for r in rows] == [1, 2, 3, 4]
+    assert all(math.isfinite(r[Column.B_SIMPLE]) for r in rows[1:])
+    # the same values reach trainer.callback_metrics (Lightning keeps them as float32)
+    metrics = trainer.callback_metrics
+    for key, value in expected[-1].items():
+        if key != Column.BATCH_SIZE:
+            assert float(metrics["pergrad/" + key]) == pytest.approx(value, rel=1e-6), key
+
+
+def test_k_micro_batches_give_the_statistics_of_one_backward_of_the_whole_batch(tmp_path):
+    one = read_metrics(fit(tmp_path / "k1", accumulate=1, batch_size=8, beta=BETA)[2].callbacks[0].run_dir / "metrics.csv")
+    four = read_metrics(fit(tmp_path / "k4", accumulate=4, batch_size=2, beta=BETA)[2].callbacks[0].run_dir / "metrics.csv")
+    stats = [k for k in one[0] if k not in (Column.LOSS,)]
+    assert_rows_match([{k: r[k] for k in stats} for r in four], [{k: r[k] for k in stats} for r in one], rel=1e-10)
+    assert [r[Column.LOSS] for r in four] == pytest.approx([r[Column.LOSS] for r in one], rel=1e-10)
+
+
+def test_bf16_mixed_precision(tmp_path):
+    module, callback, trainer = fit(tmp_path, accumulate=2, precision="bf16-mixed", beta=BETA)
+    rows = read_metrics(tmp_path / "run" / "metrics.csv")
+    expected = by_hand(module.weights, micro_batches_by_step(module.seen, 2))
+    for got, want in zip(rows, expected):  # bfloat16 has 8 bits of mantissa
+        for key in (Column.TRACE_SIGMA, "norm_q50", Column.NORM_MAX):
+            assert got[key] == pytest.approx(want[key], rel=5e-2), key
+
+
+def test_ddp_on_two_gloo_processes_merges_the_workers(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               str(Path(__file__).parent / "lightning_worker.py"), str(tmp_path)]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert all(torch.equal(a, b) for w0, w1 in zip(ranks[0]["weights"], ranks[1]["weights"]) for a, b in zip(w0.values(), w1.values()))
+    steps = [s0 + s1 for s0, s1 in zip(*(micro_batches_by_step(r["seen"], 2) for r in ranks))]
+    expected = by_hand(ranks[0]["weights"], steps)
+    assert len(expected) == 2 and expected[0][Column.BATCH_SIZE] == 16  # 2 workers x 2 micro-batches x 4
+    assert_rows_match(read_metrics(tmp_path / "run" / "metrics.csv"), expected, rel=1e-10)
