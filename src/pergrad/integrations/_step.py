@@ -45,12 +45,17 @@ class StepStatistics:
         self.steps = 0
 
     def update(self, result: PerExampleResult, sums: torch.Tensor | None = None) -> StepResult:
-        """Add one optimizer step: this worker's ``pe.result(reduction="mean", ...)``, merged over
-        workers (collective: every rank calls it). A step of fewer than 2 examples in all (no
-        variance) leaves the smoothed statistics as they were.
+        """:meth:`merge` one optimizer step, then :meth:`add` it."""
+        step = self.merge(result, sums)
+        self.add(step)
+        return step
+
+    def merge(self, result: PerExampleResult, sums: torch.Tensor | None = None) -> StepResult:
+        """Merge one optimizer step over the workers (collective: every rank calls it) and keep
+        the per-example norms of its global batch.
 
         Args:
-            result: this worker's gathered result, with second moments.
+            result: this worker's ``pe.result(reduction="mean", ...)``, with second moments.
             sums: (k,) numbers of the caller's to add over workers in the same ``all_reduce``.
 
         Returns:
@@ -58,11 +63,15 @@ class StepStatistics:
         """
         step = merge_result(result, sums, self.group)
         self.norms = distributed.all_gather_cat(result.sq_norms.detach().double(), self.group).sqrt()
+        return step
+
+    def add(self, step: StepResult) -> None:
+        """Add a merged step to the smoothed statistics; a step of fewer than 2 examples in all
+        (no variance) leaves them as they were."""
         if step.n >= 2:
             self.noise.update_estimate(step.estimate(), step.names)
             self.snr.update_sums(step.second_moment, step.mean_grads, step.n)
         self.steps += 1
-        return step
 
     def values(self) -> dict[str, float | None]:
         """{:class:`Column` name: value} of the statistics now: smoothed B_simple with its 95%
