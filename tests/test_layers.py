@@ -1,7 +1,8 @@
 """The layering, read from the source with ``ast``: the library never imports the application.
 
 Library (bottom to top): errors, _atomic, _tensors < rules < capture < per_example < stats <
-distributed < checks. Applications: integrations < train < report < cli. A module imports only
+distributed < checks. Applications: train < integrations < report < cli (the callbacks write
+the trainer's metrics.csv schema). A module imports only
 from its own layer or below (docs: shared/DESIGN.md); lazy imports inside functions count too.
 """
 
@@ -21,8 +22,8 @@ LAYERS = [
     ("stats",),
     ("distributed",),
     ("checks",),
-    ("integrations",),
     ("train",),
+    ("integrations",),
     ("report",),
     ("cli",),
 ]
