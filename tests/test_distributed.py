@@ -256,6 +256,7 @@ def test_report_shows_the_two_batch_estimate_beside_the_per_example_one(spawned,
     assert "two-batch estimator" in section and number(noise["b_simple_two_batch_median"]) in section
 
 
+@pytest.mark.slow
 def test_the_readme_example_runs_under_torchrun():
     example = Path(__file__).parent.parent / "examples" / "ddp_noise_scale.py"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(example)]

@@ -86,6 +86,7 @@ def test_trainer_warns_before_training_on_a_sorted_order_only(tmp_path):
         assert ("warning" in text) == warned
 
 
+@pytest.mark.slow
 def test_sorted_run_report_shows_the_failed_check_and_aligned_gradients(tmp_path):
     runs = {}
     for order in ("sorted", "shuffled"):
