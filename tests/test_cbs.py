@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 
 from pergrad.cli.main import main
 from pergrad.train import cbs
+from pergrad.train.checkpoint import load_checkpoint
 from pergrad.train.config import TrainConfig
 from pergrad.train.data import LINREG_NOISE, linreg_problem
 from pergrad.train.ground_truth import linreg_noise_scales
@@ -88,7 +88,8 @@ def test_an_interrupted_cbs_resumes_without_redoing_finished_jobs(tmp_path, monk
     assert main(["cbs", *TINY, "--out", str(out)]) == 0
     stdout, err = capsys.readouterr()
     assert not set(first) & set(second)  # nothing done twice
-    plan = cbs.make_plan(TrainConfig(dataset="linreg", model="linear", lr=0.05, epochs=1), quick=True)
+    plan_config = TrainConfig(dataset="linreg", model="linear", lr=0.05, epochs=1)
+    plan = cbs.make_plan(plan_config, quick=True)
     assert len(first) + len(second) == plan.n_jobs and f"[{plan.n_jobs}/{plan.n_jobs}]" in err
     assert (out / "metrics.csv").stat().st_mtime_ns == reference_mtime  # the reference run was not redone
 
@@ -100,8 +101,14 @@ def test_an_interrupted_cbs_resumes_without_redoing_finished_jobs(tmp_path, monk
     assert len(result["points"]) >= 4 and len(result["sweep"]) == len(plan.batch_sizes) * 2 * 2
     assert [b["step"] for b in result["branches"]] == sorted({b["step"] for b in result["branches"]})
     truth = result["ground_truth"]
-    assert truth["b_noise_at_target"] > 0 and len(truth["along_run"]) == plan.branch_points + 1
-    assert f"B_crit = " in stdout
+    steps = [r["step"] for r in truth["along_run"]]
+    assert steps == sorted(steps) and truth["steps_to_target"] in steps and len(steps) >= plan.truth_points
+    at_target = truth["along_run"][steps.index(truth["steps_to_target"])]
+    assert truth["b_noise_at_target"] == at_target["b_noise"] > 0 and truth["b_noise_median_to_target"] > 0
+    final = load_checkpoint(out / "checkpoint.pt")["model"]  # the replay ends where the reference run ended
+    b_noise_end, _ = linreg_noise_scales(plan_config, final["weight"].reshape(-1), final["bias"].reshape(()))
+    assert truth["along_run"][-1]["b_noise"] == pytest.approx(b_noise_end, rel=1e-12)
+    assert "B_crit = " in stdout
 
     html = (out / "report.html").read_text()
     section = html[html.index('<section id="cbs">') : html.index("</section>", html.index('<section id="cbs">'))]
@@ -147,3 +154,14 @@ def test_other_settings_in_the_same_directory_are_refused(tmp_path, capsys):
     assert main(["cbs", *TINY, "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "holds a cbs run with other settings" in err and len(err.strip().splitlines()) == 1
+
+
+def test_data_seed_keeps_the_data_while_seed_changes_the_run():
+    from pergrad.train.data import load_dataset
+
+    base = TrainConfig(dataset="linreg", model="linear")
+    same = [load_dataset(base.replace(seed=s, data_seed=0)) for s in (0, 5)]
+    assert torch.equal(same[0].train_x, same[1].train_x) and torch.equal(same[0].val_y, same[1].val_y)
+    assert not torch.equal(load_dataset(base.replace(seed=5)).train_x, same[0].train_x)  # -1: data from seed
+    with pytest.raises(ValueError, match="data_seed must be -1"):
+        base.replace(data_seed=-2)

@@ -29,13 +29,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "OUT/report.html. Run the same command again to resume.",
     )
     add_config_arguments(parser)
-    parser.add_argument("--quick", action="store_true", help="a smaller sweep: every other batch size, 2 learning rates, 2 seeds, 2 branch points")
-    parser.add_argument("--jobs", type=int, default=None, metavar="N", help="parallel training processes (default: the available cores)")
-    parser.add_argument("--seeds", type=int, default=None, metavar="N", help="seeds per batch size and learning rate, >= 2 (default: 3, quick: 2)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smaller sweep: every other batch size, 2 learning rates, 2 seeds, 2 branch points")
+    parser.add_argument("--jobs", type=int, default=None, metavar="N",
+                        help="parallel training processes (default: the available cores)")
+    parser.add_argument("--seeds", type=int, default=None, metavar="N",
+                        help="seeds per batch size and learning rate, >= 2 (default: 3, quick: 2)")  # fmt: skip
     parser.add_argument("--target-loss", type=float, default=None, metavar="LOSS",
                         help="validation loss to reach (default: the reference run's at half its steps)")  # fmt: skip
     parser.add_argument("--tolerance", type=float, default=None, metavar="T",
-                        help="a branch at k x B passes while its loss is at most (1 + T) x the k = 1 branch's (default: 0.1)")  # fmt: skip
+                        help="a branch at k x B passes while its loss is at most (1 + T) x the k = 1 "
+                        "branch's (default: 0.1)")  # fmt: skip
     return parser
 
 

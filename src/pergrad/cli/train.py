@@ -21,7 +21,7 @@ _HELP = {
     "momentum": "SGD momentum",
     "batch_size": "examples per step (at least 2)",
     "epochs": "passes over the training set",
-    "seed": "seed of the split, the initial weights and the batch order",
+    "seed": "seed of the initial weights and the batch order (and of the data, unless --data-seed)",
     "out": "run directory (config, metrics, checkpoint, report)",
     "log_every": "steps between logged rows of statistics",
     "order": "batch order: shuffled (default) or sorted by label (a broken sampler, for demonstration)",
@@ -29,6 +29,7 @@ _HELP = {
     "noise_beta": "smoothing of the noise-scale and SNR averages, in (0, 1] (EMA factor; 1: plain averages)",
     "accumulate": "micro-batches per worker and step (gradient accumulation), of "
     "batch-size / (nproc x accumulate) examples each",
+    "data_seed": "seed of the synthetic data and the training/validation split; -1: the same as --seed",
 }
 
 

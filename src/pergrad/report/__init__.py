@@ -2,9 +2,10 @@
 run directory that ``pergrad train`` wrote.
 
 Sections: summary, loss and accuracy curves, the noise scale B_simple against the batch size
-(with advice), per-parameter SNR, per-example gradient norms at the saved parameters θ, the
-examples with the largest gradients, and a check on the run's own data that a random
-mini-batch gradient is an unbiased estimate of the full-data gradient.
+(with advice), the critical batch size where ``pergrad cbs`` measured it, per-parameter SNR,
+per-example gradient norms at the saved parameters θ, the examples with the largest gradients,
+and a check on the run's own data that a random mini-batch gradient is an unbiased estimate of
+the full-data gradient.
 
 Public API:
     build_report(run_dir) -> Path: (re)build the report.

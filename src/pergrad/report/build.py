@@ -9,7 +9,6 @@ each atomically.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ import torch
 
 from .. import __version__
 from .._atomic import write_atomic
+from .._json import jsonable
 from . import figures, sections
 from ..stats.alignment import AlignmentReport, GradientAlignment
 from ..train.metrics import Column
@@ -104,7 +104,7 @@ def build_report(run_dir: str | Path) -> Path:
     )
     report = run.path / REPORT
     try:
-        write_atomic(run.path / DATA, json.dumps(_jsonable(data), indent=1, allow_nan=False) + "\n")
+        write_atomic(run.path / DATA, json.dumps(jsonable(data), indent=1, allow_nan=False) + "\n")
         write_atomic(report, html)
     except OSError as err:
         raise ReportError(
@@ -140,18 +140,3 @@ def _label_mix(dataset, config) -> np.ndarray | None:
     counts = np.stack([np.bincount(labels[b].numpy(), minlength=classes) for b in batches])
     return counts / counts.sum(1, keepdims=True)
 
-
-def _jsonable(value):
-    """Plain JSON: numpy scalars as numbers, ±inf as the strings "inf"/"-inf", NaN as null."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.floating, np.integer)):
-        value = value.item()
-    if isinstance(value, float):
-        if math.isnan(value):
-            return None
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-    return value

@@ -16,6 +16,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
+from .._json import INF
 from ..train.metrics import Column
 from . import figures
 from ._format import number
@@ -43,7 +44,9 @@ def load_cbs(run_dir: str | Path) -> dict | None:
         data = json.loads(path.read_text(), parse_constant=float)
         _ = data["b_crit"], data["points"], data["b_simple"], data["branches"]
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ReportError(f"{path} is not a cbs.json that pergrad cbs wrote ({err}); rerun pergrad cbs or remove it") from None
+        raise ReportError(
+            f"{path} is not a cbs.json that pergrad cbs wrote ({err}); rerun pergrad cbs or remove it"
+        ) from None
     return _floats(data)
 
 
@@ -52,7 +55,7 @@ def _floats(value):
         return {k: _floats(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_floats(v) for v in value]
-    return float(value) if value in ("inf", "-inf") else value
+    return float(value) if value in (INF, "-" + INF) else value
 
 
 def cbs_section(section_id: str, title: str, cbs: dict | None, metrics: Metrics) -> tuple[Raw, dict]:
@@ -73,13 +76,15 @@ def cbs_section(section_id: str, title: str, cbs: dict | None, metrics: Metrics)
         "hyperbola S = S_min + E_min/B, dashed its asymptotes S_min and E_min; the star is B_crit, "
         "where steps and examples are both twice their minimum. Right: B*(t), the largest batch that a "
         "branch from the run's checkpoint at step t can use for the same number of examples without "
-        f"losing more than {cbs.get('tolerance', 0.1):.0%} in validation loss (Merrill et al. 2025; an upward triangle is "
-        "a lower bound: every branch passed), against B_simple(t) of the run and B_crit."
+        f"losing more than {cbs['tolerance']:.0%} in validation loss (Merrill et al. 2025; an upward "
+        "triangle is a lower bound: every branch passed; a downward one, at the run's own batch size, an "
+        "upper bound: even twice the batch failed), against B_simple(t) of the run and B_crit."
     )
     if cbs.get("ground_truth"):
         caption += " Dotted: B_noise = tr(HΣ)/(GᵀHG) in closed form at the run's parameters (quadratic model)."
     rows = _numbers(cbs)
-    published = [(name, number(b_crit), number(b_simple), number(b_simple / b_crit)) for name, b_crit, b_simple in PUBLISHED]
+    published = [(name, number(b_crit), number(b_simple), number(b_simple / b_crit))
+                 for name, b_crit, b_simple in PUBLISHED]  # fmt: skip
     ratio_low, ratio_high = cbs.get("ratio_interval") or (None, None)
     published.insert(0, ("this run", _with_interval(cbs["b_crit"], cbs["b_crit_interval"]),
                          _with_interval(cbs["b_simple"], cbs["b_simple_interval"]),
@@ -117,13 +122,22 @@ def _numbers(cbs: dict) -> list[tuple[str, str]]:
         ("S_min, fewest steps", number(cbs["s_min"])),
         ("E_min, fewest examples", number(cbs["e_min"])),
         ("B_crit = E_min / S_min", _with_interval(cbs["b_crit"], cbs["b_crit_interval"])),
-        (f"B_simple of the run at the target (step {cbs['b_simple_step']})", _with_interval(cbs["b_simple"], cbs["b_simple_interval"])),
+        (f"B_simple of the run at the target (step {cbs['b_simple_step']})",
+         _with_interval(cbs["b_simple"], cbs["b_simple_interval"])),
         ("B_simple / B_crit", _with_interval(cbs["ratio"], cbs.get("ratio_interval"))),
     ]  # fmt: skip
     truth = cbs.get("ground_truth")
-    if truth and truth.get("b_noise_at_target") is not None:
-        rows.append(("B_noise in closed form at the target (quadratic model)", number(truth["b_noise_at_target"])))
+    if truth:
+        rows += [
+            (f"B_noise in closed form at the target (step {truth['steps_to_target']})", number(truth["b_noise_at_target"])),
+            ("B_noise in closed form, median over the run up to the target", number(truth["b_noise_median_to_target"])),
+            ("B_crit / B_noise (median up to the target)", number(_safe_ratio(cbs["b_crit"], truth["b_noise_median_to_target"]))),
+        ]  # fmt: skip
     return rows
+
+
+def _safe_ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or not 0 < b < math.inf else a / b
 
 
 def _with_interval(value: float | None, interval) -> str:
@@ -145,11 +159,17 @@ def _verdict(cbs: dict) -> str:
             f"B_crit is at least {number(low)}: up to the largest batch tried ({largest}), steps still fall as 1/B, "
             "so the sweep bounds B_crit only from below; a larger dataset or batch would bound it."
         )
-    text = f"B_crit = {number(cbs['b_crit'])}, between {number(low)} and {number(high)} ({cbs.get('confidence', 0.9):.0%} bootstrap interval over seeds)."
+    text = (
+        f"B_crit = {number(cbs['b_crit'])}, between {number(low)} and {number(high)} "
+        f"({cbs['confidence']:.0%} bootstrap interval over seeds)."
+    )
     if cbs["ratio"] is not None:
         ratio = cbs["ratio"]
         size = "within" if 0.1 <= ratio <= 10 else "outside"
-        text += f" B_simple / B_crit = {number(ratio)}: the prediction is {size} an order of magnitude of the measurement."
+        text += (
+            f" B_simple / B_crit = {number(ratio)}: the prediction is {size} an order of magnitude of "
+            "the measurement."
+        )
     return text
 
 
@@ -162,7 +182,8 @@ def cbs_figure(cbs: dict, metrics: Metrics) -> Figure:
     colors = {b: figures._cycle(k) for k, b in enumerate(sizes)}
     for b in sizes:
         mine = [p for p in points if p["batch_size"] == b]
-        left.plot([p["examples"] for p in mine], [p["steps"] for p in mine], "o", color=colors[b], markersize=4, label=f"B = {b}")
+        left.plot([p["examples"] for p in mine], [p["steps"] for p in mine], "o", color=colors[b], markersize=4,
+                  label=f"B = {b}")  # fmt: skip
     if cbs["s_min"] is not None:
         s_min, e_min = cbs["s_min"], cbs["e_min"]
         grid = np.geomspace(min(sizes) / 4, max(sizes) * 4, 200)
@@ -172,27 +193,29 @@ def cbs_figure(cbs: dict, metrics: Metrics) -> Figure:
             left.axhline(s_min, color=figures.GREY, lw=0.9, ls="--")
         left.axvline(e_min, color=figures.GREY, lw=0.9, ls="--")
         if math.isfinite(cbs["b_crit"]) and cbs["b_crit_bounded"]:
-            left.plot([2 * e_min], [2 * s_min], "*", color="black", markersize=12, label=f"B_crit = {number(cbs['b_crit'])}")
+            left.plot([2 * e_min], [2 * s_min], "*", color="black", markersize=12,
+                      label=f"B_crit = {number(cbs['b_crit'])}")  # fmt: skip
     left.set_xscale("log")
     left.set_yscale("log")
-    left.set(xlabel="examples to the target E", ylabel="steps to the target S", title=f"Steps against examples (target loss {number(cbs['target_loss'])})")
+    left.set(xlabel="examples to the target E", ylabel="steps to the target S",
+             title=f"Steps against examples (target loss {number(cbs['target_loss'])})")  # fmt: skip
     left.legend(frameon=False, fontsize=7.5)
 
     steps_run, b_simple = metrics.column(Column.STEP), metrics.column(Column.B_SIMPLE)
     shown = np.isfinite(b_simple) & (b_simple > 0)
     right.plot(steps_run[shown], b_simple[shown], color=figures.TRAIN, lw=1.6, label="B_simple(t) of the run")
     for b in cbs["branches"]:
-        marker = "o" if b["bounded"] else "^"
+        marker = "^" if not b["bounded"] else "v" if b["b_star"] == b["batch_sizes"][0] else "o"
         right.plot([b["step"]], [b["b_star"]], marker, color=figures.VAL, markersize=7)
-    right.plot([], [], "o", color=figures.VAL, label="B*(t) from branches (^: lower bound)")
+    right.plot([], [], "o", color=figures.VAL, label="B*(t) from branches (^ at least, v at most)")
     if cbs["b_crit"] is not None and math.isfinite(cbs["b_crit"]):
         right.axhline(cbs["b_crit"], color="black", lw=1.2, ls="--", label="B_crit (sweep)")
         if cbs["b_crit_interval"] and math.isfinite(cbs["b_crit_interval"][1]):
             right.axhspan(*cbs["b_crit_interval"], color="black", alpha=0.08, lw=0)
     truth = (cbs.get("ground_truth") or {}).get("along_run")
     if truth:
-        right.plot([r["step"] for r in truth], [r["b_noise"] for r in truth], ":", color=figures.ACCENT, lw=1.8, marker="s",
-                   markersize=3, label="B_noise(t), closed form")  # fmt: skip
+        right.plot([r["step"] for r in truth], [r["b_noise"] for r in truth], ":", color=figures.ACCENT, lw=1.8,
+                   marker="s", markersize=3, label="B_noise(t), closed form")  # fmt: skip
     right.set_yscale("log")
     right.set(xlabel="step of the run", ylabel="batch size", title="B*(t) from branches against B_simple(t)")
     right.legend(frameon=False, fontsize=7.5)

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from .._atomic import write_atomic
+from .._json import jsonable
 from ..stats import fit_tradeoff
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
@@ -55,7 +56,10 @@ from .loop import prepare_run_dir, train
 from .metrics import Column, read_metrics
 from .sampler import BatchOrder
 
-__all__ = ["CBSPlan", "make_plan", "run_cbs", "run_job", "branch_critical_batch", "RESULT", "TOLERANCE"]
+__all__ = [
+    "CBSPlan", "make_plan", "run_cbs", "run_job", "branch_critical_batch", "scaled_lr", "grid_lr", "default_workers",
+    "RESULT", "TOLERANCE",
+]
 
 RESULT = "cbs.json"
 TOLERANCE = 0.1  # a branch passes when its loss is at most (1 + TOLERANCE) × the k = 1 branch's
@@ -72,10 +76,14 @@ class CBSPlan:
     Attributes:
         batch_sizes: the sweep's ladder of B.
         lr_factors: learning rates per B, as multiples of :func:`grid_lr`.
-        seeds: seeds per (B, lr): config.seed, config.seed + 1, ...
+        seeds: seeds per (B, lr): config.seed, config.seed + 1, ... (initial weights and batch
+            order; every job keeps the reference's data and split, so that the target loss
+            means the same thing in all of them).
         branch_points: how many reference checkpoints to branch from.
         branch_factors: the k of the branches (k = 1 first).
         tolerance: relative loss tolerance of a branch.
+        truth_points: steps of the reference run where the closed-form B_noise is evaluated
+            (linear regression only).
         target_loss: the validation loss to reach; None: the reference run's at half its steps.
     """
 
@@ -86,6 +94,7 @@ class CBSPlan:
     branch_factors: tuple[int, ...]
     tolerance: float = TOLERANCE
     target_loss: float | None = None
+    truth_points: int = 24
 
     @property
     def n_jobs(self) -> int:
@@ -121,7 +130,9 @@ def make_plan(
     if quick:
         ladder = ladder[::2]
     if len(ladder) < 3:
-        raise ConfigError(f"the training set has {n_train} examples: too few for a ladder of batch sizes; use a larger dataset")
+        raise ConfigError(
+            f"the training set has {n_train} examples: too few for a ladder of batch sizes; use a larger dataset"
+        )
     factors = [k for k in (2**p for p in range(0, 12)) if k * config.batch_size <= top]
     if quick:
         factors = factors[::2]
@@ -135,6 +146,7 @@ def make_plan(
         branch_factors=tuple(factors),
         tolerance=tolerance,
         target_loss=target_loss,
+        truth_points=8 if quick else 24,
     )
 
 
@@ -310,8 +322,8 @@ def _jobs(config: TrainConfig, plan: CBSPlan, out: Path, reference: dict) -> lis
             for seed in range(config.seed, config.seed + plan.seeds):
                 name = f"sweep-b{b}-lr{lr:.6g}-seed{seed}"
                 run = config.replace(
-                    batch_size=b, lr=lr, seed=seed, out=str(jobs_dir / name), log_every=max(1, int(max_steps / (_BUDGET * _ROWS))),
-                    epochs=math.ceil(max_steps / len(sizes)) + 1,
+                    batch_size=b, lr=lr, seed=seed, data_seed=config.dataset_seed, out=str(jobs_dir / name),
+                    log_every=max(1, int(max_steps / (_BUDGET * _ROWS))), epochs=math.ceil(max_steps / len(sizes)) + 1,
                 )  # fmt: skip
                 jobs.append({"kind": "sweep", "name": name, "batch_size": b, "lr": lr, "seed": seed,
                              "config": run.to_dict(), "target": reference["target_loss"], "max_steps": max_steps,
@@ -353,11 +365,15 @@ def run_cbs(config: TrainConfig, plan: CBSPlan, *, workers: int = 1, stream=None
     stream = stream or sys.stderr
     out = prepare_run_dir(config.out)
     saved = out / "cbs" / "plan.json"
-    if saved.is_file() and json.loads(saved.read_text()) != json.loads(json.dumps(_plan_record(config, plan))):
-        raise ConfigError(f"{out} holds a cbs run with other settings: choose another --out, or repeat the same settings to resume")
+    record = json.loads(json.dumps(_plan_record(config, plan)))  # tuples as lists, as read back
+    if saved.is_file() and json.loads(saved.read_text()) != record:
+        raise ConfigError(
+            f"{out} holds a cbs run with other settings: choose another --out, or repeat the same settings to resume"
+        )
     (out / "cbs" / "jobs").mkdir(parents=True, exist_ok=True)
-    write_atomic(saved, json.dumps(_plan_record(config, plan), indent=1) + "\n")
-    print(f"pergrad cbs: reference run ({config.batch_size} per step, {config.epochs} epochs) in {out}", file=stream, flush=True)
+    write_atomic(saved, json.dumps(record, indent=1) + "\n")
+    print(f"pergrad cbs: reference run ({config.batch_size} per step, {config.epochs} epochs) in {out}",
+          file=stream, flush=True)  # fmt: skip
     reference = _reference(config, plan, out)
     jobs = _jobs(config, plan, out, reference)
     done = [j for j in jobs if Path(j["result_path"]).is_file()]
@@ -366,8 +382,8 @@ def run_cbs(config: TrainConfig, plan: CBSPlan, *, workers: int = 1, stream=None
           f"{len(done)} already done, {workers} in parallel", file=stream, flush=True)  # fmt: skip
     _run_all(pending, workers, len(done), len(jobs), stream)
     results = [json.loads(Path(j["result_path"]).read_text()) for j in jobs]
-    summary = summarize(config, plan, reference, results, out)
-    write_atomic(out / RESULT, json.dumps(_jsonable(summary), indent=1) + "\n")
+    summary = _summarize(config, plan, reference, results, out)
+    write_atomic(out / RESULT, json.dumps(jsonable(summary), indent=1) + "\n")
     return summary
 
 
@@ -382,8 +398,10 @@ def _run_all(jobs: list[dict], workers: int, done: int, total: int, stream) -> N
     def report(result: dict) -> None:
         nonlocal done
         done += 1
-        what = (f"{result['steps']:.1f} steps" if result.get("reached") else "target not reached") if result["kind"] == "sweep" \
-            else f"val loss {result['val_loss']}"  # fmt: skip
+        if result["kind"] == "branch":
+            what = "diverged" if result["val_loss"] is None else f"validation loss {result['val_loss']:.4g}"
+        else:
+            what = f"{result['steps']:.1f} steps" if result["reached"] else "target not reached"
         print(f"[{done}/{total}] {result['name']}: {what} ({time.time() - started:.0f} s)", file=stream, flush=True)
 
     if workers == 1:
@@ -412,7 +430,7 @@ def default_workers() -> int:
 # --- the result -------------------------------------------------------------------------------
 
 
-def summarize(config: TrainConfig, plan: CBSPlan, reference: dict, results: list[dict], out: Path) -> dict:
+def _summarize(config: TrainConfig, plan: CBSPlan, reference: dict, results: list[dict], out: Path) -> dict:
     """The content of cbs.json from the finished jobs (see :func:`run_cbs`)."""
     sweep = [r for r in results if r["kind"] == "sweep"]
     points, best_lr = _best_points(sweep, plan.seeds)
@@ -427,7 +445,8 @@ def summarize(config: TrainConfig, plan: CBSPlan, reference: dict, results: list
         "sweep": sweep,
     }  # fmt: skip
     if len({p["batch_size"] for p in points}) >= 2:
-        fit = fit_tradeoff([p["steps"] for p in points], [p["examples"] for p in points], seeds=[p["seed"] for p in points])
+        steps, examples, seeds = ([p[k] for p in points] for k in ("steps", "examples", "seed"))
+        fit = fit_tradeoff(steps, examples, seeds=seeds)
         summary.update(b_crit=fit.b_crit, b_crit_interval=list(fit.interval) if fit.interval else None,
                        b_crit_bounded=fit.bounded, s_min=fit.s_min, e_min=fit.e_min,
                        confidence=fit.confidence, residuals=fit.residuals.tolist())  # fmt: skip
@@ -438,7 +457,7 @@ def summarize(config: TrainConfig, plan: CBSPlan, reference: dict, results: list
     summary["ratio"], summary["ratio_interval"] = _ratio(summary)
     summary["branches"] = _branches(config, plan, results)
     if config.dataset == "linreg" and config.model == "linear":
-        summary["ground_truth"] = _ground_truth(config, reference, out)
+        summary["ground_truth"] = _ground_truth(config, plan, reference, out)
     return summary
 
 
@@ -477,7 +496,8 @@ def _branches(config: TrainConfig, plan: CBSPlan, results: list[dict]) -> list[d
     """B*(t) at each branch point, with every branch's loss."""
     rows = []
     for at in sorted({r["point"] for r in results if r["kind"] == "branch"}):
-        branch = sorted((r for r in results if r["kind"] == "branch" and r["point"] == at), key=lambda r: r["batch_size"])
+        branch = [r for r in results if r["kind"] == "branch" and r["point"] == at]
+        branch.sort(key=lambda r: r["batch_size"])
         sizes = [r["batch_size"] for r in branch]
         losses = [math.inf if r["val_loss"] is None else r["val_loss"] for r in branch]
         b_star, bounded = branch_critical_batch(sizes, losses, plan.tolerance)
@@ -486,27 +506,35 @@ def _branches(config: TrainConfig, plan: CBSPlan, results: list[dict]) -> list[d
     return rows
 
 
-def _ground_truth(config: TrainConfig, reference: dict, out: Path) -> dict:
-    """B_noise = tr(HΣ)/(GᵀHG) and B_simple in closed form at each branch point and at the end."""
+def _ground_truth(config: TrainConfig, plan: CBSPlan, reference: dict, out: Path) -> dict:
+    """B_noise = tr(HΣ)/(GᵀHG) and B_simple in closed form along the reference run.
+
+    The run is replayed (resume is exact, so it is the same run) in ``cbs/replay``, pausing at
+    ``plan.truth_points`` steps, half of them evenly spaced up to the step where it reached the
+    target (the last), half over the whole run; the closed form is evaluated at the parameters
+    of each pause. Read back when already done.
+    """
+    path = out / "cbs" / "ground_truth.json"
+    if path.is_file():
+        return json.loads(path.read_text(), parse_constant=float)
+    replay = config.replace(out=str(out / "cbs" / "replay"))
+    total, target = reference["total_steps"], reference["steps_to_target"]
+    half = max(1, plan.truth_points // 2)  # half of the points up to the target, half over the run
+    steps = sorted({max(1, round(end * j / half)) for end in (target, total) for j in range(1, half + 1)})
     rows = []
-    checkpoints = [(at, out / "cbs" / "points" / f"step-{at}.pt") for at in reference["points"]]
-    for at, path in checkpoints + [(reference["total_steps"], out / "checkpoint.pt")]:
-        model = load_checkpoint(path)["model"]
+    for j, at in enumerate(steps):
+        train(replay, resume=j > 0, quiet=True, stop_after=at, stream=io.StringIO())
+        model = load_checkpoint(Path(replay.out) / "checkpoint.pt")["model"]
         b_noise, b_simple = linreg_noise_scales(config, model["weight"].reshape(-1), model["bias"].reshape(()))
         rows.append({"step": at, "b_noise": b_noise, "b_simple": b_simple})
-    at_target = float(np.interp(reference["steps_to_target"], [r["step"] for r in rows], [r["b_noise"] for r in rows]))
-    return {"along_run": rows, "b_noise_at_target": at_target, "steps_to_target": reference["steps_to_target"]}
+    shutil.rmtree(replay.out)
+    up_to_target = [r["b_noise"] for r in rows if r["step"] <= target]
+    truth = {
+        "along_run": rows,
+        "steps_to_target": target,
+        "b_noise_at_target": next(r["b_noise"] for r in rows if r["step"] == target),
+        "b_noise_median_to_target": float(np.median(up_to_target)),
+    }
+    write_atomic(path, json.dumps(jsonable(truth), indent=1) + "\n")
+    return truth
 
-
-def _jsonable(value):
-    """JSON without NaN: ±inf as the strings "inf"/"-inf" (as report_data.json), NaN as null."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float):
-        if math.isnan(value):
-            return None
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-    return value

@@ -43,7 +43,8 @@ class TrainConfig:
             (a variance needs two). Each of W workers runs ``accumulate`` micro-batches of
             B / (W · accumulate) examples.
         epochs: passes over the training set, ≥ 1.
-        seed: seeds the split, the initial weights and the batch order.
+        seed: seeds the initial weights and the batch order, and the data unless
+            ``data_seed`` is set.
         out: the run directory.
         log_every: steps between logged rows of statistics, ≥ 1.
         order: "shuffled" (a fresh permutation each epoch) or "sorted" (by label: a
@@ -52,6 +53,8 @@ class TrainConfig:
         noise_beta: smoothing of the noise-scale EMAs, in [0, 1).
         accumulate: K, micro-batches per worker and step (gradient accumulation), ≥ 1; their
             gradients average to the gradient of the whole batch.
+        data_seed: seeds the synthetic datasets and the training/validation split; -1 (the
+            default): ``seed``. Runs that share it and differ in ``seed`` see the same data.
     """
 
     model: str = "mlp"
@@ -68,6 +71,7 @@ class TrainConfig:
     val_fraction: float = 0.2
     noise_beta: float = 0.95
     accumulate: int = 1
+    data_seed: int = -1
 
     def __post_init__(self):
         self.validate()
@@ -94,6 +98,7 @@ class TrainConfig:
         except ValueError as err:
             raise ConfigError(str(err)) from None
         _check(self.accumulate >= 1, f"accumulate must be at least 1, got {self.accumulate}")
+        _check(self.data_seed >= -1, f"data_seed must be -1 (the same as seed) or a seed >= 0, got {self.data_seed}")
         self.check_split(1)
 
     def check_split(self, workers: int) -> None:
@@ -104,6 +109,11 @@ class TrainConfig:
             f"batch_size {self.batch_size} does not split into {workers} worker(s) x {self.accumulate} "
             f"micro-batch(es): use a batch size divisible by {parts}, or change --accumulate or --nproc",
         )
+
+    @property
+    def dataset_seed(self) -> int:
+        """The seed of the data and the split: ``data_seed``, or ``seed`` when it is -1."""
+        return self.seed if self.data_seed < 0 else self.data_seed
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)

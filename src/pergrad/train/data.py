@@ -50,8 +50,8 @@ class Dataset:
 
 
 def load_dataset(config: TrainConfig) -> Dataset:
-    """The config's dataset, split into training and validation by the config's seed."""
-    gen = torch.Generator().manual_seed(config.seed)
+    """The config's dataset, split into training and validation by its ``dataset_seed``."""
+    gen = torch.Generator().manual_seed(config.dataset_seed)
     if config.dataset == "digits":
         x, y, task, classes, image = *_digits(), "classification", 10, (8, 8)
     elif config.dataset == "linreg":

@@ -32,10 +32,10 @@ __all__ = ["linreg_noise_scales"]
 
 
 def linreg_noise_scales(config: TrainConfig, weight: Tensor, bias: Tensor) -> tuple[float, float]:
-    """(B_noise, B_simple) of the ``linreg`` dataset of ``config.seed`` at parameters (w, b).
+    """(B_noise, B_simple) of the ``linreg`` dataset of ``config.dataset_seed`` at parameters (w, b).
 
     Args:
-        config: its seed fixes h and w* (as :func:`pergrad.train.data.load_dataset` draws them).
+        config: its ``dataset_seed`` fixes w* (as :func:`pergrad.train.data.load_dataset` draws it).
         weight: (d,) w.
         bias: () b.
 
@@ -43,7 +43,7 @@ def linreg_noise_scales(config: TrainConfig, weight: Tensor, bias: Tensor) -> tu
         (B_noise, B_simple) of the population (not of the finite training sample), in float64;
         inf where the gradient is zero.
     """
-    h, w_star = linreg_problem(torch.Generator().manual_seed(config.seed))
+    h, w_star = linreg_problem(torch.Generator().manual_seed(config.dataset_seed))
     h, r = h.double(), weight.double() - w_star.double()
     b = float(bias)
     hr2 = float((h * r) @ (h * r))  # rᵀH²r
