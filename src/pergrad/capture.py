@@ -21,7 +21,7 @@ from .rules import FALLBACK, Call, Keep, Rule, on_grad, rule_for, widen
 from .rules.direct import DIRECT, DirectCall, DirectMode
 from .rules.functional import output_tensors
 
-__all__ = ["Capture", "Target"]
+__all__ = ["Capture", "Target", "rule_of_calls"]
 
 _ON_UNSUPPORTED = ("auto", "fallback", "error")
 
@@ -50,7 +50,7 @@ class Target:
     shared: bool = False
     detached: dict[str, nn.Parameter] = field(default_factory=dict)
     modes: list[tuple[DirectMode, DirectCall]] = field(default_factory=list)
-    last_path: str = "direct"
+    last_path: str | None = None  # of the latest call that took the direct path
 
     def describe(self) -> str:
         return f"{type(self.module).__name__} at '{self.path or '<model>'}'"
@@ -60,8 +60,9 @@ class Target:
         if self.rule is FALLBACK:
             return "torch.func"
         if self.rule is not DIRECT:
-            return f"rule {type(self.rule).__name__}"
-        return self.last_path
+            rule = f"rule {type(self.rule).__name__}"
+            return rule if self.last_path is None else f"{rule}; {self.last_path} for calls without an example axis"
+        return self.last_path or "direct"
 
 
 def _detached(x: Any) -> Any:
@@ -126,7 +127,7 @@ class Capture:
         for t in self.targets:
             if type(t.rule).grads_in_backward is not Rule.grads_in_backward:
                 self._handles.append(t.module.register_forward_pre_hook(self._detach_hook(t)))
-            if t.rule is DIRECT:
+            if t.rule is DIRECT or t.rule.lookups_without_examples:
                 self._handles.append(t.module.register_forward_pre_hook(self._direct_hook(t), with_kwargs=True))
             self._handles.append(
                 t.module.register_forward_hook(self._forward_hook(t), with_kwargs=True, always_call=True)
@@ -173,7 +174,10 @@ class Capture:
         def hook(module, args, kwargs):
             if not self._capturing():
                 return
-            record = DirectCall()
+            shared = target.rule is not DIRECT
+            if shared and not _without_examples(args, self.n_forward):
+                return  # an ordinary call of a registered rule
+            record = DirectCall(without_examples=shared)
             n = self.n_forward
             if n is None:
                 first = next((x for x in (*args, *kwargs.values()) if isinstance(x, Tensor) and x.dim() > 0), None)
@@ -210,7 +214,7 @@ class Capture:
             detached, target.detached = target.detached, {}
             module._parameters.update(detached)  # restored even when the forward raised
             record = None
-            if target.rule is DIRECT and target.modes:
+            if target.modes:
                 mode, record = target.modes.pop()
                 if mode is not None and self._in_model_forward and _computed_from_parameters(mode, output):
                     self._lingering.append((mode, target))  # keep watching: its output meets the batch later
@@ -324,7 +328,7 @@ class Capture:
                         "alone with no example axis: pergrad cannot see each example's share there. "
                         "Register a rule for the module that uses it, or freeze its parameters."
                     )
-                m = t.rule.batch_size(t.module, call)
+                m = _rule_of(t, call).batch_size(t.module, call)
                 if m == n or m % n == 0 and t.rule.flattens_positions and m > 0:
                     continue
                 self.clear()
@@ -342,7 +346,7 @@ class Capture:
         examples first ((n·t, …) flattened inputs as (n, t, …)), and float16/bfloat16
         tensors in float32."""
         calls = [c for c in target.calls if c.reached or _direct_reached(c)]
-        return [_examples_first(c, target.rule.batch_size(target.module, c), n) for c in calls]
+        return [_examples_first(c, _rule_of(target, c).batch_size(target.module, c), n) for c in calls]
 
     def examples_reached(self) -> int | None:
         """The number of examples of the backward that just ran: the model's forward's, or the
@@ -386,6 +390,37 @@ class Capture:
                 if id(p) not in seen:
                     seen.add(id(p))
                     yield t.param_names[local], p
+
+
+def rule_of_calls(target: Target, calls: list[Call]) -> Rule:
+    """The rule that computes a target's calls of one forward (see :func:`_rule_of`).
+
+    Raises:
+        CaptureError: a module called both with and without an example axis in one forward.
+    """
+    rules = {id(_rule_of(target, c)): _rule_of(target, c) for c in calls}
+    if len(rules) > 1:
+        raise CaptureError(
+            f"{target.describe()} was called both with examples and without an example axis in one "
+            "forward pass: pergrad cannot add the two kinds of pieces. Register a rule for the "
+            "module that calls it."
+        )
+    return next(iter(rules.values()))
+
+
+def _without_examples(args: tuple, n: int | None) -> bool:
+    """Whether a call's first input has no example axis: neither n examples (or n·t
+    flattened, or 1 broadcast) along its first axis, as T5's relative-position buckets (t, t)."""
+    first = args[0] if args else None
+    if n is None or not isinstance(first, Tensor):
+        return False
+    return first.dim() == 0 or first.dim() > 1 and first.shape[0] not in (n, 1)
+
+
+def _rule_of(target: Target, call: Call) -> Rule:
+    """The rule that computes a call: the direct path for a call its rule saw without examples."""
+    record = call.pieces.get("direct")
+    return DIRECT if record is not None and record.without_examples else target.rule
 
 
 def _direct_reached(call: Call) -> bool:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _tensors
-from .capture import Capture
+from .capture import Capture, rule_of_calls
 from .errors import CaptureError, VerificationError
 from .rules import Keep, flat_sq_norm
 
@@ -358,7 +358,7 @@ class PerExample:
             calls = self._capture.reached_calls(target, n)
             if not calls:
                 continue
-            rule, module = target.rule, target.module
+            rule, module = rule_of_calls(target, calls), target.module
             inputs = rule.prepare(module, calls)
             own = {local: name for local, name in target.param_names.items() if name not in self._shared}
             grads = None

@@ -87,6 +87,11 @@ class Rule:
     #: (n·t, ...) in examples-first order, as (n, t, ...) (true of position-wise layers).
     flattens_positions: bool = False
 
+    #: Whether the module may be called with an input that has no example axis at all (an
+    #: embedding looked up by relative positions, as T5's bias): such a call's output is
+    #: computed from the parameters alone and goes the direct path (:mod:`.direct`).
+    lookups_without_examples: bool = False
+
     def check(self, module: nn.Module) -> str | None:
         """Return why the module, as configured now, has no per-example gradients, or None."""
         return None

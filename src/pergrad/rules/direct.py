@@ -139,6 +139,9 @@ class DirectCall:
         n: number of examples the call was watched for (None: not watched).
         shared_output: a description of an output computed from parameters alone that met
             the batch only in operations the mode cannot follow (which no rule can split), or None.
+        without_examples: a call of a module with a registered rule whose input had no example
+            axis (T5's relative-position buckets): its output is computed from the parameters
+            alone, followed until it meets the batch.
     """
 
     dense: dict[str, Tensor] = field(default_factory=dict)
@@ -147,6 +150,7 @@ class DirectCall:
     ops: set[str] = field(default_factory=set)
     n: int | None = None
     shared_output: str | None = None
+    without_examples: bool = False
 
     @property
     def reached(self) -> bool:
@@ -212,6 +216,10 @@ class DirectMode(TorchFunctionMode):
         found = self.derived.get(id(x))
         return found if found is not None and found.value is x else None
 
+    def _batched(self, x: Tensor) -> bool:
+        """Whether x may carry examples: a first axis of n (or n·k) rows, or a gradient."""
+        return x.requires_grad or x.dim() > 0 and x.shape[0] > 1 and x.shape[0] % self.n == 0
+
     def _expanded(self, name: str, param: Tensor) -> Tensor:
         """P = p.expand(n, *p.shape), one per parameter and call, hooked for its gradient."""
         if name not in self.expanded:
@@ -255,14 +263,14 @@ class DirectMode(TorchFunctionMode):
 
     def _derive_or_give_up(self, func, args, kwargs, found):
         """An operation the handlers do not know: fine if it only reads the parameter's
-        metadata or computes from that one parameter alone (with indices, masks or buffers);
-        otherwise the call goes to torch.func."""
+        metadata or computes from that one parameter alone (with indices, buffers, or tensors
+        that carry no examples); otherwise the call goes to torch.func."""
         out = func(*args, **kwargs)
         if not isinstance(out, Tensor) or not out.requires_grad:
             return out
         others = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor) and self._tracked(a) is None]
         names = {d.name for _, d in found}
-        constant = all(not o.is_floating_point() or id(o) in self.buffers for o in others)  # indices, masks
+        constant = all(not self._batched(o) or not o.is_floating_point() or id(o) in self.buffers for o in others)
         if len(found) == 1 and constant:
             (k, d), = found
             self.derived[id(out)] = _Derived(d.name, d.param, _compose(d.f, func, args, kwargs, k), out)
@@ -460,6 +468,8 @@ def _embedding(mode, func, args, kwargs, found):
     index, weight, padding_idx, max_norm = _bind(args, kwargs, ("input", "weight", "padding_idx", "max_norm"), (None, None))
     d = mode._tracked(weight)
     if d is None or d.f is not None or max_norm is not None or kwargs.get("scale_grad_by_freq"):
+        return None
+    if mode.record.without_examples:  # a table looked up by positions only: a derived tensor
         return None
     if index.dim() == 0 or index.shape[0] % mode.n:
         return None

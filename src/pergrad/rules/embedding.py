@@ -51,6 +51,7 @@ class EmbeddingRule(Rule):
     """Weight (V, d): per example, gradient rows summed over repeated indices."""
 
     flattens_positions = True
+    lookups_without_examples = True
 
     def check(self, module):
         if module.scale_grad_by_freq:
