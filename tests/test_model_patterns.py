@@ -25,12 +25,14 @@ def _check(model, x, on_unsupported="auto", tol=1e-10, same_math=None):
     want = reference_grads(same_math or model, x, target)
     with pergrad.PerExample(model, grads=True, on_unsupported=on_unsupported) as pe:
         grads = pe.backward(per_example_loss(model(x), target)).grads
-    with pergrad.PerExample(model, on_unsupported=on_unsupported) as pe:
-        norms = pe.backward(per_example_loss(model(x), target)).param_sq_norms
+    with pergrad.PerExample(model, second_moment=True, on_unsupported=on_unsupported) as pe:
+        cheap = pe.backward(per_example_loss(model(x), target))
     scale = max(w.abs().max() for w in want.values())
     for name, w in want.items():
         assert (grads[name] - w).abs().max() <= tol * scale, name
-        assert (norms[name] - w.reshape(len(x), -1).square().sum(1)).abs().max() <= tol * scale**2 * w[0].numel(), name
+        sq = w.reshape(len(x), -1).square().sum(1)
+        assert (cheap.param_sq_norms[name] - sq).abs().max() <= tol * scale**2 * w[0].numel(), name
+        assert (cheap.second_moment[name] - w.square().sum(0)).abs().max() <= tol * scale**2 * len(x), name
     return pe.paths
 
 

@@ -93,6 +93,15 @@ class Linear:
             out[self.bias] = seq.row_sq_norms(seq.bias_grads(g))
         return out
 
+    def second_moments(self, shapes: dict[str, torch.Size]) -> dict[str, Tensor]:
+        """{name: p.shape} Σⱼ P_j², without the (n, o, i) pieces where one position."""
+        a, g = widen(self.a), widen(self.g)
+        w = seq.weight_second_moment(a, g)  # (o, i)
+        out = {self.weight: (w if self.layout == "oi" else w.T).reshape(shapes[self.weight])}
+        if self.bias is not None:
+            out[self.bias] = seq.bias_grads(g).square().sum(0).reshape(shapes[self.bias])
+        return out
+
 
 @dataclass
 class Lookup:
@@ -124,6 +133,11 @@ class Lookup:
         example, _, rows = self._rows(vocab)
         sq = rows.new_zeros(self.index.shape[0]).index_add_(0, example, seq.row_sq_norms(rows))
         return {self.weight: sq}
+
+    def second_moments(self, shapes: dict[str, torch.Size]) -> dict[str, Tensor]:
+        vocab, d = shapes[self.weight]
+        _, index, rows = self._rows(vocab)
+        return {self.weight: rows.new_zeros(vocab, d).index_add_(0, index, rows.square())}
 
 
 @dataclass
@@ -531,8 +545,20 @@ class DirectRule(Rule):
         out = {}
         for record in only.records:
             out.update(record.sq_norms() if isinstance(record, Linear) else record.sq_norms(shapes[record.weight][0]))
-        rest = {k: v for k, v in self._call_pieces(module, calls[0], shapes, records=False).items() if k not in out}
-        out.update({k: v.reshape(v.shape[0], -1).square().sum(1) for k, v in rest.items()})
+        dense = self._call_pieces(module, calls[0], shapes, records=False)
+        out.update({k: v.reshape(v.shape[0], -1).square().sum(1) for k, v in dense.items()})
+        return out
+
+    def second_moments(self, module, calls):
+        only = self._factored_only(calls)
+        if only is None:
+            return super().second_moments(module, calls)
+        shapes = {k: p.shape for k, p in self.parameters(module)}
+        out = {}
+        for record in only.records:
+            out.update(record.second_moments(shapes))
+        dense = self._call_pieces(module, calls[0], shapes, records=False)
+        out.update({k: v.square().sum(0) for k, v in dense.items()})
         return out
 
     @staticmethod
