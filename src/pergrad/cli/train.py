@@ -44,6 +44,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_config_arguments(parser)
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     parser.add_argument("--quiet", action="store_true", help="plain log lines instead of a progress bar")
+    parser.add_argument("--tensorboard", action="store_true",
+                        help="also write TensorBoard event files into the run directory: every metrics.csv "
+                        "column as a scalar, and a histogram of the per-example gradient norms")  # fmt: skip
     parser.add_argument("--nproc", type=int, default=1, metavar="N",
                         help="data-parallel workers on this machine, started with torchrun (default: 1); "
                         "gloo on CPU, NCCL on GPU. For several machines run "
@@ -96,8 +99,9 @@ def _launch(args: argparse.Namespace) -> int:
     for flag in ("config", "resume"):
         if getattr(args, flag):
             forwarded.append(f"--{flag}={getattr(args, flag)}")
-    if args.quiet:
-        forwarded.append("--quiet")
+    for flag in ("quiet", "tensorboard"):
+        if getattr(args, flag):
+            forwarded.append(f"--{flag}")
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
         f"--max-restarts={args.max_restarts}", "-m", "pergrad", "train", *forwarded,
@@ -145,7 +149,7 @@ def _train_and_report(args: argparse.Namespace, rank: int) -> int:
         # torchrun's elastic restart after a failure: continue from the last checkpoint
         restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
         resume = bool(args.resume) or (restarted and (Path(config.out) / "checkpoint.pt").is_file())
-        result = train(config, resume=resume, quiet=args.quiet)
+        result = train(config, resume=resume, quiet=args.quiet, tensorboard=args.tensorboard)
         if rank != 0:
             return 0
         report = build_report(result.run_dir)

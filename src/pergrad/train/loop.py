@@ -13,6 +13,7 @@ global batch (:mod:`pergrad.distributed`), so the run does not depend on the spl
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from .losses import per_example_accuracy, per_example_losses
 from .metrics import Column, MetricsLog, read_metrics
 from .models import build_model
 from .sampler import BatchOrder
+from .tensorboard import TensorBoardLog
 from .suite import sampling_warning
 
 __all__ = ["RunResult", "train", "prepare_run_dir", "QUANTILES", "ALIGNMENT_SKETCH", "ALIGNMENT_STEPS"]
@@ -122,6 +124,7 @@ def train(
     stop_after: int | None = None,
     on_row: Callable[[dict], None] | None = None,
     stream=None,
+    tensorboard: bool = False,
 ) -> RunResult:
     """Train as the config says, writing the run directory ``config.out``.
 
@@ -141,13 +144,15 @@ def train(
             interruption would; None runs to the end.
         on_row: called with every logged row (on rank 0).
         stream: where progress goes (default stderr).
+        tensorboard: also write every row as TensorBoard scalars, with a histogram of the
+            per-example norms, into the run directory (:mod:`pergrad.train.tensorboard`).
 
     Returns:
         A :class:`RunResult` (rows are rank 0's; other ranks' lists are empty).
 
     Raises:
-        ConfigError: bad settings, settings that differ between ranks, or a batch size that
-            does not split into workers × micro-batches.
+        ConfigError: bad settings, settings that differ between ranks, a batch size that
+            does not split into workers × micro-batches, or tensorboard without its package.
         CheckpointError: resuming from a missing or damaged checkpoint.
     """
     stream = stream or sys.stderr
@@ -161,8 +166,11 @@ def train(
     ddp = DistributedDataParallel(run.model) if run.world > 1 else run.model
     total_steps = run.order.steps_per_epoch() * config.epochs
     progress = _Progress(total_steps, run.step, quiet, stream, enabled=run.lead)
+    board = TensorBoardLog(run.run_dir, run.step if state is not None else None) if tensorboard and run.lead else None
+    if board is not None:
+        on_row = _also_to(board, run, on_row)
     run.model.train()
-    with DistributedPerExample(run.model, second_moment=True) as dpe:
+    with DistributedPerExample(run.model, second_moment=True) as dpe, (contextlib.closing(board) if board else contextlib.nullcontext()):
         while run.epoch < config.epochs:
             batches = run.order.batches(run.epoch)
             while run.batch_in_epoch < len(batches):
@@ -343,6 +351,17 @@ def _backward_micro_batches(
         local[1] += 0.0 if accuracy is None else accuracy.double().sum().item()
         sq_norms.append(result.sq_norms.detach().double().cpu())
     return local, torch.cat(sq_norms)
+
+
+def _also_to(board: TensorBoardLog, run: _Run, on_row: Callable[[dict], None] | None) -> Callable[[dict], None]:
+    """``on_row`` that also writes the row and its window's per-example norms to TensorBoard."""
+
+    def both(row: dict) -> None:
+        board.add(row, run.window.norms)
+        if on_row:
+            on_row(row)
+
+    return both
 
 
 def _log(run: _Run, progress: "_Progress", on_row: Callable[[dict], None] | None) -> None:
