@@ -9,6 +9,7 @@ passes, merged sums), so a wrong gathering, scaling or merge shows.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pergrad
+from pergrad.cli.main import main
 from pergrad.stats import NoiseScale, ParamSNR, norm_quantiles
 from pergrad.train.metrics import Column, read_metrics
 
@@ -65,8 +67,14 @@ def micro_batches_by_step(seen: list, accumulate: int) -> list[list]:
     return [seen[i : i + accumulate] for i in range(0, len(seen), accumulate)]
 
 
-def test_logged_statistics_equal_pergrad_by_hand_with_accumulation(tmp_path):
-    module, callback, trainer = fit(tmp_path, accumulate=2, beta=BETA)
+@pytest.fixture(scope="module")
+def accumulated(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("lightning")
+    return tmp_path, *fit(tmp_path, accumulate=2, beta=BETA)
+
+
+def test_logged_statistics_equal_pergrad_by_hand_with_accumulation(accumulated):
+    tmp_path, module, callback, trainer = accumulated
     expected = by_hand(module.weights, micro_batches_by_step(module.seen, 2))
     assert len(expected) == 4  # 32 examples, micro-batches of 4, 2 per step
     rows = read_metrics(tmp_path / "run" / "metrics.csv")
@@ -109,3 +117,20 @@ def test_ddp_on_two_gloo_processes_merges_the_workers(tmp_path):
     expected = by_hand(ranks[0]["weights"], steps)
     assert len(expected) == 2 and expected[0][Column.BATCH_SIZE] == 16  # 2 workers x 2 micro-batches x 4
     assert_rows_match(read_metrics(tmp_path / "run" / "metrics.csv"), expected, rel=1e-10)
+
+
+def test_pergrad_report_builds_the_sections_a_callback_run_has(accumulated):
+    tmp_path, *_ = accumulated
+    run = tmp_path / "run"
+    assert main(["report", str(run)]) == 0
+    html = (run / "report.html").read_text()
+    data = json.loads((run / "report_data.json").read_text())
+    rows = read_metrics(run / "metrics.csv")
+    for shown in ("summary", "curves", "noise-scale", "snr", "norms"):
+        assert f'<section id="{shown}">' in html
+    for left_out in ("assumptions", "cbs", "outliers", "unbiasedness"):
+        assert f'<section id="{left_out}">' not in html and left_out in data["skipped"]
+    assert data["framework"] == "lightning" and data["summary"]["settings"]["accumulate"] == 2
+    assert data["noise-scale"]["batch_size"] == 8
+    assert data["snr"]["last"]["net.0.weight"] == pytest.approx(rows[-1]["snr/net.0.weight"], rel=1e-12)
+    assert data["norms"]["logged"]["max"] == pytest.approx(rows[-1][Column.NORM_MAX], rel=1e-12)

@@ -24,6 +24,7 @@ from ..train.sampler import BatchOrder
 from ..train.suite import sampling_report
 from .advice import advise_batch_size
 from .cbs import cbs_section, load_cbs
+from .framework import framework_report, framework_settings
 from .html import page
 from .run_files import ReportError, load_data_and_model, load_run
 from .theta import examples_at_theta, float64_copy, per_example_gradients
@@ -40,7 +41,8 @@ def build_report(run_dir: str | Path) -> Path:
 
     Args:
         run_dir: a directory written by ``pergrad train`` (config.toml, metrics.csv,
-            checkpoint.pt).
+            checkpoint.pt), or by a callback of :mod:`pergrad.integrations` (config.toml with
+            its ``framework``, metrics.csv): its report has the sections its metrics carry.
 
     Returns:
         The path of ``report.html``.
@@ -49,6 +51,10 @@ def build_report(run_dir: str | Path) -> Path:
         ReportError: the directory or a file in it is missing or unreadable, or the report
             cannot be written; nothing has been written then.
     """
+    settings = framework_settings(Path(run_dir))
+    if settings is not None:  # written by a callback of pergrad.integrations
+        html, data = framework_report(Path(run_dir), settings)
+        return _write(Path(run_dir), html, data)
     run = load_run(run_dir)
     cbs = load_cbs(run.path)
     dataset, model = load_data_and_model(run)
@@ -102,15 +108,19 @@ def build_report(run_dir: str | Path) -> Path:
         sections=[body for body, _ in parts],
         footer=sections.footer(run.path, __version__),
     )
-    report = run.path / REPORT
+    return _write(run.path, html, data)
+
+
+def _write(run_dir: Path, html: str, data: dict) -> Path:
+    """Write ``report_data.json`` and ``report.html`` atomically; return the report's path."""
     try:
-        write_atomic(run.path / DATA, json.dumps(jsonable(data), indent=1, allow_nan=False) + "\n")
-        write_atomic(report, html)
+        write_atomic(run_dir / DATA, json.dumps(jsonable(data), indent=1, allow_nan=False) + "\n")
+        write_atomic(run_dir / REPORT, html)
     except OSError as err:
         raise ReportError(
-            f"cannot write the report into {run.path} ({err.strerror}); make the directory writable"
+            f"cannot write the report into {run_dir} ({err.strerror}); make the directory writable"
         ) from None
-    return report
+    return run_dir / REPORT
 
 
 def _measured_b_crit(cbs: dict | None) -> tuple[float, float, float] | None:

@@ -20,7 +20,7 @@ from ..train.data import Dataset, load_dataset
 from ..train.metrics import Column, read_metrics
 from ..train.models import build_model
 
-__all__ = ["ReportError", "Metrics", "Run", "load_run", "load_data_and_model"]
+__all__ = ["ReportError", "Metrics", "Run", "load_metrics", "load_run", "load_data_and_model"]
 
 
 
@@ -98,7 +98,7 @@ def load_run(run_dir: str | Path) -> Run:
         config = TrainConfig.load(path / "config.toml")
     except ConfigError as err:
         raise ReportError(f"{err}; rerun pergrad train to write it") from None
-    metrics = _load_metrics(path / "metrics.csv")
+    metrics = load_metrics(path / "metrics.csv")
     try:
         checkpoint = load_checkpoint(path / "checkpoint.pt")
     except CheckpointError as err:
@@ -110,7 +110,12 @@ def load_run(run_dir: str | Path) -> Run:
     return Run(path, config, metrics, checkpoint)
 
 
-def _load_metrics(path: Path) -> Metrics:
+def load_metrics(path: Path) -> Metrics:
+    """Read ``metrics.csv``.
+
+    Raises:
+        ReportError: missing, unreadable, without the required columns or without rows.
+    """
     if not path.is_file():
         raise ReportError(f"{path} is missing; rerun pergrad train (or --resume it) to write it")
     try:
