@@ -1,0 +1,111 @@
+"""The cost of pergrad's framework callbacks: a Lightning and a Hugging Face Trainer step with
+``PergradCallback`` against the same loop without it, in the same run (a ratio, not a timed test).
+
+    .venv/bin/python benchmarks/callbacks.py            # both frameworks, ~2 minutes on 2 cores
+    .venv/bin/python benchmarks/callbacks.py --steps 60 --repeats 5 --frameworks lightning
+
+Each configuration trains ``--steps`` optimizer steps (2 micro-batches each) once to warm up,
+then ``--repeats`` times; the median time per step is reported, and the ratio with / without.
+Workloads: Lightning, an MLP 64-512-512-10 on batches of 128 (64 per micro-batch); Hugging Face,
+a random-init Llama (2 layers, d=128, vocabulary 1000) on 16 sequences of 64 tokens per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+
+def _lightning_run(steps: int, with_callback: bool) -> float:
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pergrad.integrations.lightning import PergradCallback
+
+    class MLP(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(steps * 128, 64, generator=g), torch.randint(0, 10, (steps * 128,), generator=g))
+    trainer = pl.Trainer(
+        max_epochs=1, accelerator="cpu", accumulate_grad_batches=2, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[PergradCallback()] if with_callback else [],
+    )  # fmt: skip
+    start = time.perf_counter()
+    trainer.fit(MLP(), DataLoader(data, batch_size=64))
+    return (time.perf_counter() - start) / steps
+
+
+def _hf_run(steps: int, with_callback: bool) -> float:
+    import transformers as T_
+
+    from pergrad.integrations.transformers import PergradCallback
+
+    torch.manual_seed(0)
+    config = T_.LlamaConfig(vocab_size=1000, hidden_size=128, intermediate_size=344, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    model = T_.LlamaForCausalLM(config)
+    model.loss_type = "ForCausalLM"
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 1000, (steps * 16, 64), generator=g)]
+    with tempfile.TemporaryDirectory() as out:
+        args = T_.TrainingArguments(
+            output_dir=out, per_device_train_batch_size=8, gradient_accumulation_steps=2, max_steps=steps,
+            learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, logging_strategy="no",
+        )  # fmt: skip
+        trainer = T_.Trainer(model=model, args=args, train_dataset=rows)
+        if with_callback:
+            PergradCallback.attach(trainer)
+        start = time.perf_counter()
+        trainer.train()
+        return (time.perf_counter() - start) / steps
+
+
+RUNS = {"lightning": _lightning_run, "transformers": _hf_run}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--frameworks", nargs="+", choices=list(RUNS), default=list(RUNS))
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    print(f"| framework | plain step (ms) | with PergradCallback (ms) | ratio |\n|---|---|---|---|")
+    for name in args.frameworks:
+        run = RUNS[name]
+        run(args.steps, False), run(args.steps, True)  # warm-up
+        times = {flag: [] for flag in (False, True)}
+        for _ in range(args.repeats):  # interleaved, so that load on the machine hits both alike
+            for flag in (False, True):
+                times[flag].append(run(args.steps, flag))
+        plain, measured = statistics.median(times[False]), statistics.median(times[True])
+        print(f"| {name} | {plain * 1e3:.1f} | {measured * 1e3:.1f} | {measured / plain:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
