@@ -254,7 +254,7 @@ def _branch_job(job: dict, config: TrainConfig) -> dict:
         group["lr"] = config.lr
     save_checkpoint(path, {**state, "model": point["model"], "optimizer": optimizer})
     result = train(config, resume=True, quiet=True, stop_after=job["steps"], stream=io.StringIO())
-    loss = result.rows[-1]["val_loss"] if result.rows else math.inf
+    loss = result.rows[-1][Column.VAL_LOSS] if result.rows else math.inf
     return {"point": job["at_step"], "steps": job["steps"], "examples": job["steps"] * config.batch_size,
             "val_loss": _finite(loss)}  # fmt: skip
 
@@ -280,7 +280,7 @@ def _reference(config: TrainConfig, plan: CBSPlan, out: Path) -> dict:
     points = sorted({max(1, round(total * (j + 1) / (plan.branch_points + 1))) for j in range(plan.branch_points)})
     for j, at in enumerate(points):
         train(config, resume=j > 0, quiet=True, stop_after=at, stream=io.StringIO())
-        shutil.copyfile(out / "checkpoint.pt", points_dir / f"step-{at}.pt")
+        write_atomic(points_dir / f"step-{at}.pt", (out / "checkpoint.pt").read_bytes())
     result = train(config, resume=True, quiet=True, stream=io.StringIO())
     rows = read_metrics(out / "metrics.csv")
     target = plan.target_loss
