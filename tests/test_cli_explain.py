@@ -152,3 +152,13 @@ def test_atomic_writers_replace_whole_files(tmp_path):
     savefig_atomic(figure, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes().startswith(PNG_MAGIC)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["note.txt", "plot.png"]
+
+
+def test_a_reader_that_goes_away_gets_no_traceback(tmp_path):
+    """``pergrad explain | head -0``: the pipe is closed before the command prints anything."""
+    command = [sys.executable, "-m", "pergrad", "explain", "--out", str(tmp_path / "explain.png")]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as done:
+        done.stdout.close()
+        err = done.stderr.read().decode()
+        assert done.wait(timeout=120) == 1
+    assert "Traceback" not in err and "BrokenPipe" not in err, err

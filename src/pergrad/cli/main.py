@@ -9,6 +9,8 @@ A subcommand is one module in ``pergrad.cli`` with two functions, listed in ``_C
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from typing import NoReturn, Sequence
 
 from pergrad.cli import cbs, check, explain, report, train
@@ -43,7 +45,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         The exit code: 0 on success, 2 on bad input (a one-line message is on stderr).
     """
     try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as stop:  # argparse stops for --help (0) and for bad arguments (2)
-        return int(stop.code or 0)
-    return args.run(args)
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as stop:  # argparse stops for --help (0) and for bad arguments (2)
+            return int(stop.code or 0)
+        return args.run(args)
+    except BrokenPipeError:  # the reader went away (pergrad check | head): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exit's flush cannot fail again
+        return 1
