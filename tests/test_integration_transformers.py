@@ -10,6 +10,12 @@ backward is the unclipped one.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -59,7 +65,7 @@ class Recorder(T_.TrainerCallback):
         self.weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})
 
 
-def _train(tmp_path, accumulate: int, batch_size: int, max_grad_norm: float):
+def train(tmp_path, accumulate: int, batch_size: int, max_grad_norm: float, **extra):
     seen = []
 
     def collate(rows):
@@ -72,7 +78,7 @@ def _train(tmp_path, accumulate: int, batch_size: int, max_grad_norm: float):
         gradient_accumulation_steps=accumulate, max_steps=3, learning_rate=0.05, optim="sgd",
         lr_scheduler_type="constant", max_grad_norm=max_grad_norm, logging_steps=1,
         report_to=["tensorboard"], save_strategy="no",
-        use_cpu=True, disable_tqdm=True, seed=0, dataloader_num_workers=0,
+        use_cpu=True, disable_tqdm=True, seed=0, dataloader_num_workers=0, **extra,
     )  # fmt: skip
     recorder = Recorder()
     trainer = T_.Trainer(model=_model(), args=args, train_dataset=_dataset(), data_collator=collate, callbacks=[recorder])
@@ -81,12 +87,12 @@ def _train(tmp_path, accumulate: int, batch_size: int, max_grad_norm: float):
     return trainer, callback, recorder.weights, seen
 
 
-def _by_hand(weights, seen, accumulate):
+def _by_hand(weights, steps):
+    """{Column: value} after each step; ``steps``: each step's micro-batches (of all workers)."""
     model = _model()
     noise, snr = NoiseScale(beta=BETA), ParamSNR(beta=BETA)
     rows = []
-    for s, w in enumerate(weights):
-        batches = seen[s * accumulate : (s + 1) * accumulate]
+    for w, batches in zip(weights, steps):
         ids = torch.cat([b["input_ids"] for b in batches])
         labels = torch.cat([b["labels"] for b in batches])
         model.load_state_dict(w)
@@ -112,12 +118,12 @@ def _by_hand(weights, seen, accumulate):
 @pytest.fixture(scope="module")
 def clipped(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("hf")
-    return tmp_path, *_train(tmp_path, accumulate=2, batch_size=4, max_grad_norm=0.05)
+    return tmp_path, *train(tmp_path, accumulate=2, batch_size=4, max_grad_norm=0.05)
 
 
 def test_logged_statistics_equal_pergrad_by_hand_with_accumulation_and_clipping(clipped):
     tmp_path, trainer, callback, weights, seen = clipped
-    expected = _by_hand(weights, seen, 2)
+    expected = _by_hand(weights, [seen[i : i + 2] for i in range(0, len(seen), 2)])
     assert len(expected) == 3
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 3
@@ -149,9 +155,26 @@ def test_tensorboard_files_hold_the_values_of_metrics_csv(clipped):
 
 
 def test_k_micro_batches_give_the_statistics_of_one_backward_of_the_whole_batch(tmp_path):
-    _, k1, _, _ = _train(tmp_path / "k1", accumulate=1, batch_size=8, max_grad_norm=0.0)
-    _, k2, _, _ = _train(tmp_path / "k2", accumulate=2, batch_size=4, max_grad_norm=0.0)
+    _, k1, _, _ = train(tmp_path / "k1", accumulate=1, batch_size=8, max_grad_norm=0.0)
+    _, k2, _, _ = train(tmp_path / "k2", accumulate=2, batch_size=4, max_grad_norm=0.0)
     one, two = k1.statistics.values(), k2.statistics.values()
     assert set(one) == set(two)
     for key, value in one.items():
         assert two[key] == pytest.approx(value, rel=REL, abs=1e-9), key
+
+
+def test_torchrun_ddp_on_two_gloo_processes_merges_the_workers(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               str(Path(__file__).parent / "hf_worker.py"), str(tmp_path)]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    by_rank = [[r["seen"][i : i + 2] for i in range(0, len(r["seen"]), 2)] for r in ranks]
+    steps = [a + b for a, b in zip(*by_rank)]  # the global batch: both workers' micro-batches
+    expected = _by_hand(ranks[0]["weights"], steps)
+    logs = [h for h in json.loads((tmp_path / "log_history.json").read_text()) if "loss" in h]
+    assert len(logs) == len(expected) == 3
+    for step, (log, want) in enumerate(zip(logs, expected)):
+        for key, value in want.items():  # SNRs near 0 are differences of the float32-rounded sums
+            assert log["pergrad/" + key] == pytest.approx(value, rel=REL, abs=1e-7), f"step {step + 1}, {key}"
