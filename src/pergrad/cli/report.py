@@ -22,7 +22,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description="Build RUN_DIR/report.html, a self-contained page (loss curves, the noise "
         "scale against the batch size, per-parameter SNR, per-example gradient norms and "
         "outliers, and a check that mini-batch gradients are unbiased), and "
-        "RUN_DIR/report_data.json with its numbers, from the files pergrad train wrote.",
+        "RUN_DIR/report_data.json with its numbers, from the files pergrad train wrote. For a run "
+        "directory written by a callback of pergrad.integrations (Lightning, the Hugging Face "
+        "Trainer), the sections its metrics.csv carries.",
     )
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the directory of a pergrad train run (its --out)")
     return parser

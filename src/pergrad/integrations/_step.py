@@ -21,6 +21,7 @@ from .._atomic import write_atomic
 from ..distributed import StepResult, merge_result
 from ..per_example import PerExampleResult
 from ..stats import NoiseScale, ParamSNR, norm_quantiles
+from ..train.config import _toml_value
 from ..train.metrics import Column, MetricsLog
 
 __all__ = ["PREFIX", "RunDirectory", "StepStatistics"]
@@ -106,13 +107,13 @@ class RunDirectory:
 
     Args:
         path: the directory (created).
-        settings: {key: str, int or float} written to ``config.toml``.
+        settings: {key: str, int or float} written to ``config.toml`` (as the trainer writes its own).
     """
 
     def __init__(self, path: str | Path, settings: dict):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
-        lines = [f"{k} = {_toml(v)}" for k, v in settings.items()]
+        lines = [f"{k} = {_toml_value(v)}" for k, v in settings.items()]
         write_atomic(self.path / "config.toml", "\n".join(lines) + "\n")
         self.log = MetricsLog(self.path / "metrics.csv")
 
@@ -120,10 +121,3 @@ class RunDirectory:
         """Add one row ({:class:`Column` name: value}) and rewrite ``metrics.csv``."""
         self.log.append(row)
 
-
-def _toml(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return repr(value)
