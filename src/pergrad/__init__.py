@@ -4,6 +4,7 @@ Public API:
     PerExample, PerExampleResult: the engine.
     register_rule, Rule: add a per-example rule for your own layer.
     NoiseScale, ParamSNR, stats: gradient noise scale, SNR and the other estimators.
+    AdaptiveBatchSize: a batch size that follows the noise scale, for your own loop.
     DistributedPerExample, StepResult, distributed: data-parallel workers and gradient
         accumulation, merged to the global batch.
     errors: UnsupportedModuleError, ExampleCouplingError, CaptureError.
@@ -16,11 +17,12 @@ from . import distributed
 from .distributed import DistributedPerExample, StepResult
 from .rules import Rule, register_rule, registered_rules
 from . import stats
-from .stats import NoiseScale, ParamSNR, StatsWarning
+from .stats import AdaptiveBatchSize, NoiseScale, ParamSNR, StatsWarning
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveBatchSize",
     "AdditivityReport",
     "CaptureError",
     "DistributedPerExample",

@@ -13,6 +13,8 @@ training loop, and :class:`ParamSNR` a :class:`SNRState`.
 - :mod:`.snr`: :class:`ParamSNR`, the elementwise and per-layer gradient signal-to-noise
   ratio from second moments.
 - :mod:`.batch_size`: the norm test of Byrd et al. 2012 and the AdaScale gain.
+- :mod:`.adaptive_batch`: :class:`AdaptiveBatchSize`, a batch size kept inside B_simple's
+  confidence interval, and the learning-rate scaling that goes with it.
 - :mod:`.norms`: quantiles of a window of norms, and over a stream; the largest norms.
 - :mod:`.tradeoff`: the steps–examples trade-off and the critical batch size B_crit.
 - :mod:`.alignment`: :class:`GradientAlignment`, are consecutive batch gradients more aligned
@@ -25,6 +27,7 @@ References:
     Johnson, Agrawal, Gu and Guestrin 2020, "AdaScale SGD", ICML, arXiv:2007.05105.
 """
 
+from .adaptive_batch import AdaptiveBatchSize, lr_scaling_for
 from .alignment import AlignmentReport, GradientAlignment, consecutive_alignment_test
 from .batch import (
     BatchEstimate,
@@ -44,6 +47,7 @@ from .snr import ParamSNR, SNREstimate, SNRState
 from .tradeoff import TradeoffFit, fit_tradeoff
 
 __all__ = [
+    "AdaptiveBatchSize",
     "AlignmentReport",
     "BatchEstimate",
     "GradientAlignment",
@@ -64,6 +68,7 @@ __all__ = [
     "check_beta",
     "consecutive_alignment_test",
     "fit_tradeoff",
+    "lr_scaling_for",
     "mean_grad_sq_norm",
     "noise_coefficient",
     "norm_quantiles",
