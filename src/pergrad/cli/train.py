@@ -19,7 +19,9 @@ _HELP = {
     "optimizer": f"optimizer: {', '.join(OPTIMIZERS)}",
     "lr": "learning rate",
     "momentum": "SGD momentum",
-    "batch_size": "examples per step (at least 2)",
+    "batch_size": "examples per step (at least 2), or 'auto': start at --min-batch-size and follow the "
+    "noise scale B_simple up to --max-batch-size, with --lr (the rate at the min) scaled linearly for SGD, "
+    "as the square root for Adam",
     "epochs": "passes over the training set",
     "seed": "seed of the initial weights and the batch order (and of the data, unless --data-seed)",
     "out": "run directory (config, metrics, checkpoint, report)",
@@ -28,8 +30,10 @@ _HELP = {
     "val_fraction": "share of the data held out for validation",
     "noise_beta": "smoothing of the noise-scale and SNR averages, in (0, 1] (EMA factor; 1: plain averages)",
     "accumulate": "micro-batches per worker and step (gradient accumulation), of "
-    "batch-size / (nproc x accumulate) examples each",
+    "batch-size / (nproc x accumulate) examples each (with auto: at --max-batch-size, fewer below it)",
     "data_seed": "seed of the synthetic data and the training/validation split; -1: the same as --seed",
+    "min_batch_size": "with --batch-size auto: the first and smallest batch size",
+    "max_batch_size": "with --batch-size auto: the largest batch size",
 }
 
 
@@ -63,16 +67,35 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="TOML file of settings; flags override it")
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        kind = {"str": str, "int": int, "float": float}[f.type]
+        kind = {"str": str, "int": int, "int | str": _batch_size, "float": float}[f.type]
         parser.add_argument(flag, dest=f.name, type=kind, default=None, metavar=f.name.upper(),
                             help=f"{_HELP[f.name]} (default: {getattr(defaults, f.name)})")  # fmt: skip
 
 
+def _batch_size(text: str) -> int | str:
+    """--batch-size: a whole number or 'auto'."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or 'auto', got {text!r}") from None
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Defaults, then the TOML file, then the flags."""
+    """Defaults, then the TOML file, then the flags.
+
+    Raises:
+        ConfigError: bad settings, or bounds of the batch size given without ``--batch-size auto``.
+    """
     base = TrainConfig.load(args.config) if args.config else TrainConfig()
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
-    return base.replace(**given)
+    config = base.replace(**given)
+    bounds = [f"--{k.replace('_', '-')}" for k in ("min_batch_size", "max_batch_size") if k in given]
+    if bounds and not config.auto:
+        flags = " and ".join(bounds)
+        raise ConfigError(f"{flags} only bound --batch-size auto: add --batch-size auto, or drop {flags}")
+    return config
 
 
 def run(args: argparse.Namespace) -> int:
