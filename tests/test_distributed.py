@@ -29,6 +29,7 @@ from pergrad.train.checkpoint import load_checkpoint
 from pergrad.train.config import ConfigError, TrainConfig
 from pergrad.train.loop import train
 from pergrad.train.metrics import read_metrics
+from pergrad.train.sampler import BatchOrder
 
 WORLD = 2
 N = 12  # the global batch
@@ -49,6 +50,7 @@ def _losses(model, x, y) -> torch.Tensor:
 
 
 TINY = dict(dataset="linreg", model="linear", epochs=1, log_every=5, batch_size=32)  # 52 steps
+AUTO = {**TINY, "batch_size": "auto", "min_batch_size": 8, "max_batch_size": 64}  # 89 steps, B changes 3 times
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +69,7 @@ def _worker(rank: int, out: str) -> None:
             _step_on_workers(rank, out / f"step_k{accumulate}.pt", accumulate)
         train(TrainConfig(out=str(out / "full"), **TINY), quiet=True)
         train(TrainConfig(out=str(out / "stopped"), **TINY), quiet=True, stop_after=22)
+        train(TrainConfig(out=str(out / "auto"), **AUTO), quiet=True)
         try:
             train(TrainConfig(out=str(out / "mismatch"), **TINY, lr=0.05 * (1 + rank)), quiet=True)
         except ConfigError as err:
@@ -202,6 +205,32 @@ def test_two_workers_and_accumulation_follow_the_single_process_run(spawned, tmp
     for rows in (workers, accumulated):  # the two-batch estimate beside the per-example one
         assert rows[-1]["b_simple_two_batch"] > 0
         assert rows[-1]["b_simple_two_batch"] == pytest.approx(rows[-1]["b_simple"], rel=0.5)
+
+
+def test_two_workers_and_accumulation_follow_the_single_process_auto_run(spawned, tmp_path, monkeypatch):
+    """--batch-size auto: the same decisions, so the same batches; accumulation splits a batch
+    into fewer micro-batches below the max, never larger ones."""
+    single = train(TrainConfig(out=str(tmp_path / "single"), **AUTO), quiet=True).rows
+    micro = []
+    original = BatchOrder.micro_batches
+
+    def spy(batch, rank, world, accumulate):
+        parts = original(batch, rank, world, accumulate)
+        micro.append([p.numel() for p in parts])
+        return parts
+
+    monkeypatch.setattr(BatchOrder, "micro_batches", staticmethod(spy))
+    accumulated = train(TrainConfig(out=str(tmp_path / "k4"), **AUTO, accumulate=4), quiet=True).rows
+    workers = read_metrics(spawned / "auto" / "metrics.csv")
+    assert len({r["batch_size"] for r in single}) >= 3
+    for rows in (workers, accumulated):
+        assert [(r["batch_size"], r["examples"]) for r in rows] == [(r["batch_size"], r["examples"]) for r in single]
+        _close(rows, single, KEYS + ("lr",), rel=1e-4)
+    changes = load_checkpoint(tmp_path / "single" / "checkpoint.pt")["batch_sizes"]
+    assert load_checkpoint(spawned / "auto" / "checkpoint.pt")["batch_sizes"] == changes
+    assert max(max(sizes) for sizes in micro) <= 64 // 4  # max_batch_size / (workers x accumulate)
+    assert all(len(sizes) == -(-4 * sum(sizes) // 64) for sizes in micro)  # ⌈K B / B_max⌉ micro-batches
+    assert {len(sizes) for sizes in micro} >= {1, 3}  # 1 at B = 8, 3 at B = 45
 
 
 def test_a_two_worker_checkpoint_resumes_on_one_worker(spawned, tmp_path):

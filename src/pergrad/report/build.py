@@ -18,10 +18,10 @@ from .. import __version__
 from .._atomic import write_atomic
 from .._json import jsonable
 from . import figures, sections
+from ..checks import check_sampling
 from ..stats.alignment import AlignmentReport, GradientAlignment
 from ..train.metrics import Column
-from ..train.sampler import BatchOrder
-from ..train.suite import sampling_report
+from ..train.suite import first_epoch
 from .advice import advise_batch_size
 from .cbs import cbs_section, load_cbs
 from .framework import framework_report, framework_settings
@@ -59,7 +59,8 @@ def build_report(run_dir: str | Path) -> Path:
     cbs = load_cbs(run.path)
     dataset, model = load_data_and_model(run)
     config, metrics = run.config, run.metrics
-    batch_size = int(metrics.last(Column.BATCH_SIZE)[0] or config.batch_size)
+    batch_size = int(metrics.last(Column.BATCH_SIZE)[0] or config.first_batch_size)
+    batch_sizes = [tuple(change) for change in run.checkpoint.get("batch_sizes", [(0, config.first_batch_size)])]
     generator = torch.Generator().manual_seed(config.seed)
 
     advice = advise_batch_size(
@@ -70,7 +71,8 @@ def build_report(run_dir: str | Path) -> Path:
         batch_size,
         b_crit=_measured_b_crit(cbs),
     )
-    sampling = sampling_report(config, dataset)
+    batches = first_epoch(config, dataset, batch_sizes)  # the run's own batches
+    sampling = check_sampling(batches, dataset.labels)
     alignment = _alignment(run.checkpoint)
     model64 = float64_copy(model)
     x, y = dataset.train_x, dataset.train_y
@@ -85,10 +87,10 @@ def build_report(run_dir: str | Path) -> Path:
         parts = [
             sections.summary_section(run, x.shape[0], dataset.val_x.shape[0], advice),
             sections.assumptions_section(
-                sampling, config.order, _label_mix(dataset, config), alignment, metrics
+                sampling, config.order, _label_mix(dataset, batches), alignment, metrics
             ),
             sections.curves_section(metrics),
-            sections.noise_scale_section(metrics, advice),
+            sections.noise_scale_section(metrics, advice, config, batch_sizes),
             cbs_section("cbs", dict(sections.SECTIONS)["cbs"], cbs, metrics),
             sections.snr_section(metrics, batch_size),
             sections.norms_section(examples, metrics),
@@ -140,13 +142,12 @@ def _alignment(checkpoint: dict) -> AlignmentReport | None:
     return alignment.result()
 
 
-def _label_mix(dataset, config) -> np.ndarray | None:
-    """(batches, classes) share of each class in each batch of the first epoch; None without labels."""
+def _label_mix(dataset, batches: list[torch.Tensor]) -> np.ndarray | None:
+    """(batches, classes) share of each class in each of the batches; None without labels."""
     if dataset.labels is None:
         return None
     labels = dataset.labels
     classes = int(labels.max()) + 1
-    batches = BatchOrder.for_run(config, dataset).batches(0)
     counts = np.stack([np.bincount(labels[b].numpy(), minlength=classes) for b in batches])
     return counts / counts.sum(1, keepdims=True)
 

@@ -100,15 +100,18 @@ def curves_figure(metrics: Metrics) -> Figure:
     return fig
 
 
-def noise_scale_figure(metrics: Metrics, advice: BatchSizeAdvice) -> Figure:
+def noise_scale_figure(
+    metrics: Metrics, advice: BatchSizeAdvice, batch_sizes: list[tuple[int, int]] | None = None
+) -> Figure:
     """B_simple with its interval over training, the batch size, and the steps the advice read;
     dotted, the two-batch estimate of B_simple when the run logged one (several workers or
-    micro-batches)."""
+    micro-batches). ``batch_sizes``: the (first step, B) of each batch size of an ``auto`` run,
+    drawn as steps with a dot at each change; None for a fixed B."""
     steps = metrics.column(Column.STEP)
     b, low, high = (metrics.column(c) for c in (Column.B_SIMPLE, Column.B_SIMPLE_LOW, Column.B_SIMPLE_HIGH))
     fig, (ax,) = _figure(1, height=3.6)
     finite = np.concatenate([v[np.isfinite(v) & (v > 0)] for v in (b, low, high)])
-    finite = np.append(finite, advice.batch_size)
+    finite = np.append(finite, [size for _, size in batch_sizes or [(0, advice.batch_size)]])
     top = finite.max() * 3
     bottom = finite.min() / 3
     band_low = np.where(np.isfinite(low) & (low > 0), low, np.where(np.isnan(low), np.nan, bottom))
@@ -125,13 +128,20 @@ def noise_scale_figure(metrics: Metrics, advice: BatchSizeAdvice) -> Figure:
     if unbounded.any():
         ax.plot(steps[unbounded], np.full(unbounded.sum(), top / 1.15), "^", color=TRAIN,
                 markersize=5, label="B_simple = ∞ (|G|² estimate ≤ 0)")  # fmt: skip
-    ax.axhline(advice.batch_size, color=VAL, lw=1.6, ls="--", label=f"batch size B = {advice.batch_size}")
+    if batch_sizes is None:
+        ax.axhline(advice.batch_size, color=VAL, lw=1.6, ls="--", label=f"batch size B = {advice.batch_size}")
+    else:
+        starts, sizes = zip(*batch_sizes)
+        ax.step([*starts, steps[-1]], [*sizes, sizes[-1]], where="post", color=VAL, lw=1.6, ls="--",
+                label=f"batch size B (auto, {len(sizes) - 1} changes)")  # fmt: skip
+        if len(sizes) > 1:
+            ax.plot(starts[1:], sizes[1:], "o", color=VAL, markersize=4, label="a change of B")
     if advice.n_values:
         ax.axvspan(advice.first_step, advice.last_step, color=GREY, alpha=0.12, lw=0,
                    label="steps the advice reads")  # fmt: skip
     ax.set_yscale("log")
     ax.set_ylim(bottom, top)
-    ax.set(xlabel="step", ylabel="examples", title="Gradient noise scale B_simple against the batch size")
+    ax.set(xlabel="step", ylabel="examples", title="Gradient noise scale B_simple and the batch size")
     ax.legend(frameon=False, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return fig
 

@@ -17,6 +17,9 @@ from . import figures
 from ._format import number
 from .advice import FACTOR, TAIL, UNKNOWN, BatchSizeAdvice
 from .html import Raw, data_uri, esc, figure, note, section, table
+from ..stats.adaptive_batch import LR_SCALINGS
+from ..train.config import TrainConfig
+from ..train.loop import batch_size_rule
 from ..train.metrics import Column
 from .run_files import Metrics, Run
 from .theta import ExamplesAtTheta
@@ -115,7 +118,7 @@ def summary_section(run: Run, n_train: int, n_val: int, advice: BatchSizeAdvice)
         Raw(f"<h3>Files</h3><p>In <code>{esc(run.path.resolve())}</code>:</p>"),
         files,
         lead=f"{config.model} on {config.dataset}, {config.optimizer} with learning rate "
-        f"{config.lr:g}, batch size {config.batch_size}, {config.epochs} epoch(s), seed {config.seed}.",
+        f"{config.lr:g}, batch size {_batch_size_text(config)}, {config.epochs} epoch(s), seed {config.seed}.",
     )
     data = {
         "final": final,
@@ -127,6 +130,12 @@ def summary_section(run: Run, n_train: int, n_val: int, advice: BatchSizeAdvice)
         "config": config.to_dict(),
     }
     return body, data
+
+
+def _batch_size_text(config: TrainConfig) -> str:
+    if not config.auto:
+        return str(config.batch_size)
+    return f"auto ({config.min_batch_size}–{config.max_batch_size}; the learning rate is the one at {config.min_batch_size})"
 
 
 def assumptions_section(
@@ -208,8 +217,11 @@ def curves_section(metrics: Metrics) -> tuple[Raw, dict]:
     return body, {"rows": len(metrics.rows), "classification": classification}
 
 
-def noise_scale_section(metrics: Metrics, advice: BatchSizeAdvice) -> tuple[Raw, dict]:
-    """B_simple over training against the batch size, with the advice."""
+def noise_scale_section(
+    metrics: Metrics, advice: BatchSizeAdvice, config: TrainConfig, batch_sizes: list[tuple[int, int]]
+) -> tuple[Raw, dict]:
+    """B_simple over training against the batch size, with the advice; for ``auto``, how B and
+    the learning rate followed B_simple (``batch_sizes``: the (first step, B) of each change)."""
     data = {
         "verdict": advice.verdict,
         "batch_size": advice.batch_size,
@@ -234,9 +246,12 @@ def noise_scale_section(metrics: Metrics, advice: BatchSizeAdvice) -> tuple[Raw,
         "squared norm of the true gradient). A batch of B examples has noise tr Σ / B, so "
         "B_simple is the batch size at which noise and signal are equal (McCandlish et al. 2018)."
     )
+    adaptive = []
+    if config.auto:
+        adaptive, data["adaptive"] = _adaptive_batch_size(config, batch_sizes)
     if advice.verdict == UNKNOWN:
-        return section("noise-scale", _TITLES["noise-scale"], box, lead=lead), data
-    png = figures.png_bytes(figures.noise_scale_figure(metrics, advice))
+        return section("noise-scale", _TITLES["noise-scale"], box, *adaptive, lead=lead), data
+    png = figures.png_bytes(figures.noise_scale_figure(metrics, advice, batch_sizes if config.auto else None))
     n_inf = int(np.isinf(metrics.column(Column.B_SIMPLE)).sum())
     caption = (
         "Blue: B_simple as logged (a smoothed ratio of the two estimates), with its 95% interval "
@@ -274,10 +289,41 @@ def noise_scale_section(metrics: Metrics, advice: BatchSizeAdvice) -> tuple[Raw,
         _TITLES["noise-scale"],
         box,
         figure(png, "B_simple over training against the batch size", caption),
+        *adaptive,
         numbers,
         lead=lead,
     )
     return body, data
+
+
+def _adaptive_batch_size(config: TrainConfig, batch_sizes: list[tuple[int, int]]) -> tuple[list, dict]:
+    """What ``--batch-size auto`` did: its rule, the learning-rate rule, and each change."""
+    rule = batch_size_rule(config)
+    power = LR_SCALINGS[rule.lr_scaling]
+    b_min = config.min_batch_size
+    formula = f"η = {config.lr:g} · B / {b_min}" if power == 1 else f"η = {config.lr:g} · √(B / {b_min})"
+    changes = [{"step": step, "batch_size": b, "lr": config.lr * (b / b_min) ** power} for step, b in batch_sizes]
+    text = (
+        f"The batch size was automatic (--batch-size auto): B started at {b_min} and followed B_simple "
+        f"within [{b_min}, {config.max_batch_size}]. Before each step, B moved to B_simple (rounded, "
+        "within the bounds) if B_simple's 95% interval excluded B, and held otherwise, so noise alone "
+        f"does not move it. It changed {len(batch_sizes) - 1} time(s): the dashed orange steps, a dot "
+        f"at each change. The learning rate followed B by the optimizer's rule, "
+        f"{'linear for SGD' if power == 1 else 'the square root for Adam'}: {formula}."
+    )
+    rows = [(c["step"], c["batch_size"], number(c["lr"])) for c in changes]
+    parts = [
+        Raw("<h3>Automatic batch size</h3>"),
+        Raw(f"<p>{esc(text)}</p>"),
+        table(["from step", "batch size B", "learning rate"], rows, numeric=(0, 1, 2), table_id="batch-size-changes"),
+    ]
+    data = {
+        "min_batch_size": b_min,
+        "max_batch_size": config.max_batch_size,
+        "lr_scaling": rule.lr_scaling,
+        "changes": changes,
+    }
+    return parts, data
 
 
 def _two_batch_median(metrics: Metrics, advice: BatchSizeAdvice) -> float | None:

@@ -79,7 +79,7 @@ class TrainConfig:
     accumulate: int = 1
     data_seed: int = -1
     min_batch_size: int = 16
-    max_batch_size: int = 256
+    max_batch_size: int = 128
 
     def __post_init__(self):
         self.validate()

@@ -9,6 +9,12 @@ had, and drops metrics rows logged after it.
 Every step is one global batch of ``batch_size`` examples, split over the data-parallel workers
 and ``accumulate`` micro-batches each; the gradient and the statistics are merged to those of the
 global batch (:mod:`pergrad.distributed`), so the run does not depend on the split.
+
+With ``batch_size = "auto"``, before each step an :class:`~pergrad.stats.AdaptiveBatchSize`
+reads the smoothed noise scale and its 95% interval and may change B (and the learning rate with
+it); the batch is then the next B examples of the epoch's permutation (:meth:`BatchOrder.take`).
+The checkpoint keeps the rule and the batch sizes used so far (``batch_sizes``: the steps where
+B changed), so a resumed run makes the same decisions, and the report can rebuild the batches.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .. import distributed
 from .._tensors import flatten
 from ..distributed import DistributedPerExample
-from ..stats import GradientAlignment, NoiseScale, ParamSNR, norm_quantiles
+from ..stats import AdaptiveBatchSize, GradientAlignment, NoiseScale, ParamSNR, norm_quantiles
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .data import Dataset, load_dataset
@@ -39,11 +45,15 @@ from .sampler import BatchOrder
 from .tensorboard import TensorBoardLog
 from .suite import sampling_warning
 
-__all__ = ["RunResult", "train", "prepare_run_dir", "QUANTILES", "ALIGNMENT_SKETCH", "ALIGNMENT_STEPS"]
+__all__ = [
+    "RunResult", "train", "prepare_run_dir", "batch_size_rule", "QUANTILES", "ALIGNMENT_SKETCH", "ALIGNMENT_STEPS",
+    "RULE_LEVEL",
+]  # fmt: skip
 
 QUANTILES = tuple(q for _, q in Column.NORM_QUANTILES)
 ALIGNMENT_SKETCH = 512  # count-sketch size of the batch gradients kept for the alignment test
 ALIGNMENT_STEPS = 4096  # most recent steps kept for it (bounds checkpoint size in long runs)
+RULE_LEVEL = 0.95  # confidence of the B_simple interval that --batch-size auto follows (the logged one)
 
 
 @dataclass
@@ -96,6 +106,15 @@ def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     if config.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=config.lr)
     return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+
+
+def batch_size_rule(config: TrainConfig) -> AdaptiveBatchSize | None:
+    """The rule of a ``batch_size = "auto"`` run (None for a fixed batch size): B between the
+    config's bounds, the learning rate scaled linearly for SGD and as √B for Adam."""
+    if not config.auto:
+        return None
+    scaling = "sqrt" if config.optimizer == "adam" else "linear"
+    return AdaptiveBatchSize(config.min_batch_size, config.max_batch_size, lr_scaling=scaling)
 
 
 @torch.no_grad()
@@ -164,28 +183,28 @@ def train(
     # the models have no buffers, so the forward of DDP runs no collective and a worker may skip
     # an empty micro-batch; the gradient is reduced by DistributedPerExample.step
     ddp = DistributedDataParallel(run.model) if run.world > 1 else run.model
-    total_steps = run.order.steps_per_epoch() * config.epochs
-    progress = _Progress(total_steps, run.step, quiet, stream, enabled=run.lead)
+    progress = _Progress.for_run(run, quiet, stream)
+    n = run.order.num_examples
     board = TensorBoardLog(run.run_dir, run.step if state is not None else None) if tensorboard and run.lead else None
     if board is not None:
         on_row = _also_to(board, run, on_row)
     run.model.train()
     with DistributedPerExample(run.model, second_moment=True) as dpe, (contextlib.closing(board) if board else contextlib.nullcontext()):
         while run.epoch < config.epochs:
-            batches = run.order.batches(run.epoch)
-            while run.batch_in_epoch < len(batches):
+            while run.offset < n:
                 if stop_after is not None and run.step >= stop_after:
                     _checkpoint(run)
                     progress.close()
                     return RunResult(run.run_dir, run.step, run.metrics.rows, completed=False)
-                _step(run, ddp, dpe, batches[run.batch_in_epoch])
-                last = run.epoch == config.epochs - 1 and run.batch_in_epoch == len(batches)
+                batch = _next_batch(run)
+                _step(run, ddp, dpe, batch)
+                last = run.epoch == config.epochs - 1 and run.offset == n
                 if run.step % config.log_every == 0 or last:
                     _log(run, progress, on_row)
                     run.window = _Window()
                     _checkpoint(run)
-                progress.advance()
-            run.epoch, run.batch_in_epoch = run.epoch + 1, 0
+                progress.advance(batch.numel())
+            run.epoch, run.offset = run.epoch + 1, 0
             _checkpoint(run)
     progress.close()
     return RunResult(run.run_dir, run.step, run.metrics.rows, completed=True)
@@ -249,15 +268,23 @@ class _Run:
     order: BatchOrder
     stats: _Statistics
     metrics: MetricsLog
+    rule: AdaptiveBatchSize | None
     window: _Window = field(default_factory=_Window)
     step: int = 0
     epoch: int = 0
-    batch_in_epoch: int = 0
+    offset: int = 0  # examples of the epoch's permutation taken so far
+    examples: int = 0  # examples seen since the start of the run
+    batch_sizes: list[tuple[int, int]] = field(default_factory=list)  # (first step, B) at each change
 
     @property
     def lead(self) -> bool:
         """Whether this is rank 0, which reads and writes the run directory and prints."""
         return self.rank == 0
+
+    @property
+    def batch_size(self) -> int:
+        """B in force: the rule's for ``auto``, else the config's."""
+        return self.config.batch_size if self.rule is None else self.rule.batch_size
 
 
 def _setup(config: TrainConfig, resume: bool) -> tuple[_Run, dict | None]:
@@ -285,6 +312,8 @@ def _setup(config: TrainConfig, resume: bool) -> tuple[_Run, dict | None]:
         order=BatchOrder.for_run(config, dataset),
         stats=_Statistics.for_run(config),
         metrics=MetricsLog(run_dir / "metrics.csv"),
+        rule=batch_size_rule(config),
+        batch_sizes=[(0, config.first_batch_size)],
     )
     return run, state
 
@@ -304,13 +333,27 @@ def _restore(run: _Run, state: dict) -> None:
     run.optimizer.load_state_dict(state["optimizer"])
     run.stats.load_state_dict(state)
     run.window = _Window(**state["window"])
-    run.step, run.epoch, run.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+    run.step, run.epoch, run.offset, run.examples = state["step"], state["epoch"], state["offset"], state["examples"]
+    run.batch_sizes = [tuple(change) for change in state["batch_sizes"]]
+    if run.rule is not None:
+        run.rule.load_state_dict(state["batch_size_rule"])
     torch.set_rng_state(state["rng"])
     if run.lead:
         path = run.metrics.path
         logged = read_metrics(path) if path.exists() else []
         run.metrics = MetricsLog(path, [r for r in logged if r[Column.STEP] <= run.step])
         run.metrics.flush()
+
+
+def _next_batch(run: _Run) -> torch.Tensor:
+    """The next global batch, (B,) example indices; with ``auto``, B first follows the noise
+    scale, and the learning rate follows B."""
+    rule = run.rule
+    if rule is not None and rule.update(run.stats.noise.estimate(RULE_LEVEL)) != run.batch_sizes[-1][1]:
+        run.batch_sizes.append((run.step, rule.batch_size))
+        for group in run.optimizer.param_groups:
+            group["lr"] = run.config.lr * rule.lr_factor
+    return run.order.take(run.epoch, run.offset, run.batch_size)
 
 
 def _step(run: _Run, ddp: nn.Module, dpe: DistributedPerExample, batch: torch.Tensor) -> None:
@@ -323,7 +366,8 @@ def _step(run: _Run, ddp: nn.Module, dpe: DistributedPerExample, batch: torch.Te
     run.stats.update(merged)
     run.window.add(merged.sums, merged.n, distributed.all_gather_cat(sq_norms), run.dataset.task)
     run.step += 1
-    run.batch_in_epoch += 1
+    run.offset += batch.numel()
+    run.examples += batch.numel()
 
 
 def _backward_micro_batches(
@@ -338,7 +382,8 @@ def _backward_micro_batches(
     local = torch.zeros(2, dtype=torch.float64)
     sq_norms = [torch.zeros(0, dtype=torch.float64)]
     task = run.dataset.task
-    for idx in run.order.micro_batches(batch, run.rank, run.world, run.config.accumulate):
+    micro_batches = run.config.micro_batches_per_worker(batch.numel())
+    for idx in run.order.micro_batches(batch, run.rank, run.world, micro_batches):
         if idx.numel() == 0:  # a last, small batch may leave a worker without examples
             continue
         x, y = run.dataset.train_x[idx].to(run.device), run.dataset.train_y[idx].to(run.device)
@@ -389,7 +434,10 @@ def _checkpoint(run: _Run) -> None:
             "window": run.window.__dict__.copy(),
             "step": run.step,
             "epoch": run.epoch,
-            "batch_in_epoch": run.batch_in_epoch,
+            "offset": run.offset,
+            "examples": run.examples,
+            "batch_sizes": run.batch_sizes,
+            **({} if run.rule is None else {"batch_size_rule": run.rule.state_dict()}),
             "rng": torch.get_rng_state(),
         },
     )
@@ -424,17 +472,17 @@ def _device() -> torch.device:
 
 def _row(run: _Run) -> dict:
     """One metrics row: the window's means, validation, and the smoothed statistics."""
-    config, window, stats = run.config, run.window, run.stats
+    window, stats = run.window, run.stats
     val_loss, val_accuracy = evaluate(run.model, run.dataset)
-    estimate = stats.noise.estimate(0.95)  # one read-out of the smoothed sums for the whole row
+    estimate = stats.noise.estimate(RULE_LEVEL)  # one read-out of the smoothed sums for the whole row
     norms = torch.tensor(window.norms, dtype=torch.float64)
     quantiles = norm_quantiles(norms, QUANTILES)
     row = {
         Column.STEP: run.step,
         Column.EPOCH: run.epoch,
-        Column.EXAMPLES: run.step * config.batch_size,
-        Column.LR: config.lr,
-        Column.BATCH_SIZE: config.batch_size,
+        Column.EXAMPLES: run.examples,
+        Column.LR: run.optimizer.param_groups[0]["lr"],
+        Column.BATCH_SIZE: run.batch_size,
         Column.LOSS: window.loss / window.examples,
         Column.ACCURACY: None if run.dataset.task == "regression" else window.correct / window.examples,
         Column.VAL_LOSS: val_loss,
@@ -461,15 +509,25 @@ def _finite_or_none(value) -> float | None:
 
 
 class _Progress:
-    """A tqdm bar with epoch, loss, validation accuracy and B_simple; or plain lines when quiet."""
+    """A tqdm bar with epoch, loss, validation accuracy and B_simple (and B when it changes); or
+    plain lines when quiet. It counts steps, or examples when the number of steps is unknown
+    (``auto``)."""
 
-    def __init__(self, total: int, done: int, quiet: bool, stream, enabled: bool = True):
-        self.quiet, self.stream, self.enabled = quiet, stream, enabled
+    def __init__(self, total: int, done: int, quiet: bool, stream, enabled: bool = True, unit: str = "step"):
+        self.quiet, self.stream, self.enabled, self.unit = quiet, stream, enabled, unit
         self.bar = None
         if enabled and not quiet:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=done, file=stream, unit="step", dynamic_ncols=True, leave=True)
+            self.bar = tqdm(total=total, initial=done, file=stream, unit=unit, dynamic_ncols=True, leave=True)
+
+    @classmethod
+    def for_run(cls, run: _Run, quiet: bool, stream) -> "_Progress":
+        epochs = run.config.epochs
+        if run.rule is None:
+            return cls(run.order.steps_per_epoch() * epochs, run.step, quiet, stream, run.lead)
+        total = run.order.num_examples * epochs
+        return cls(total, run.order.num_examples * run.epoch + run.offset, quiet, stream, run.lead, unit="example")
 
     def log(self, row: dict) -> None:
         fields = {
@@ -478,15 +536,18 @@ class _Progress:
             "val_acc": "-" if row[Column.VAL_ACCURACY] is None else f"{row[Column.VAL_ACCURACY]:.3f}",
             "B_simple": "-" if row[Column.B_SIMPLE] is None else f"{row[Column.B_SIMPLE]:.1f}",
         }
+        if self.unit == "example":
+            fields["B"] = row[Column.BATCH_SIZE]
         if self.bar is not None:
             self.bar.set_postfix(fields, refresh=False)
         elif self.enabled:
             text = " ".join(f"{k}={v}" for k, v in fields.items())
             print(f"step {row[Column.STEP]}: {text}", file=self.stream, flush=True)
 
-    def advance(self) -> None:
+    def advance(self, examples: int) -> None:
+        """After a step of ``examples`` examples."""
         if self.bar is not None:
-            self.bar.update(1)
+            self.bar.update(examples if self.unit == "example" else 1)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -17,12 +17,12 @@ also shares the epoch's last, smaller batch among the workers instead of padding
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["BatchOrder"]
+__all__ = ["BatchOrder", "sizes_by_step"]
 
 
 class BatchOrder:
@@ -115,3 +115,15 @@ class BatchOrder:
             every index of ``batch`` appears exactly once.
         """
         return list(batch[rank::world].tensor_split(accumulate))
+
+
+def sizes_by_step(changes: Sequence[tuple[int, int]]) -> Iterator[int]:
+    """B at steps 0, 1, 2, … (without end) from the batch sizes a run used.
+
+    Args:
+        changes: (first step, B) at the start and at each change, by increasing step; the
+            first at step 0 (a checkpoint's ``batch_sizes``).
+    """
+    for (start, size), (end, _) in zip(changes, changes[1:]):
+        yield from itertools.repeat(size, end - start)
+    yield from itertools.repeat(changes[-1][1])

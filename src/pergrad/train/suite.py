@@ -11,14 +11,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from torch import Tensor
+
 from ..checks import IdentityReport, SamplingReport, check_additivity, check_identity, check_sampling
 from .config import TrainConfig
 from .data import Dataset, load_dataset
 from .losses import per_example_losses
 from .models import build_model
-from .sampler import BatchOrder
+from .sampler import BatchOrder, sizes_by_step
 
-__all__ = ["CheckRow", "run_checks", "sampling_report", "sampling_warning", "PROBE_EXAMPLES"]
+__all__ = ["CheckRow", "first_epoch", "run_checks", "sampling_report", "sampling_warning", "PROBE_EXAMPLES"]
 
 PROBE_EXAMPLES = 8  # examples in the identity and additivity probe batch
 
@@ -33,9 +35,20 @@ class CheckRow:
     meaning: str
 
 
-def sampling_report(config: TrainConfig, dataset: Dataset) -> SamplingReport:
-    """The sampling check on the run's first epoch of batches (epoch 0)."""
-    return check_sampling(BatchOrder.for_run(config, dataset).batches(0), dataset.labels)
+def first_epoch(config: TrainConfig, dataset: Dataset, batch_sizes: list[tuple[int, int]] | None = None) -> list[Tensor]:
+    """The run's batches of indices in epoch 0.
+
+    Args:
+        batch_sizes: the (first step, B) of each batch size the run used (its checkpoint's
+            ``batch_sizes``); by default the config's first batch size throughout.
+    """
+    sizes = None if batch_sizes is None else sizes_by_step(batch_sizes)
+    return BatchOrder.for_run(config, dataset).batches(0, sizes)
+
+
+def sampling_report(config: TrainConfig, dataset: Dataset, batch_sizes: list[tuple[int, int]] | None = None) -> SamplingReport:
+    """The sampling check on the run's first epoch of batches (see :func:`first_epoch`)."""
+    return check_sampling(first_epoch(config, dataset, batch_sizes), dataset.labels)
 
 
 def sampling_warning(config: TrainConfig, dataset: Dataset) -> str | None:
