@@ -14,6 +14,7 @@ CPU cores); it prints the table and writes ``benchmarks/ADAPTIVE_BATCH.md``.
 from __future__ import annotations
 
 import argparse
+import io
 import statistics
 import tempfile
 from pathlib import Path
@@ -32,7 +33,8 @@ SETTINGS = {
 
 def run_one(setting: dict, seed: int, target: float, out: Path) -> dict:
     """Train one setting and seed; what the table shows."""
-    rows = train(TrainConfig(seed=seed, log_every=2, out=str(out), **setting), quiet=True).rows
+    config = TrainConfig(seed=seed, log_every=2, out=str(out), **setting)
+    rows = train(config, quiet=True, stream=io.StringIO()).rows
     reached = next((r for r in rows if r[Column.VAL_LOSS] <= target), None)
     last = rows[-1]
     sizes = [r[Column.BATCH_SIZE] for r in rows]
