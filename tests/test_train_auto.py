@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from pergrad.checks import check_sampling
-from pergrad.checks.suite import first_epoch
+from pergrad.train.suite import first_epoch
 from pergrad.cli.main import main
 from pergrad.report import build_report
-from pergrad.train.checkpoint import load_checkpoint
+from pergrad.train.checkpoint import load_checkpoint, save_checkpoint
 from pergrad.train.config import TrainConfig
 from pergrad.train.data import load_dataset
 from pergrad.train.loop import train
@@ -150,6 +150,23 @@ def test_bad_bounds_give_one_line_errors(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_without_a_position_in_examples_is_refused_with_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    train(TrainConfig(out=str(run), **AUTO), quiet=True, stream=io.StringIO(), stop_after=2)
+    state = load_checkpoint(run / "checkpoint.pt")
+    del state["offset"], state["format"]
+    save_checkpoint(run / "checkpoint.pt", state)
+    assert main(["train", "--quiet", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "written by an older pergrad" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cbs_refuses_auto_with_one_line(tmp_path, capsys):
+    assert main(["cbs", "--batch-size", "auto", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "sweeps fixed batch sizes" in err and len(err.strip().splitlines()) == 1
 
 
 def test_auto_in_a_config_file(tmp_path):

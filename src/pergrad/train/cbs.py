@@ -114,10 +114,12 @@ def make_plan(
     training set (every other one when quick), branches at k·B for powers of two k up to the same.
 
     Raises:
-        ConfigError: fewer than two seeds, a target loss ≤ 0, a negative tolerance, a training
-            set too small for a ladder, or a batch size of the ladder that does not split into
-            ``config.accumulate`` micro-batches.
+        ConfigError: ``batch_size = "auto"``, fewer than two seeds, a target loss ≤ 0, a
+            negative tolerance, a training set too small for a ladder, or a batch size of the
+            ladder that does not split into ``config.accumulate`` micro-batches.
     """
+    if config.auto:
+        raise ConfigError("pergrad cbs sweeps fixed batch sizes: give --batch-size the reference run's B, not auto")
     if seeds is not None and seeds < 2:
         raise ConfigError(f"--seeds must be at least 2 (the interval of B_crit needs replicates), got {seeds}")
     if target_loss is not None and not (math.isfinite(target_loss) and target_loss > 0):

@@ -47,13 +47,13 @@ from .suite import sampling_warning
 
 __all__ = [
     "RunResult", "train", "prepare_run_dir", "batch_size_rule", "QUANTILES", "ALIGNMENT_SKETCH", "ALIGNMENT_STEPS",
-    "RULE_LEVEL",
+    "INTERVAL_LEVEL",
 ]  # fmt: skip
 
 QUANTILES = tuple(q for _, q in Column.NORM_QUANTILES)
 ALIGNMENT_SKETCH = 512  # count-sketch size of the batch gradients kept for the alignment test
 ALIGNMENT_STEPS = 4096  # most recent steps kept for it (bounds checkpoint size in long runs)
-RULE_LEVEL = 0.95  # confidence of the B_simple interval that --batch-size auto follows (the logged one)
+INTERVAL_LEVEL = 0.95  # confidence of the logged B_simple interval, which --batch-size auto follows
 
 
 @dataclass
@@ -328,7 +328,16 @@ def _start(run: _Run, stream) -> None:
 
 def _restore(run: _Run, state: dict) -> None:
     """Continue from a checkpoint: weights, optimizer, statistics, window, position and RNG; rank 0
-    drops the metrics rows logged after the checkpoint."""
+    drops the metrics rows logged after the checkpoint.
+
+    Raises:
+        CheckpointError: a checkpoint from before the position was counted in examples.
+    """
+    if "offset" not in state:
+        raise CheckpointError(
+            f"{run.run_dir / 'checkpoint.pt'} was written by an older pergrad (its position is in batches, "
+            "not examples): start a new run"
+        )
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.stats.load_state_dict(state)
@@ -349,7 +358,7 @@ def _next_batch(run: _Run) -> torch.Tensor:
     """The next global batch, (B,) example indices; with ``auto``, B first follows the noise
     scale, and the learning rate follows B."""
     rule = run.rule
-    if rule is not None and rule.update(run.stats.noise.estimate(RULE_LEVEL)) != run.batch_sizes[-1][1]:
+    if rule is not None and rule.update(run.stats.noise.estimate(INTERVAL_LEVEL)) != run.batch_sizes[-1][1]:
         run.batch_sizes.append((run.step, rule.batch_size))
         for group in run.optimizer.param_groups:
             group["lr"] = run.config.lr * rule.lr_factor
@@ -474,7 +483,7 @@ def _row(run: _Run) -> dict:
     """One metrics row: the window's means, validation, and the smoothed statistics."""
     window, stats = run.window, run.stats
     val_loss, val_accuracy = evaluate(run.model, run.dataset)
-    estimate = stats.noise.estimate(RULE_LEVEL)  # one read-out of the smoothed sums for the whole row
+    estimate = stats.noise.estimate(INTERVAL_LEVEL)  # one read-out of the smoothed sums for the whole row
     norms = torch.tensor(window.norms, dtype=torch.float64)
     quantiles = norm_quantiles(norms, QUANTILES)
     row = {
@@ -509,7 +518,7 @@ def _finite_or_none(value) -> float | None:
 
 
 class _Progress:
-    """A tqdm bar with epoch, loss, validation accuracy and B_simple (and B when it changes); or
+    """A tqdm bar with epoch, loss, validation accuracy and B_simple (and B for ``auto``); or
     plain lines when quiet. It counts steps, or examples when the number of steps is unknown
     (``auto``)."""
 
