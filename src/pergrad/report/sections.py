@@ -248,7 +248,7 @@ def noise_scale_section(
     )
     adaptive = []
     if config.auto:
-        adaptive, data["adaptive"] = _adaptive_batch_size(config, batch_sizes)
+        adaptive, data["adaptive"] = _adaptive_batch_size(config, batch_sizes, metrics)
     if advice.verdict == UNKNOWN:
         return section("noise-scale", _TITLES["noise-scale"], box, *adaptive, lead=lead), data
     png = figures.png_bytes(figures.noise_scale_figure(metrics, advice, batch_sizes if config.auto else None))
@@ -296,8 +296,9 @@ def noise_scale_section(
     return body, data
 
 
-def _adaptive_batch_size(config: TrainConfig, batch_sizes: list[tuple[int, int]]) -> tuple[list, dict]:
-    """What ``--batch-size auto`` did: its rule, the learning-rate rule, and each change."""
+def _adaptive_batch_size(config: TrainConfig, batch_sizes: list[tuple[int, int]], metrics: Metrics) -> tuple[list, dict]:
+    """What ``--batch-size auto`` did: its rule, the learning-rate rule, each change, and the
+    steps it took for its examples against a fixed B_min."""
     rule = batch_size_rule(config)
     power = LR_SCALINGS[rule.lr_scaling]
     b_min = config.min_batch_size
@@ -311,6 +312,14 @@ def _adaptive_batch_size(config: TrainConfig, batch_sizes: list[tuple[int, int]]
         f"at each change. The learning rate followed B by the optimizer's rule, "
         f"{'linear for SGD' if power == 1 else 'the square root for Adam'}: {formula}."
     )
+    steps, examples = metrics.last(Column.STEP)[0], metrics.last(Column.EXAMPLES)[0]
+    if steps and examples:
+        text += (
+            f" Up to step {steps:.0f} it took {steps:.0f} steps for {examples:.0f} examples (mean B = "
+            f"{examples / steps:.1f}); a fixed B = {b_min} takes {math.ceil(examples / b_min)} steps for as "
+            "many. Whether it reaches a given loss in fewer steps or examples than a fixed batch is a "
+            "comparison of runs: benchmarks/adaptive_batch.py makes it on digits."
+        )
     rows = [(c["step"], c["batch_size"], number(c["lr"])) for c in changes]
     parts = [
         Raw("<h3>Automatic batch size</h3>"),
