@@ -218,10 +218,14 @@ def curves_section(metrics: Metrics) -> tuple[Raw, dict]:
 
 
 def noise_scale_section(
-    metrics: Metrics, advice: BatchSizeAdvice, config: TrainConfig, batch_sizes: list[tuple[int, int]]
+    metrics: Metrics,
+    advice: BatchSizeAdvice,
+    config: TrainConfig | None = None,
+    batch_sizes: list[tuple[int, int]] | None = None,
 ) -> tuple[Raw, dict]:
-    """B_simple over training against the batch size, with the advice; for ``auto``, how B and
-    the learning rate followed B_simple (``batch_sizes``: the (first step, B) of each change)."""
+    """B_simple over training against the batch size, with the advice; for a ``pergrad train``
+    run (``config``) with ``batch_size = "auto"``, how B and the learning rate followed B_simple
+    (``batch_sizes``: the (first step, B) of each batch size)."""
     data = {
         "verdict": advice.verdict,
         "batch_size": advice.batch_size,
@@ -246,12 +250,13 @@ def noise_scale_section(
         "squared norm of the true gradient). A batch of B examples has noise tr Σ / B, so "
         "B_simple is the batch size at which noise and signal are equal (McCandlish et al. 2018)."
     )
+    auto = config is not None and config.auto
     adaptive = []
-    if config.auto:
+    if auto:
         adaptive, data["adaptive"] = _adaptive_batch_size(config, batch_sizes, metrics)
     if advice.verdict == UNKNOWN:
         return section("noise-scale", _TITLES["noise-scale"], box, *adaptive, lead=lead), data
-    png = figures.png_bytes(figures.noise_scale_figure(metrics, advice, batch_sizes if config.auto else None))
+    png = figures.png_bytes(figures.noise_scale_figure(metrics, advice, batch_sizes if auto else None))
     n_inf = int(np.isinf(metrics.column(Column.B_SIMPLE)).sum())
     caption = (
         "Blue: B_simple as logged (a smoothed ratio of the two estimates), with its 95% interval "
