@@ -86,7 +86,8 @@ class Linear:
             out[self.bias] = seq.bias_grads(g).reshape(n, *shapes[self.bias])
         return out
 
-    def sq_norms(self) -> dict[str, Tensor]:
+    def sq_norms(self, shapes: dict[str, torch.Size]) -> dict[str, Tensor]:
+        """{name: (n,)} squared norms of the pieces, by the cheaper exact form."""
         a, g = widen(self.a), widen(self.g)
         out = {self.weight: seq.weight_sq_norms(a, g)}
         if self.bias is not None:
@@ -129,8 +130,8 @@ class Lookup:
         out[example, index] = rows
         return {self.weight: out}
 
-    def sq_norms(self, vocab: int) -> dict[str, Tensor]:
-        example, _, rows = self._rows(vocab)
+    def sq_norms(self, shapes: dict[str, torch.Size]) -> dict[str, Tensor]:
+        example, _, rows = self._rows(shapes[self.weight][0])
         sq = rows.new_zeros(self.index.shape[0]).index_add_(0, example, seq.row_sq_norms(rows))
         return {self.weight: sq}
 
@@ -538,27 +539,24 @@ class DirectRule(Rule):
         return out
 
     def sq_norms(self, module, calls):
-        only = self._factored_only(calls)
-        if only is None:
-            return super().sq_norms(module, calls)
-        shapes = {k: p.shape for k, p in self.parameters(module)}
-        out = {}
-        for record in only.records:
-            out.update(record.sq_norms() if isinstance(record, Linear) else record.sq_norms(shapes[record.weight][0]))
-        dense = self._call_pieces(module, calls[0], shapes, records=False)
-        out.update({k: v.reshape(v.shape[0], -1).square().sum(1) for k, v in dense.items()})
-        return out
+        return self._reduced(module, calls, "sq_norms", lambda v: v.reshape(v.shape[0], -1).square().sum(1))
 
     def second_moments(self, module, calls):
+        return self._reduced(module, calls, "second_moments", lambda v: v.square().sum(0))
+
+    def _reduced(self, module, calls, what: str, reduce) -> dict[str, Tensor]:
+        """Norms or second moments: from the factored records where a single call's records
+        own their parameters (``record.<what>(shapes)``), ``reduce`` of the dense pieces for
+        the rest; from the per-example pieces otherwise."""
         only = self._factored_only(calls)
         if only is None:
-            return super().second_moments(module, calls)
+            return getattr(super(), what)(module, calls)
         shapes = {k: p.shape for k, p in self.parameters(module)}
         out = {}
         for record in only.records:
-            out.update(record.second_moments(shapes))
+            out.update(getattr(record, what)(shapes))
         dense = self._call_pieces(module, calls[0], shapes, records=False)
-        out.update({k: v.square().sum(0) for k, v in dense.items()})
+        out.update({k: reduce(v) for k, v in dense.items()})
         return out
 
     @staticmethod
