@@ -254,8 +254,11 @@ class Capture:
         ids of shape (1, t)): its output and inputs get the example axis explicitly, so that its
         output gradient arrives per example. Any other call is returned unchanged."""
         n = self.n_forward
-        tensors = [x for x in (*args, *kwargs.values(), *output_tensors(output)) if isinstance(x, Tensor) and x.dim() > 0]
-        if n is None or n == 1 or not tensors or any(x.shape[0] != 1 for x in tensors):
+        outputs = output_tensors(output)
+        if n is None or n == 1 or not outputs or outputs[0].dim() == 0 or outputs[0].shape[0] != 1:
+            return args, kwargs, output  # the usual case, decided on the first output alone
+        tensors = [x for x in (*args, *kwargs.values(), *outputs) if isinstance(x, Tensor) and x.dim() > 0]
+        if any(x.shape[0] != 1 for x in tensors):
             return args, kwargs, output
 
         def widen_batch(x):
