@@ -201,7 +201,7 @@ class Capture:
             first = args[0] if args else None
             if not self._capturing() or not isinstance(first, Tensor) or first.shape[:1] != (self.n_forward,):
                 return  # examples flattened with positions or windows: the pieces need regrouping first
-            names = [n for n in target.rule.grads_in_backward(module, args) if module._parameters[n].requires_grad]
+            names = [n for n in target.rule.grads_in_backward(module, args, self.keep) if module._parameters[n].requires_grad]
             target.detached = {n: module._parameters[n] for n in names}
             for n, p in target.detached.items():
                 module._parameters[n] = p.detach()

@@ -118,6 +118,11 @@ class PerExample:
             t.shared = any(name in self._shared for name in t.param_names.values())
         self._capture.keep = Keep(grads=grads, second=second_moment)
         self._params = dict(self._capture.parameters())
+        # each target with {local name: parameter name} of its parameters no other module uses
+        self._plans = [
+            (t, {local: name for local, name in t.param_names.items() if name not in self._shared})
+            for t in self._capture.targets
+        ]
         self._gathered: list[tuple[int, _PerParameter]] = []  # backwards run by someone else
         self._capture.on_external_backward = self._gather
 
@@ -168,15 +173,17 @@ class PerExample:
         capture.check_before_backward(n)
         verify = self.verify is True or (self.verify == "first" and not self._verified)
 
+        reduced = losses.mean() if reduction == "mean" else losses.sum()
+        if verify or losses.device.type == "cpu":
+            _check_finite(losses, reduced)
+        loss_scale: float | Tensor = 1.0  # a 0-dim tensor under a scaler: no host sync on CUDA
+        if scaler is not None and scaler.is_enabled():
+            reduced = scaler.scale(reduced)
+            loss_scale = _scale_of(scaler)
         params = self._params
         earlier = {name: p.grad for name, p in params.items()}
         for p in params.values():
             p.grad = None
-        reduced = losses.mean() if reduction == "mean" else losses.sum()
-        loss_scale = 1.0
-        if scaler is not None and scaler.is_enabled():
-            reduced = scaler.scale(reduced)
-            loss_scale = float(scaler.get_scale())
         capture.own_backward = True
         try:
             reduced.backward(retain_graph=verify)
@@ -188,7 +195,7 @@ class PerExample:
                     p.grad = earlier[name] if fresh[name] is None else earlier[name] + fresh[name]
 
         param_batch_sq = _tensors.sq_norms(fresh, losses.new_zeros(()).detach())
-        if loss_scale != 1.0:
+        if isinstance(loss_scale, Tensor):
             param_batch_sq = {k: v / loss_scale**2 for k, v in param_batch_sq.items()}
         batch_sq = torch.stack(list(param_batch_sq.values())).sum()
         scale = (float(n) if reduction == "mean" else 1.0) / loss_scale
@@ -199,7 +206,7 @@ class PerExample:
         finally:
             capture.clear()
 
-        sq_norms = torch.stack(list(per_param.sq.values())).sum(0)
+        sq_norms = per_param.stacked.sum(0)
         result = PerExampleResult(
             sq_norms=sq_norms,
             param_sq_norms=per_param.sq,
@@ -350,61 +357,70 @@ class PerExample:
 
         A parameter used by several modules (tied weights) gets its per-example gradients
         summed over them before squaring; every other one gets its norms from the rule's
-        cheapest form.
+        cheapest form. The squared norms of all parameters are scaled at once, as one (P, n)
+        tensor whose rows ``sq`` holds as views.
         """
-        out = _PerParameter()
+        sq: dict[str, Tensor] = {}  # unscaled
+        grads: dict[str, Tensor] = {}
+        second: dict[str, Tensor] = {}
         summed: dict[str, Tensor] = {}  # per-example gradients of shared parameters
-        for target in self._capture.targets:
+        want_grads, want_second = self.want_grads, self.want_second_moment
+        for target, own in self._plans:
             calls = self._capture.reached_calls(target, n)
             if not calls:
                 continue
             rule, module = rule_of_calls(target, calls), target.module
             inputs = rule.prepare(module, calls)
-            own = {local: name for local, name in target.param_names.items() if name not in self._shared}
-            grads = None
-            if self.want_grads or len(own) < len(target.param_names):
-                grads = {target.param_names[k]: v * scale for k, v in rule.per_example_grads(module, inputs).items()}
-                for name, grad in grads.items():
+            pieces = {}  # unscaled per-example pieces, by parameter name
+            if want_grads or len(own) < len(target.param_names):
+                pieces = {target.param_names[k]: v for k, v in rule.per_example_grads(module, inputs).items()}
+                for name, piece in pieces.items():
                     if name in self._shared:
-                        summed[name] = summed[name] + grad if name in summed else grad
-                    else:
-                        out.grads[name] = grad
+                        summed[name] = summed[name] + piece if name in summed else piece
             if not own:
                 continue
-            for local, sq in rule.sq_norms(module, inputs).items():
+            for local, v in rule.sq_norms(module, inputs).items():
                 if local in own:
-                    out.sq[own[local]] = sq * scale**2
-            if self.want_second_moment:
-                if grads is not None:
-                    out.second.update({name: grads[name].square().sum(0) for name in own.values()})
-                else:
-                    for local, m in rule.second_moments(module, inputs).items():
-                        if local in own:
-                            out.second[own[local]] = m * scale**2
-        for name, grad in summed.items():
-            out.sq[name] = flat_sq_norm(grad)
-            out.grads[name] = grad
-            if self.want_second_moment:
-                out.second[name] = grad.square().sum(0)
-        # parameters no gradient reached: zeros, so every name is always present
-        for name, p in params.items():
-            if name not in out.sq:
-                out.sq[name] = p.new_zeros(n)
-                if self.want_grads:
-                    out.grads[name] = p.new_zeros((n, *p.shape))
-                if self.want_second_moment:
-                    out.second[name] = torch.zeros_like(p)
+                    sq[own[local]] = v
+            if want_grads:
+                grads.update({name: pieces[name] * scale for name in own.values()})
+            if want_second:
+                moments = rule.second_moments(module, inputs) if not pieces else None
+                for local, name in own.items():
+                    moment = pieces[name].square().sum(0) if pieces else moments.get(local)
+                    if moment is not None:
+                        second[name] = moment * scale**2
+        for name, piece in summed.items():
+            sq[name] = flat_sq_norm(piece)
+            if want_grads:
+                grads[name] = piece * scale
+            if want_second:
+                second[name] = piece.square().sum(0) * scale**2
+        rows = [sq.get(name) for name in params]
+        if any(row is None for row in rows):  # parameters no gradient reached: zeros
+            zero = next((row for row in rows if row is not None), None)
+            zero = torch.zeros(n, dtype=zero.dtype, device=zero.device) if zero is not None else None
+            rows = [row if row is not None else (zero if zero is not None else p.new_zeros(n)) for row, p in zip(rows, params.values())]
+            for name, p in params.items():
+                if want_grads and name not in grads:
+                    grads[name] = p.new_zeros((n, *p.shape))
+                if want_second and name not in second:
+                    second[name] = torch.zeros_like(p)
+        stacked = torch.stack(rows) * scale**2  # (P, n)
         return _PerParameter(
-            sq={k: out.sq[k] for k in params},
-            grads={k: out.grads[k] for k in params if k in out.grads},
-            second={k: out.second[k] for k in params if k in out.second},
+            stacked=stacked,
+            sq=dict(zip(params, stacked.unbind())),
+            grads={k: grads[k] for k in params} if want_grads else {},
+            second={k: second[k] for k in params} if want_second else {},
         )
 
 
 @dataclass
 class _PerParameter:
-    """Per-parameter results by name: squared norms (n,), gradients, second moments."""
+    """Per-parameter results by name: squared norms (n,), gradients, second moments;
+    ``stacked`` (P, n) holds the squared norms in parameter order (``sq``'s values are its rows)."""
 
+    stacked: Tensor
     sq: dict[str, Tensor] = field(default_factory=dict)
     grads: dict[str, Tensor] = field(default_factory=dict)
     second: dict[str, Tensor] = field(default_factory=dict)
@@ -432,8 +448,25 @@ def _check_losses(losses: Tensor, reduction: str) -> int:
             "losses has no graph back to the model: compute it from the model's output with "
             "gradients enabled (not under torch.no_grad(), not .detach()ed)."
         )
-    if not torch.isfinite(losses.detach()).all():
-        bad = (~torch.isfinite(losses.detach())).nonzero().flatten().tolist()
-        raise ValueError(f"losses of examples {bad[:10]} are NaN or infinite; fix the data or the model first.")
     return losses.shape[0]
+
+
+def _scale_of(scaler) -> Tensor | float:
+    """The loss scale of a ``torch.amp.GradScaler`` that has just scaled a loss: its scale
+    tensor (reading ``get_scale()`` would wait for the device), or the float where it has none."""
+    scale = getattr(scaler, "_scale", None)
+    return scale.detach().reshape(()) if isinstance(scale, Tensor) else float(scaler.get_scale())
+
+
+def _check_finite(losses: Tensor, reduced: Tensor) -> None:
+    """Raise if the reduced loss is NaN or infinite (then some loss is, or their sum overflows).
+
+    One scalar test, read on the host: on CUDA, where that waits for the forward to finish,
+    :meth:`PerExample.backward` calls it only on the steps it verifies.
+    """
+    if torch.isfinite(reduced.detach()):
+        return
+    bad = (~torch.isfinite(losses.detach())).nonzero().flatten().tolist()
+    where = f"losses of examples {bad[:10]} are NaN or infinite" if bad else "the losses' sum overflows"
+    raise ValueError(f"{where}; fix the data or the model first.")
 

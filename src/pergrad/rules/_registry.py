@@ -106,11 +106,11 @@ class Rule:
             if p.requires_grad:
                 yield name, p
 
-    def grads_in_backward(self, module: nn.Module, args: tuple) -> tuple[str, ...]:
+    def grads_in_backward(self, module: nn.Module, args: tuple, keep: Keep) -> tuple[str, ...]:
         """Local names of the parameters whose batch gradient this rule builds itself during
         the backward pass of a call with positional inputs ``args``, as the sum of per-example
-        pieces it materialises anyway, so that autograd does not compute that gradient a
-        second time. Default: none. A rule that names some implements :meth:`backward_call`,
+        pieces it materialises, so that autograd does not compute that gradient a second time;
+        ``keep`` says what the pieces will be needed for. Default: none. A rule that names some implements :meth:`backward_call`,
         and its module returns one tensor."""
         return ()
 

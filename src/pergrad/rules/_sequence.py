@@ -43,6 +43,28 @@ def gram_is_cheaper(t: int, i: int, o: int) -> bool:
     return t * (i + o) < i * o
 
 
+#: Cost, in multiply-adds, of one pass over an entry of materialised pieces (summing them into
+#: the batch gradient, squaring them): measured on CPU, where a memory pass over (32, 512, 128)
+#: float32 pieces takes as long as about 3 multiply-adds per entry in a batched matmul.
+PASS_COST = 3
+#: Extra cost of a batched matmul of per-example pieces over the single matmul of the batch
+#: gradient it replaces, as a fraction of its multiply-adds (small matrices run less efficiently).
+BATCHED_OVERHEAD = 0.05
+
+
+def materialising_in_backward_is_cheaper(t: int, i: int, o: int, passes: int = 2) -> bool:
+    """Whether building the per-example pieces during the backward pass (their sum then *is* the
+    batch weight gradient, which autograd no longer computes) costs less than the Gram form
+    on top of autograd's gradient, per example.
+
+    Materialising costs the batched matmul's inefficiency, ``BATCHED_OVERHEAD·t·i·o``, plus
+    ``passes`` passes over the i·o entries (sum, squared norm, and the second moment's square
+    when asked for); the Gram form, ``t²·(i+o)`` multiply-adds. With t = 1 neither is needed
+    (``‖a‖²‖g‖²``).
+    """
+    return BATCHED_OVERHEAD * t * i * o + passes * PASS_COST * i * o < t * t * (i + o)
+
+
 def row_sq_norms(x: Tensor) -> Tensor:
     """(m, k) -> (m,): squared norm of each row."""
     return vector_norm(x, dim=1).square()

@@ -5,9 +5,10 @@ which makes the per-example piece the sum over calls and puts the cross terms in
 The math is that of :mod:`._sequence`.
 
 Where the weight's per-example pieces ``P_j = Σ_t g_jt a_jtᵀ`` are cheaper to materialise than
-the Gram form (many positions, narrow layer), they are built during the backward pass and the
-batch weight gradient is their sum, which autograd then does not compute a second time: the
-norms cost only their squares. The pieces are built in chunks of examples and reduced at once
+the Gram form (see :func:`._sequence.materialising_in_backward_is_cheaper`: from a few dozen
+positions on), or needed anyway (gradients, second moments), they are built during the backward
+pass and the batch weight gradient is their sum, which autograd then does not compute a second
+time: the norms cost only their squares. The pieces are built in chunks of examples and reduced at once
 to norms (and second moments when asked for), so no (n, o, i) tensor outlives the call's
 backward unless the per-example gradients themselves are needed.
 """
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ._registry import Keep, register_rule
-from ._sequence import Positions, WeightSharingRule, bias_grads, gram_is_cheaper, row_sq_norms, weight_grads
+from ._sequence import Positions, WeightSharingRule, bias_grads, materialising_in_backward_is_cheaper, row_sq_norms, weight_grads
 
 CHUNK_ELEMENTS = 1 << 22  # per-example pieces built at once, at most (16 MiB in float32)
 
@@ -48,12 +49,16 @@ class LinearRule(WeightSharingRule):
 
     flattens_positions = True
 
-    def grads_in_backward(self, module, args):
+    def grads_in_backward(self, module, args, keep):
         x = args[0] if args else None  # an input passed by keyword: leave the weight to autograd
         if not isinstance(x, Tensor) or x.dim() < 3:
             return ()
         t = x[0].numel() // module.in_features
-        return ("weight",) if t > 1 and not gram_is_cheaper(t, module.in_features, module.out_features) else ()
+        if t == 1:
+            return ()
+        # the Gram form's second moments and gradients materialise the pieces anyway
+        cheaper = materialising_in_backward_is_cheaper(t, module.in_features, module.out_features)
+        return ("weight",) if keep.grads or keep.second or cheaper else ()
 
     def backward_call(self, module, call, grad_output, keep: Keep):
         n = grad_output.shape[0]
