@@ -135,6 +135,7 @@ LINEAR = [
     Case("linear-seq-gram", lambda: nn.Linear(16, 16), _randn(3, 16)),
     Case("linear-4d-nobias", lambda: nn.Linear(3, 2, bias=False), _randn(2, 3, 3)),
     Case("linear-frozen", _frozen_weight, _randn(3)),
+    Case("linear-frozen-seq", _frozen_weight, _randn(6, 3)),  # pieces built in the backward, weight or bias frozen
     Case("linear-called-twice", Twice, _randn(4)),
     Case("linear-tied-to-embedding", TiedLM, _tokens(11, 5, pad=0)),
 ]

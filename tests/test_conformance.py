@@ -54,3 +54,28 @@ def test_rule_matches_reference(case, n, reduction, grads):
     assert rel_err(result.batch_grad_sq_norm, batch_sq) <= TOL
     if not grads:
         assert result.grads is None
+
+
+@pytest.mark.parametrize("form", ["materialised", "gram"])
+@pytest.mark.parametrize("case", ALL_CASES, ids=str)
+def test_norms_alone_match_reference(case, form, monkeypatch):
+    """Norms mode (no gradients, no second moments kept), with the per-example pieces of a
+    sequence's weight either materialised in the backward pass or never built (Gram form)."""
+    from pergrad.rules import _sequence
+
+    cost = 0 if form == "materialised" else 1e9
+    monkeypatch.setattr(_sequence, "PASS_COST", cost)
+    monkeypatch.setattr(_sequence, "BATCHED_OVERHEAD", cost)
+    n = 5
+    model = build(case)
+    gen = torch.Generator().manual_seed(n)
+    x = case.make_input(n, gen)
+    with torch.no_grad():
+        target = torch.randn(model(x).shape, generator=gen, dtype=torch.float64)
+    ref = reference_grads(model, x, target)
+    with pergrad.PerExample(model, on_unsupported=case.on_unsupported) as pe:
+        result = pe.backward(per_example_loss(model(x), target))
+    for name, g in ref.items():
+        assert rel_err(result.param_sq_norms[name], g.reshape(n, -1).square().sum(1)) <= TOL, name
+        assert rel_err(model.get_parameter(name).grad, g.mean(0)) <= TOL, name
+    assert result.second_moment is None and result.grads is None

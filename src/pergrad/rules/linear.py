@@ -23,24 +23,24 @@ from torch import Tensor, nn
 from ._registry import Keep, register_rule
 from ._sequence import Positions, WeightSharingRule, bias_grads, materialising_in_backward_is_cheaper, row_sq_norms, weight_grads
 
-CHUNK_ELEMENTS = 1 << 22  # per-example pieces built at once, at most (16 MiB in float32)
+CHUNK_ELEMENTS = 1 << 19  # per-example pieces built at once, at most (2 MiB in float32: in cache)
 
 
 class Built(NamedTuple):
-    """A Linear's captured calls, with what the backward pass kept of the weight's pieces.
+    """What the backward pass of a Linear's calls kept of the per-example pieces.
 
     Attributes:
-        positions: inputs and output gradients (for the bias).
         weight: (n, o, i) per-example pieces summed over calls, or None if only their
-            reductions were kept.
+            reductions were kept (one call) or the weight is frozen.
         weight_sq: (n,) their squared norms, when ``weight`` is None.
         weight_second: (o, i) Σⱼ P_j², when ``weight`` is None and it was asked for.
+        bias: (n, o) per-example bias pieces summed over calls, or None (no trainable bias).
     """
 
-    positions: Positions
     weight: Tensor | None
     weight_sq: Tensor | None
     weight_second: Tensor | None
+    bias: Tensor | None
 
 
 @register_rule(nn.Linear)
@@ -58,67 +58,91 @@ class LinearRule(WeightSharingRule):
             return ()
         # the Gram form's second moments and gradients materialise the pieces anyway
         cheaper = materialising_in_backward_is_cheaper(t, module.in_features, module.out_features)
-        return ("weight",) if keep.grads or keep.second or cheaper else ()
+        if not (keep.grads or keep.second or cheaper):
+            return ()
+        return ("weight",) if module.bias is None else ("weight", "bias")
 
     def backward_call(self, module, call, grad_output, keep: Keep):
+        """The weight's pieces in chunks of examples that stay in cache while they are summed
+        into the batch gradient and squared (and squared elementwise, for second moments); the
+        bias's pieces ``Σ_t g_jt`` from the same chunk of ``g``."""
         n = grad_output.shape[0]
         a = call.args[0].reshape(n, -1, module.in_features)  # (n, t, i)
         g = grad_output.reshape(n, -1, module.out_features)  # (n, t, o)
-        if keep.grads:
-            call.pieces["weight"] = weight_grads(a, g)
-            return {"weight": call.pieces["weight"].sum(0)}
+        with_bias = module.bias is not None and module.bias.requires_grad
+        if keep.grads or not module.weight.requires_grad:
+            pieces = {"bias": bias_grads(g)} if with_bias else {}
+            if module.weight.requires_grad:
+                pieces["weight"] = weight_grads(a, g)
+            call.pieces.update(pieces)
+            return {name: piece.sum(0) for name, piece in pieces.items()}
         grad = a.new_zeros(module.weight.shape)
         sq = a.new_empty(n)
         second = a.new_zeros(module.weight.shape) if keep.second else None
+        bias = g.new_empty(n, module.out_features) if with_bias else None
         chunk = max(1, CHUNK_ELEMENTS // module.weight.numel())
         for start in range(0, n, chunk):
-            pieces = weight_grads(a[start : start + chunk], g[start : start + chunk])  # (c, o, i)
+            rows = slice(start, start + chunk)
+            pieces = weight_grads(a[rows], g[rows])  # (c, o, i)
             grad += pieces.sum(0)
-            sq[start : start + chunk] = row_sq_norms(pieces.reshape(pieces.shape[0], -1))
+            sq[rows] = row_sq_norms(pieces.reshape(pieces.shape[0], -1))
             if second is not None:
                 second += pieces.square().sum(0)
+            if bias is not None:
+                bias[rows] = bias_grads(g[rows])
         call.pieces["weight_sq"] = sq
         if second is not None:
             call.pieces["weight_second"] = second
-        return {"weight": grad}
+        if bias is None:
+            return {"weight": grad}
+        call.pieces["bias"] = bias
+        return {"weight": grad, "bias": bias.sum(0)}
 
     def prepare(self, module, calls):
         n = calls[0].args[0].shape[0]
-        a = [c.args[0].reshape(n, -1, module.in_features) for c in calls]
-        g = [c.grad_outputs[0].reshape(n, -1, module.out_features) for c in calls]
-        positions = Positions(a[0], g[0], n) if len(calls) == 1 else Positions(torch.cat(a, 1), torch.cat(g, 1), n)
         if not any(c.pieces for c in calls):
-            return positions
-        if len(calls) == 1 and "weight_sq" in calls[0].pieces:
-            pieces = calls[0].pieces
-            return Built(positions, None, pieces["weight_sq"], pieces.get("weight_second"))
-        weight = sum(c.pieces["weight"] if c.pieces else weight_grads(a_c, g_c) for c, a_c, g_c in zip(calls, a, g))
-        return Built(positions, weight, None, None)
+            a = [c.args[0].reshape(n, -1, module.in_features) for c in calls]
+            g = [c.grad_outputs[0].reshape(n, -1, module.out_features) for c in calls]
+            return Positions(a[0], g[0], n) if len(calls) == 1 else Positions(torch.cat(a, 1), torch.cat(g, 1), n)
+        pieces = calls[0].pieces
+        if len(calls) == 1 and "weight" not in pieces:  # reduced during the backward pass
+            return Built(None, pieces.get("weight_sq"), pieces.get("weight_second"), pieces.get("bias"))
+        weight = bias = None
+        for c in calls:
+            a = c.args[0].reshape(n, -1, module.in_features)
+            g = c.grad_outputs[0].reshape(n, -1, module.out_features)
+            if module.weight.requires_grad:
+                w = c.pieces["weight"] if "weight" in c.pieces else weight_grads(a, g)
+                weight = w if weight is None else weight + w
+            if module.bias is not None and module.bias.requires_grad:
+                b = c.pieces["bias"] if "bias" in c.pieces else bias_grads(g)
+                bias = b if bias is None else bias + b
+        return Built(weight, None, None, bias)
 
     def per_example_grads(self, module, inputs):
         if isinstance(inputs, Positions):
             return super().per_example_grads(module, inputs)
-        return {"weight": inputs.weight, **self._bias(module, inputs, lambda b: b)}
+        return self._each(module, inputs, lambda w: w, lambda b: b)
 
     def sq_norms(self, module, inputs):
         if isinstance(inputs, Positions):
             return super().sq_norms(module, inputs)
-        weight_sq = inputs.weight_sq
-        if weight_sq is None:
-            weight_sq = row_sq_norms(inputs.weight.reshape(inputs.weight.shape[0], -1))
-        return {"weight": weight_sq, **self._bias(module, inputs, row_sq_norms)}
+        flat = lambda w: row_sq_norms(w.reshape(w.shape[0], -1))  # noqa: E731
+        return self._each(module, inputs, flat, row_sq_norms, reduced=inputs.weight_sq)
 
     def second_moments(self, module, inputs):
         if isinstance(inputs, Positions):
             return super().second_moments(module, inputs)
-        second = inputs.weight_second
-        if second is None:
-            second = inputs.weight.square().sum(0)
-        return {"weight": second, **self._bias(module, inputs, lambda b: b.square().sum(0))}
+        square_sum = lambda x: x.square().sum(0)  # noqa: E731
+        return self._each(module, inputs, square_sum, square_sum, reduced=inputs.weight_second)
 
     @staticmethod
-    def _bias(module, inputs: Built, reduce) -> dict[str, Tensor]:
-        """``{"bias": reduce((n, o) per-example bias gradients)}`` when the bias is trainable."""
-        if module.bias is None or not module.bias.requires_grad:
-            return {}
-        return {"bias": reduce(bias_grads(inputs.positions.g))}
+    def _each(module, inputs: Built, weight_fn, bias_fn, reduced: Tensor | None = None) -> dict[str, Tensor]:
+        """``{"weight": reduced, or weight_fn((n, o, i) pieces), "bias": bias_fn((n, o) pieces)}``
+        for the trainable parameters."""
+        out = {}
+        if module.weight.requires_grad:
+            out["weight"] = reduced if inputs.weight is None else weight_fn(inputs.weight)
+        if inputs.bias is not None:
+            out["bias"] = bias_fn(inputs.bias)
+        return out
