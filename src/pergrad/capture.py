@@ -49,6 +49,7 @@ class Target:
     internals: dict[str, Tensor] = field(default_factory=dict)
     shared: bool = False
     detached: dict[str, nn.Parameter] = field(default_factory=dict)
+    slot: "_Slot | None" = None  # where the call in progress gets its gradient-building function
     modes: list[tuple[DirectMode, DirectCall]] = field(default_factory=list)
     last_path: str | None = None  # of the latest call that took the direct path
 
@@ -195,7 +196,9 @@ class Capture:
 
     def _detach_hook(self, target: Target):
         """Before a call whose rule builds some batch gradients itself: run the forward on
-        detached copies of those parameters, so that autograd leaves them out."""
+        detached copies of those parameters, so that autograd leaves them out, and, where the
+        input requires a gradient, on an identity of the input through which they come back
+        (else they come back through a copy of the output, see :meth:`_forward_hook`)."""
 
         def hook(module, args):
             first = args[0] if args else None
@@ -205,6 +208,10 @@ class Capture:
             target.detached = {n: module._parameters[n] for n in names}
             for n, p in target.detached.items():
                 module._parameters[n] = p.detach()
+            if names and first.requires_grad:  # the gradients enter through the input: no copy of the output
+                target.slot = _Slot()
+                return (_RuleBuildsGradsAtInput.apply(first, target.slot, *target.detached.values()), *args[1:])
+            return None
 
         return hook
 
@@ -212,6 +219,7 @@ class Capture:
         def hook(module, args, kwargs, output):
             internals, target.internals = target.internals, {}
             detached, target.detached = target.detached, {}
+            slot, target.slot = target.slot, None
             module._parameters.update(detached)  # restored even when the forward raised
             record = None
             if target.modes:
@@ -228,12 +236,20 @@ class Capture:
             call = Call(tuple(_detached(a) for a in args), {k: _detached(v) for k, v in kwargs.items()})
             if record is not None:
                 call.pieces["direct"] = record
-            if detached:
+            if detached and slot is None:
                 call.grad_outputs = [None]
                 target.calls.append(call)
                 build = self._backward_call(target, call, list(detached))
-                return _RuleBuildsGrads.apply(output, build, *detached.values())
+
+                def noticed_build(grad_output: Tensor) -> list[Tensor]:
+                    self._noticed(_store_grad(call, 0))(grad_output)
+                    return build(grad_output)
+
+                return _RuleBuildsGrads.apply(output, noticed_build, *detached.values())
             outputs = output_tensors(output)
+            if slot is not None:  # its output gradient reaches the slot before the input's node runs
+                slot.build = self._backward_call(target, call, list(detached))
+                on_grad(outputs[0], slot.receive)
             if not any(o.requires_grad for o in outputs):
                 return None if record is None else output
             call.grad_outputs = [None] * len(outputs)
@@ -276,7 +292,6 @@ class Capture:
         """The backward of one call whose rule builds the batch gradients of ``names``."""
 
         def backward(grad_output: Tensor) -> list[Tensor]:
-            self._noticed(_store_grad(call, 0))(grad_output)
             # pieces summed over several calls or modules before squaring must be kept whole
             whole = self.keep.grads or target.shared or len(target.calls) > 1
             wide = replace(call, args=tuple(widen(a) for a in call.args))
@@ -486,6 +501,39 @@ def _store_internal_grad(call: Call, name: str):
         call.internal_grads[name] = grad if previous is None else previous + grad
 
     return hook
+
+
+class _Slot:
+    """Where a call's forward hook leaves the function that builds its parameters' gradients
+    from its output gradient (``build(grad_output) -> [grads]``), and the backward pass in
+    progress leaves that output gradient, for :class:`_RuleBuildsGradsAtInput`."""
+
+    build: Callable[[Tensor], list[Tensor]] | None = None
+    grad_output: Tensor | None = None
+
+    def receive(self, grad_output: Tensor) -> None:
+        self.grad_output = grad_output
+
+
+class _RuleBuildsGradsAtInput(torch.autograd.Function):
+    """Identity on a module's input (a view, never copied) whose backward also returns the
+    gradients of the parameters its forward ran detached, as the module's rule builds them.
+
+    Autograd reaches this node after the module's own backward, whose output gradient the
+    capture's hooks have stored by then: the rule reads it there.
+    """
+
+    @staticmethod
+    def forward(ctx, x, slot, *params):
+        ctx.slot = slot
+        return x
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_input):
+        slot = ctx.slot
+        grad_output, slot.grad_output = slot.grad_output, None
+        return (grad_input, None, *slot.build(grad_output))
 
 
 class _RuleBuildsGrads(torch.autograd.Function):
