@@ -113,6 +113,18 @@ class Scale(nn.Module):
         return x * self.w
 
 
+class KeywordLayerNorm(nn.Module):
+    """A LayerNorm given its input by keyword: its rule recomputes the normalised input
+    (the forward's statistics are exposed only for a positional input)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.norm = nn.Linear(4, 6), nn.LayerNorm(6)
+
+    def forward(self, x):
+        return self.norm(input=self.lin(x))
+
+
 def _eval_batchnorm(bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:
     with torch.no_grad():
         bn.running_mean.uniform_(-1, 1)
@@ -161,6 +173,7 @@ EMBEDDING = [
 NORMS = [
     Case("layernorm-seq", lambda: nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6)), _randn(3, 4)),
     Case("layernorm-2axes", lambda: nn.LayerNorm((3, 4)), _randn(2, 3, 4)),
+    Case("layernorm-keyword", KeywordLayerNorm, _randn(3, 4)),
     Case("groupnorm", lambda: nn.Sequential(nn.Conv2d(2, 6, 3), nn.GroupNorm(3, 6)), _randn(2, 5, 5)),
     Case("rmsnorm", lambda: nn.Sequential(nn.Linear(4, 5), nn.RMSNorm(5)), _randn(3, 4)),
     Case("batchnorm1d-eval", lambda: nn.Sequential(nn.Linear(3, 4), _eval_batchnorm(nn.BatchNorm1d(4))), _randn(3)),

@@ -8,6 +8,7 @@ outputs; those receive the gradient of the reduced loss during the backward pass
 
 from __future__ import annotations
 
+import inspect
 import types
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
@@ -233,6 +234,8 @@ class Capture:
                 return None
             if record is None:  # a directly-used module's mode gives its parameters the example axis itself
                 args, kwargs, output = self._broadcast(args, kwargs, output)
+            if not args and kwargs:  # inputs by keyword: rules read the first one positionally
+                args, kwargs = _positional(module, kwargs)
             call = Call(tuple(_detached(a) for a in args), {k: _detached(v) for k, v in kwargs.items()})
             if record is not None:
                 call.pieces["direct"] = record
@@ -424,6 +427,13 @@ def rule_of_calls(target: Target, calls: list[Call]) -> Rule:
             "module that calls it."
         )
     return next(iter(rules.values()))
+
+
+def _positional(module: nn.Module, kwargs: dict) -> tuple[tuple, dict]:
+    """A call's keyword arguments, those its class's ``forward`` also takes by position moved
+    to the front, in order (``norm(input=x)`` as ``norm(x)``)."""
+    bound = inspect.signature(type(module).forward).bind_partial(module, **kwargs)
+    return bound.args[1:], bound.kwargs
 
 
 def _without_examples(args: tuple, n: int | None) -> bool:

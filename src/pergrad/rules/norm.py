@@ -1,6 +1,7 @@
 """Normalisation layers with an elementwise affine map: ``y = â ⊙ w + b``.
 
-â is the normalised input, recomputed from the captured input without the affine map. The
+â is the normalised input, recomputed from the captured input without the affine map (for
+LayerNorm, from the mean and reciprocal standard deviation its forward computed anyway). The
 per-example pieces are ``Σ g ⊙ â`` (weight) and ``Σ g`` (bias), summed over every axis that
 shares one weight entry (positions, and the spatial axes of GroupNorm/BatchNorm). They are
 small (n × number of weights), so they are always materialised.
@@ -31,18 +32,32 @@ class _AffineNormRule(Rule):
         """(n, ...) -> (n, *weight.shape): sum over the axes that share a weight entry."""
         raise NotImplementedError
 
-    def per_example_grads(self, module, calls: list[Call]):
+    def normalised_of_call(self, module: nn.Module, call: Call) -> Tensor:
+        """The call's normalised input: recomputed by :meth:`normalised`, unless the forward
+        exposed its statistics (``mean`` and ``rstd``, broadcastable to the input), from which
+        ``(x − mean)·rstd`` costs one pass; a new tensor either way."""
+        x = call.args[0]
+        if "rstd" in call.internals:
+            return x.sub(call.internals["mean"]).mul_(call.internals["rstd"])
+        return self.normalised(module, x)
+
+    def prepare(self, module, calls: list[Call]) -> dict[str, Tensor]:
+        """The per-example pieces ``{name: (n, *weight.shape)}``, summed over calls, computed once
+        for the norms and the second moments."""
         out: dict[str, Tensor] = {}
         for call in calls:
-            x, g = call.args[0], call.grad_outputs[0]
+            g = call.grad_outputs[0]
             pieces = {}
             if getattr(module, "weight", None) is not None and module.weight.requires_grad:
-                pieces["weight"] = self.fold(module, g * self.normalised(module, x))
+                pieces["weight"] = self.fold(module, self.normalised_of_call(module, call).mul_(g))
             if getattr(module, "bias", None) is not None and module.bias.requires_grad:
                 pieces["bias"] = self.fold(module, g)
             for k, v in pieces.items():
                 out[k] = out[k] + v if k in out else v
         return out
+
+    def per_example_grads(self, module, pieces: dict[str, Tensor]):
+        return pieces
 
 
 class _LastAxesRule(_AffineNormRule):
@@ -59,6 +74,16 @@ class _LastAxesRule(_AffineNormRule):
 class LayerNormRule(_LastAxesRule):
     def normalised(self, module, x):
         return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+
+    def exposing_forward(self, module, args, kwargs):
+        """``F.layer_norm`` as the op it runs, ``native_layer_norm``, which also returns the
+        statistics (n, *, 1…) that the normalised input is rebuilt from; under autocast (which
+        casts ``layer_norm`` itself) or with the input by keyword, the module's own forward."""
+        x = args[0] if len(args) == 1 and not kwargs else None
+        if not isinstance(x, Tensor) or torch.is_autocast_enabled(x.device.type):
+            return type(module).forward(module, *args, **kwargs), {}
+        out, mean, rstd = torch.native_layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
+        return out, {"mean": mean, "rstd": rstd}
 
 
 @register_rule(nn.RMSNorm)
