@@ -15,6 +15,7 @@ Scaling convention. A captured output gradient ``g`` is the gradient of the *red
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterator, NamedTuple
 
@@ -176,6 +177,26 @@ def widen(x: Any) -> Any:
     if isinstance(x, Tensor) and x.dtype in (torch.float16, torch.bfloat16):
         return x.float()
     return x
+
+
+_SCRATCH = threading.local()  # per thread: (device, dtype) -> flat tensor
+
+
+def workspace(numel: int, like: Tensor) -> Tensor:
+    """A flat scratch tensor of at least ``numel`` entries with ``like``'s dtype and device,
+    reused by every call that asks on this thread (its contents are whatever the last user left).
+
+    On CPU every large temporary is fresh memory from the system (page faults, zeroing) once it
+    is freed; per-example pieces that are reduced at once are built here instead. A caller
+    must be done with it before anything else may ask (true within one rule's method; on
+    CUDA, kernels on one stream run in order).
+    """
+    cache = _SCRATCH.__dict__.setdefault("buffers", {})
+    key = (like.device, like.dtype)
+    buffer = cache.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = cache[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+    return buffer
 
 
 def flat_sq_norm(x: Tensor) -> Tensor:

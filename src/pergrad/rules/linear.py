@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ._registry import Keep, register_rule
+from ._registry import Keep, register_rule, workspace
 from ._sequence import Positions, WeightSharingRule, bias_grads, materialising_in_backward_is_cheaper, row_sq_norms, weight_grads
 
 CHUNK_ELEMENTS = 1 << 19  # per-example pieces built at once, at most (2 MiB in float32: in cache)
@@ -64,8 +64,8 @@ class LinearRule(WeightSharingRule):
 
     def backward_call(self, module, call, grad_output, keep: Keep):
         """The weight's pieces in chunks of examples that stay in cache while they are summed
-        into the batch gradient and squared (and squared elementwise, for second moments); the
-        bias's pieces ``Σ_t g_jt`` from the same chunk of ``g``."""
+        into the batch gradient and squared (and squared elementwise, for second moments), built
+        into one reused scratch buffer; the bias's pieces ``Σ_t g_jt`` from the same chunk of ``g``."""
         n = grad_output.shape[0]
         a = call.args[0].reshape(n, -1, module.in_features)  # (n, t, i)
         g = grad_output.reshape(n, -1, module.out_features)  # (n, t, o)
@@ -81,13 +81,15 @@ class LinearRule(WeightSharingRule):
         second = a.new_zeros(module.weight.shape) if keep.second else None
         bias = g.new_empty(n, module.out_features) if with_bias else None
         chunk = max(1, CHUNK_ELEMENTS // module.weight.numel())
+        scratch = workspace(min(chunk, n) * module.weight.numel(), a)
         for start in range(0, n, chunk):
             rows = slice(start, start + chunk)
-            pieces = weight_grads(a[rows], g[rows])  # (c, o, i)
+            c = len(range(*rows.indices(n)))
+            pieces = torch.bmm(g[rows].transpose(1, 2), a[rows], out=scratch[: grad.numel() * c].view(c, *grad.shape))
             grad += pieces.sum(0)
-            sq[rows] = row_sq_norms(pieces.reshape(pieces.shape[0], -1))
+            sq[rows] = row_sq_norms(pieces.view(c, -1))
             if second is not None:
-                second += pieces.square().sum(0)
+                second += pieces.square_().sum(0)
             if bias is not None:
                 bias[rows] = bias_grads(g[rows])
         call.pieces["weight_sq"] = sq
