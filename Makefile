@@ -33,16 +33,14 @@ test: $(STAMP) chromium
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
-# pergrad against torch.func, Opacus and BackPACK; writes benchmarks/RESULTS.md and its figures.
-# Its own venv: BackPACK needs torchvision, whose PyPI wheel (a CUDA build) breaks transformers'
-# imports beside the CPU torch, so it stays out of the test venv. The transformers workloads
-# (llama, vit) run in the test venv: .venv/bin/python benchmarks/run.py --workloads llama vit
-BENCH := .venv-bench
-bench:
-	test -x $(BENCH)/bin/python || $(PYTHON) -m venv $(BENCH)
-	$(BENCH)/bin/python -m pip install --quiet $(TORCH)
-	$(BENCH)/bin/python -m pip install --quiet $(TORCH) -e '.[bench]'
-	$(BENCH)/bin/python benchmarks/run.py
+# pergrad against torch.func, Opacus and BackPACK on every workload, in the test venv (transformers
+# for the llama and vit workloads); writes benchmarks/RESULTS.md and its figures. BackPACK goes in
+# without its dependencies: it declares torchvision, whose PyPI wheel (a CUDA build) breaks
+# transformers' imports beside the CPU torch, and imports it only in its examples.
+bench: $(STAMP)
+	$(PY) -m pip install --quiet $(TORCH) -e '.[test,bench]'
+	$(PY) -m pip install --quiet --no-deps backpack-for-pytorch==1.7.1
+	$(PY) benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) $(BENCH) runs build src/*.egg-info
+	rm -rf $(VENV) runs build src/*.egg-info
