@@ -367,7 +367,8 @@ class Capture:
         examples first ((n·t, …) flattened inputs as (n, t, …)), and float16/bfloat16
         tensors in float32."""
         calls = [c for c in target.calls if c.reached or _direct_reached(c)]
-        return [_examples_first(c, _rule_of(target, c).batch_size(target.module, c), n) for c in calls]
+        rule = target.rule
+        return [_examples_first(c, (_rule_of(target, c) if c.pieces else rule).batch_size(target.module, c), n) for c in calls]
 
     def examples_reached(self) -> int | None:
         """The number of examples of the backward that just ran: the model's forward's, or the
@@ -419,6 +420,8 @@ def rule_of_calls(target: Target, calls: list[Call]) -> Rule:
     Raises:
         CaptureError: a module called both with and without an example axis in one forward.
     """
+    if len(calls) == 1:
+        return _rule_of(target, calls[0])
     rules = {id(_rule_of(target, c)): _rule_of(target, c) for c in calls}
     if len(rules) > 1:
         raise CaptureError(

@@ -117,9 +117,9 @@ class WeightSharingRule(Rule):
     def sq_norms(self, module, inputs: Positions):
         a, g, n = inputs
         if a.shape[1] == 1:  # one position: ‖a‖²‖g‖² and ‖g‖², sharing ‖g‖²
-            g_sq = row_sq_norms(g[:, 0])
+            g_sq = row_sq_norms(g.view(g.shape[0], -1) if g.is_contiguous() else g[:, 0])
             if a.shape[0] == n:  # one group: nothing to add up per example
-                return _trainable(module, lambda: row_sq_norms(a[:, 0]) * g_sq, lambda: g_sq)
+                return _trainable(module, lambda: row_sq_norms(a.reshape(n, -1)) * g_sq, lambda: g_sq)
             return _trainable(
                 module,
                 lambda: (row_sq_norms(a[:, 0]) * g_sq).reshape(n, -1).sum(1),
