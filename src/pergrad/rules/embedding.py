@@ -2,8 +2,8 @@
 
 Example j's piece of the weight gradient has one non-zero row per distinct index it uses:
 row v is ``Σ_{t: idx_jt = v} g_jt``, summed over repeats, and the row of ``padding_idx`` stays
-zero. Norms and second moments are computed over the distinct (example, index) pairs only,
-about n·t·d work, never an (n, V, d) tensor.
+zero. Norms and second moments are computed over the (example, index) pairs only, about n·t·d
+work, never an (n, V, d) tensor.
 """
 
 from __future__ import annotations
@@ -15,7 +15,11 @@ from ._registry import Call, Rule, register_rule
 
 
 def embedding_rows(index: Tensor, g: Tensor, vocab: int, padding_idx: int | None) -> tuple[Tensor, Tensor, Tensor]:
-    """Distinct (example, index) pairs and their summed gradient rows.
+    """The (example, index) pairs looked up, and their summed gradient rows.
+
+    The keys ``j·V + idx_jt`` are sorted and each run of equal keys summed into one row, with no
+    size that depends on the data (no host synchronisation on CUDA): there are always n·t rows,
+    the unused ones zero (with example and index 0, where adding them changes nothing).
 
     Args:
         index: (n, t) looked-up indices.
@@ -24,18 +28,22 @@ def embedding_rows(index: Tensor, g: Tensor, vocab: int, padding_idx: int | None
         padding_idx: the row that gets no gradient, or None.
 
     Returns:
-        example (u,), index (u,), rows (u, d) with ``rows[k] = Σ g`` over the positions of
+        example (n·t,), index (n·t,), rows (n·t, d) with ``rows[k] = Σ g`` over the positions of
         ``example[k]`` that look up ``index[k]``.
     """
     n, d = index.shape[0], g.shape[-1]
     keys = (torch.arange(n, device=index.device).unsqueeze(1) * vocab + index).reshape(-1)
     g = g.reshape(-1, d)
     if padding_idx is not None:
-        keep = index.reshape(-1) != padding_idx
-        keys, g = keys[keep], g[keep]
-    unique, inverse = torch.unique(keys, return_inverse=True)
-    rows = g.new_zeros(unique.shape[0], d).index_add_(0, inverse, g)
-    return unique // vocab, unique % vocab, rows
+        g = g * (index.reshape(-1, 1) != padding_idx)
+    keys, order = keys.sort()
+    starts = torch.ones_like(keys, dtype=torch.bool)
+    starts[1:] = keys[1:] != keys[:-1]
+    run = starts.cumsum(0) - 1  # (n·t,) the run of equal keys each sorted position belongs to
+    run_of_position = torch.empty_like(run).scatter_(0, order, run)
+    rows = g.new_zeros(g.shape).index_add_(0, run_of_position, g)
+    run_keys = torch.zeros_like(keys).scatter_(0, run, keys)
+    return run_keys // vocab, run_keys % vocab, rows
 
 
 def _rows(module: nn.Embedding, calls: list[Call]) -> tuple[Tensor, Tensor, Tensor, int]:
@@ -67,8 +75,7 @@ class EmbeddingRule(Rule):
     def per_example_grads(self, module, inputs):
         example, index, rows, n = inputs
         out = rows.new_zeros(n, module.num_embeddings, module.embedding_dim)
-        out[example, index] = rows
-        return {"weight": out}
+        return {"weight": out.index_put_((example, index), rows, accumulate=True)}
 
     def sq_norms(self, module, inputs):
         example, _, rows, n = inputs
