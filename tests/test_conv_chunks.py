@@ -55,6 +55,25 @@ def test_a_frozen_parameter_leaves_the_other_exact(frozen, monkeypatch):
     _check(model, torch.randn(5, 3, 6, 6, dtype=torch.float64))
 
 
+@pytest.mark.parametrize(
+    "layer, size",
+    [(nn.Conv2d(72, 4, 2), (3, 3)), (nn.Conv1d(140, 4, 1, groups=2), (5,)), (nn.Conv2d(3, 6, 3), (6, 6))],
+    ids=["wide", "wide-grouped", "convolved"],
+)
+@pytest.mark.parametrize("grads", [False, True], ids=["norms", "grads"])
+def test_both_forms_of_the_pieces_in_chunks(layer, size, grads, monkeypatch):
+    """Unfolded patches times g (more than 64 input channels per group) and the grouped
+    convolution, in chunks of two examples, with and without the per-example gradients kept."""
+    x = torch.randn(5, layer.in_channels, *size, dtype=torch.float64)
+    t = conv.output_positions(layer, size)
+    patches = layer.in_channels * layer.weight[0, 0].numel() * t if conv.unfolds(layer) else 0
+    monkeypatch.setattr(conv, "CHUNK_ELEMENTS", 2 * max(layer.weight.numel(), patches))
+    assert conv.chunk_size(layer, x, t) == 2
+    assert conv.unfolds(layer) == (layer.in_channels > 64)
+    assert "weight" in conv.ConvRule().grads_in_backward(layer, (x,), Keep(grads, False))
+    _check(layer.double(), x, grads=grads)
+
+
 def test_pieces_in_the_backward_replace_autograds_weight_gradient():
     """The forward runs on a detached weight and bias where the pieces are built in the
     backward (so autograd computes neither); a layer in the Gram form keeps its weight."""
@@ -106,3 +125,12 @@ def test_norms_mode_holds_no_whole_batch_of_pieces(layer, size, monkeypatch):
         seen[grads] = probe.largest
     assert seen[False] < whole
     assert seen[True] >= whole
+
+
+@pytest.mark.parametrize("case", CONV, ids=str)
+def test_output_positions_match_the_convolution(case):
+    """The count of output positions the form is chosen by, before the forward, is the output's."""
+    model = build(case)
+    layer = next(m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd))
+    x = case.make_input(2, torch.Generator().manual_seed(0))
+    assert conv.output_positions(layer, tuple(x.shape[2:])) == layer(x)[0, 0].numel()

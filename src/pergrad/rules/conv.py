@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ._registry import Keep, flat_sq_norm, register_rule
 from ._sequence import Positions, WeightSharingRule, gram_is_cheaper, row_sq_norms
 
-CHUNK_ELEMENTS = 1 << 22  # per-example pieces (or unfolded patches) built at once, at most (16 MiB in float32)
+CHUNK_ELEMENTS = 1 << 19  # per-example pieces (or unfolded patches) built at once, at most (2 MiB in float32)
 
 
 def _explicit_padding(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
@@ -101,32 +101,38 @@ def _backward_padding(module: nn.modules.conv._ConvNd, x: Tensor) -> tuple[Tenso
 
 
 def unfolds(module: nn.modules.conv._ConvNd) -> bool:
-    """Whether :func:`per_example_weight_grads` unfolds the input (patches of c/G·k values no
-    bigger than a position's output gradient, o/G values) rather than convolving."""
-    return module.weight[0].numel() <= module.weight.shape[0] // module.groups
+    """Whether :func:`per_example_weight_grads` unfolds the input rather than convolving: for
+    patches of c/G·k values no bigger than a position's output gradient (o/G values), and for
+    more than 64 input channels per group, where the grouped convolution slows down."""
+    c_group = module.weight.shape[1]
+    return module.weight[0].numel() <= module.weight.shape[0] // module.groups or c_group > 64
 
 
 def per_example_weight_grads(module: nn.modules.conv._ConvNd, x: Tensor, g: Tensor) -> Tensor:
     """(n, c, *in), (n, o, *out) -> (n, o, c/G, *kernel): ``Σ_t g_t A_tᵀ`` for every example.
 
-    Two exact forms, chosen by :func:`unfolds`. Where a patch is no bigger than a position's
-    output gradient, as in a first layer on images, the unfolded copy of the input costs no
-    more memory traffic than g itself, and one batched matmul of the patches with g is fastest.
-    Otherwise one weight-gradient convolution with the examples as extra groups: the batch
-    becomes a single image of n·c channels, the output gradient one of n·o channels, and n·G
-    groups keep each example's channels apart, so the weight gradient of that grouped
-    convolution is the stack of the per-example ones, with no unfolded copy of the input.
-    Measured (CPU, 2 threads, float32, 3×3 kernels, pieces of the whole batch, ms):
+    Two exact forms, chosen by :func:`unfolds`. One batched matmul of the unfolded patches
+    with g: where a patch is no bigger than a position's output gradient, as in a first layer
+    on images, the unfolded copy costs no more memory traffic than g itself. Otherwise one
+    weight-gradient convolution with the examples as extra groups: the batch becomes a single
+    image of n·c channels, the output gradient one of n·o channels, and n·G groups keep each
+    example's channels apart, so the weight gradient of that grouped convolution is the stack
+    of the per-example ones, with no unfolded copy of the input; mkldnn runs it well up to
+    about 64 channels per group, and slower than the matmul beyond. Measured (CPU, float32,
+    3×3 kernels, padding 1, the whole batch at once, ms, best of 10 to 40 on a shared machine):
 
-    ====================  ========  =====================  ===========================
-    c→o, size, n          unfolded  grouped convolution    the batch's weight gradient
-    ====================  ========  =====================  ===========================
-    1→16, 28², 64         0.50      1.52                   1.43
-    3→64, 32², 32         1.27      1.85                   1.21
-    8→8, 28², 64          2.09      0.94                   0.67
-    16→32, 14², 64        2.12      1.23                   1.10
-    64→64, 14², 32        5.41      4.49                   3.73
-    ====================  ========  =====================  ===========================
+    ====================  =======  ========  ===================  ===========================
+    c→o, size, n          threads  unfolded  grouped convolution  the batch's weight gradient
+    ====================  =======  ========  ===================  ===========================
+    1→16, 28², 64         2        0.50      1.52                 1.43
+    3→64, 32², 32         2        1.27      1.85                 1.21
+    8→8, 28², 64          2        2.09      0.94                 0.67
+    16→32, 14², 64        2        2.12      1.23                 1.10
+    16→32, 14², 64        1        4.02      2.51                 2.44
+    64→64, 14², 32        1        12.6      8.95                 7.88
+    96→96, 14², 16        1        9.59      20.9                 8.37
+    128→128, 14², 16      1        17.8      40.8                 15.2
+    ====================  =======  ========  ===================  ===========================
     """
     n, c = x.shape[:2]
     o = g.shape[1]
@@ -209,22 +215,27 @@ class ConvRule(WeightSharingRule):
             grads["bias"] = call.pieces["bias"].sum(0)
         if "weight" not in built or not module.weight.requires_grad:
             return grads
-        if keep.grads:
-            call.pieces["weight"] = per_example_weight_grads(module, x, g)
-            return grads | {"weight": call.pieces["weight"].sum(0)}
         n = x.shape[0]
         grad = x.new_zeros(module.weight.numel())
-        sq = x.new_empty(n)
-        second = x.new_zeros(module.weight.numel()) if keep.second else None
+        whole = x.new_empty(n, *module.weight.shape) if keep.grads else None  # else only their reductions
+        sq = None if keep.grads else x.new_empty(n)
+        second = x.new_zeros(module.weight.numel()) if keep.second and not keep.grads else None
         chunk = chunk_size(module, x, g[0, 0].numel())
         for start in range(0, n, chunk):
             end = start + chunk
-            pieces = per_example_weight_grads(module, x[start:end], g[start:end]).flatten(1)  # (chunk, o·c/G·k)
+            pieces = per_example_weight_grads(module, x[start:end], g[start:end])  # (chunk, o, c/G, *kernel)
+            if whole is not None:
+                whole[start:end] = pieces
+            pieces = pieces.flatten(1)
             grad += pieces.sum(0)
-            sq[start:end] = row_sq_norms(pieces)
+            if sq is not None:
+                sq[start:end] = row_sq_norms(pieces)
             if second is not None:
                 second += pieces.square().sum(0)
-        call.pieces["weight_sq"] = sq
+        if whole is not None:
+            call.pieces["weight"] = whole
+        else:
+            call.pieces["weight_sq"] = sq
         if second is not None:
             call.pieces["weight_second"] = second.view(module.weight.shape)
         return grads | {"weight": grad.view(module.weight.shape)}
