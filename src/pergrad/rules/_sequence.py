@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.linalg import vector_norm
 
-from ._registry import Rule
+from ._registry import Rule, workspace
 
 
 class Positions(NamedTuple):
@@ -89,8 +89,12 @@ def weight_sq_norms(a: Tensor, g: Tensor) -> Tensor:
 
 def weight_second_moment(a: Tensor, g: Tensor) -> Tensor:
     """(m, t, i), (m, t, o) -> (o, i): ``Σ_j P_j²`` (elementwise square)."""
-    if a.shape[1] == 1:
-        return g[:, 0].square().T @ a[:, 0].square()
+    if a.shape[1] == 1:  # (g²)ᵀ a², the squares in scratch memory
+        m, i, o = a.shape[0], a.shape[2], g.shape[2]
+        scratch = workspace(m * (i + o), a)
+        a_sq = torch.square(a[:, 0], out=scratch[: m * i].view(m, i))
+        g_sq = torch.square(g[:, 0], out=scratch[m * i : m * (i + o)].view(m, o))
+        return g_sq.T @ a_sq
     return weight_grads(a, g).square().sum(0)
 
 
