@@ -163,7 +163,8 @@ class PerExample:
 
         Raises:
             ValueError: ``reduction`` unknown; ``losses`` not of shape (n,), without a graph,
-                or not finite.
+                or not finite (checked on CPU every step; on CUDA, where reading the check back
+                would wait for the device, on the steps ``verify`` checks).
             CaptureError / ExampleCouplingError: see :meth:`Capture.check_before_backward`.
             All are raised before anything is written into ``.grad``.
             VerificationError: see ``verify``.
