@@ -203,10 +203,10 @@ def test_attention_internals_come_from_the_forward_and_copies_are_unhooked():
 def test_linear_pieces_built_in_chunks_match_the_reference(monkeypatch):
     """The Linear weight's pieces, built in the backward in chunks of one example, give the
     reference norms and second moments, and the .grad of a plain backward."""
-    from pergrad.rules import linear
+    from pergrad.rules import _sequence
     from reference import reference_grads
 
-    monkeypatch.setattr(linear, "CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(_sequence, "CHUNK_ELEMENTS", 1)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
     x, y = torch.randn(5, 7, 3, dtype=torch.float64), torch.randn(5, 7, 2, dtype=torch.float64)

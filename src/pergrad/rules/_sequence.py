@@ -38,6 +38,9 @@ class Positions(NamedTuple):
     n: int
 
 
+CHUNK_ELEMENTS = 1 << 19  # per-example pieces built at once to be reduced, at most (2 MiB in float32: in cache)
+
+
 def gram_is_cheaper(t: int, i: int, o: int) -> bool:
     """Whether the Gram form costs fewer multiply-adds than materialising, per example."""
     return t * (i + o) < i * o
@@ -84,7 +87,16 @@ def weight_sq_norms(a: Tensor, g: Tensor) -> Tensor:
         gram_a = torch.bmm(a, a.transpose(1, 2))  # (m, t, t)
         gram_g = torch.bmm(g, g.transpose(1, 2))  # (m, t, t)
         return torch.linalg.vecdot(gram_a.reshape(m, -1), gram_g.reshape(m, -1))
-    return vector_norm(weight_grads(a, g).reshape(m, -1), dim=1).square()
+    o = g.shape[2]
+    chunk = max(1, CHUNK_ELEMENTS // (o * i))  # pieces of a chunk of rows at a time, in scratch memory
+    scratch = workspace(min(chunk, m) * o * i, a)
+    sq = a.new_empty(m)
+    for start in range(0, m, chunk):
+        rows = slice(start, start + chunk)
+        c = len(range(*rows.indices(m)))
+        pieces = torch.bmm(g[rows].transpose(1, 2), a[rows], out=scratch[: c * o * i].view(c, o, i))
+        sq[rows] = row_sq_norms(pieces.view(c, -1))
+    return sq
 
 
 def weight_second_moment(a: Tensor, g: Tensor) -> Tensor:

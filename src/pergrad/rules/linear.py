@@ -20,11 +20,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from . import _sequence
 from ._registry import Keep, register_rule, workspace
 from ._sequence import Positions, WeightSharingRule, bias_grads, materialising_in_backward_is_cheaper, row_sq_norms, weight_grads
-
-CHUNK_ELEMENTS = 1 << 19  # per-example pieces built at once, at most (2 MiB in float32: in cache)
-
 
 class Built(NamedTuple):
     """What the backward pass of a Linear's calls kept of the per-example pieces.
@@ -80,7 +78,7 @@ class LinearRule(WeightSharingRule):
         sq = a.new_empty(n)
         second = a.new_zeros(module.weight.shape) if keep.second else None
         bias = g.new_empty(n, module.out_features) if with_bias else None
-        chunk = max(1, CHUNK_ELEMENTS // module.weight.numel())
+        chunk = max(1, _sequence.CHUNK_ELEMENTS // module.weight.numel())
         scratch = workspace(min(chunk, n) * module.weight.numel(), a)
         for start in range(0, n, chunk):
             rows = slice(start, start + chunk)
