@@ -15,7 +15,7 @@ Two ways to get ``‖P_j‖²``:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -78,6 +78,20 @@ def weight_grads(a: Tensor, g: Tensor) -> Tensor:
     return torch.bmm(g.transpose(1, 2), a)
 
 
+def piece_chunks(a: Tensor, g: Tensor) -> Iterator[tuple[slice, Tensor]]:
+    """(m, t, i), (m, t, o) -> the pieces ``P_j = Σ_t g_jt a_jtᵀ`` a chunk of rows at a time:
+    (rows, (c, o, i)), at most ``CHUNK_ELEMENTS`` entries, built into one scratch buffer that the
+    next chunk overwrites (reduce each chunk before asking for the next; it may be changed)."""
+    m, _, i = a.shape
+    o = g.shape[2]
+    chunk = max(1, CHUNK_ELEMENTS // (o * i))
+    scratch = workspace(min(chunk, m) * o * i, a)
+    for start in range(0, m, chunk):
+        rows = slice(start, min(start + chunk, m))
+        c = rows.stop - start
+        yield rows, torch.bmm(g[rows].transpose(1, 2), a[rows], out=scratch[: c * o * i].view(c, o, i))
+
+
 def weight_sq_norms(a: Tensor, g: Tensor) -> Tensor:
     """(m, t, i), (m, t, o) -> (m,): ``‖Σ_t g_jt a_jtᵀ‖²``, by the cheaper of two exact forms."""
     m, t, i = a.shape
@@ -87,15 +101,9 @@ def weight_sq_norms(a: Tensor, g: Tensor) -> Tensor:
         gram_a = torch.bmm(a, a.transpose(1, 2))  # (m, t, t)
         gram_g = torch.bmm(g, g.transpose(1, 2))  # (m, t, t)
         return torch.linalg.vecdot(gram_a.reshape(m, -1), gram_g.reshape(m, -1))
-    o = g.shape[2]
-    chunk = max(1, CHUNK_ELEMENTS // (o * i))  # pieces of a chunk of rows at a time, in scratch memory
-    scratch = workspace(min(chunk, m) * o * i, a)
     sq = a.new_empty(m)
-    for start in range(0, m, chunk):
-        rows = slice(start, start + chunk)
-        c = len(range(*rows.indices(m)))
-        pieces = torch.bmm(g[rows].transpose(1, 2), a[rows], out=scratch[: c * o * i].view(c, o, i))
-        sq[rows] = row_sq_norms(pieces.view(c, -1))
+    for rows, pieces in piece_chunks(a, g):
+        sq[rows] = row_sq_norms(pieces.view(pieces.shape[0], -1))
     return sq
 
 
@@ -107,7 +115,10 @@ def weight_second_moment(a: Tensor, g: Tensor) -> Tensor:
         a_sq = torch.square(a[:, 0], out=scratch[: m * i].view(m, i))
         g_sq = torch.square(g[:, 0], out=scratch[m * i : m * (i + o)].view(m, o))
         return g_sq.T @ a_sq
-    return weight_grads(a, g).square().sum(0)
+    second = a.new_zeros(g.shape[2], a.shape[2])
+    for _, pieces in piece_chunks(a, g):
+        second += pieces.square_().sum(0)
+    return second
 
 
 def bias_grads(g: Tensor) -> Tensor:

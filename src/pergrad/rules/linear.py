@@ -20,9 +20,16 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from . import _sequence
-from ._registry import Keep, register_rule, workspace
-from ._sequence import Positions, WeightSharingRule, bias_grads, materialising_in_backward_is_cheaper, row_sq_norms, weight_grads
+from ._registry import Keep, register_rule
+from ._sequence import (
+    Positions,
+    WeightSharingRule,
+    bias_grads,
+    materialising_in_backward_is_cheaper,
+    piece_chunks,
+    row_sq_norms,
+    weight_grads,
+)
 
 class Built(NamedTuple):
     """What the backward pass of a Linear's calls kept of the per-example pieces.
@@ -78,14 +85,9 @@ class LinearRule(WeightSharingRule):
         sq = a.new_empty(n)
         second = a.new_zeros(module.weight.shape) if keep.second else None
         bias = g.new_empty(n, module.out_features) if with_bias else None
-        chunk = max(1, _sequence.CHUNK_ELEMENTS // module.weight.numel())
-        scratch = workspace(min(chunk, n) * module.weight.numel(), a)
-        for start in range(0, n, chunk):
-            rows = slice(start, start + chunk)
-            c = len(range(*rows.indices(n)))
-            pieces = torch.bmm(g[rows].transpose(1, 2), a[rows], out=scratch[: grad.numel() * c].view(c, *grad.shape))
+        for rows, pieces in piece_chunks(a, g):  # (c, o, i) each
             grad += pieces.sum(0)
-            sq[rows] = row_sq_norms(pieces.view(c, -1))
+            sq[rows] = row_sq_norms(pieces.view(pieces.shape[0], -1))
             if second is not None:
                 second += pieces.square_().sum(0)
             if bias is not None:
