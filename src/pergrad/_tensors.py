@@ -28,9 +28,9 @@ def flatten(tensors: Iterable[Tensor], per_example: bool = False) -> Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
-def sq_norms(tensors: Mapping[str, Tensor | None], zero: Tensor) -> dict[str, Tensor]:
-    """{name: ‖t‖²} as 0-dim tensors (``zero`` where the tensor is None), with one multi-tensor
-    norm kernel for all of them; computed in each tensor's dtype."""
+def sq_norms(tensors: Mapping[str, Tensor | None], zero: Tensor | None) -> dict[str, Tensor]:
+    """{name: ‖t‖²} as 0-dim tensors (``zero`` where the tensor is None; it may be None when no
+    tensor is), with one multi-tensor norm kernel for all of them; computed in each tensor's dtype."""
     present = [name for name, t in tensors.items() if t is not None]
     norms = torch._foreach_norm([tensors[name] for name in present]) if present else []
     squared = dict(zip(present, torch.stack(norms).square().unbind() if present else []))

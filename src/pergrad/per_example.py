@@ -195,7 +195,8 @@ class PerExample:
                 if earlier[name] is not None:
                     p.grad = earlier[name] if fresh[name] is None else earlier[name] + fresh[name]
 
-        param_batch_sq = _tensors.sq_norms(fresh, losses.new_zeros(()).detach())
+        zero = losses.new_zeros(()).detach() if any(g is None for g in fresh.values()) else None
+        param_batch_sq = _tensors.sq_norms(fresh, zero)
         if isinstance(loss_scale, Tensor):
             param_batch_sq = {k: v / loss_scale**2 for k, v in param_batch_sq.items()}
         batch_sq = torch.stack(list(param_batch_sq.values())).sum()
