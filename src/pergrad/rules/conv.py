@@ -185,7 +185,10 @@ class ConvRule(WeightSharingRule):
     weight-gradient convolution of a plain step, which costs about as much as the pieces).
     They are built in chunks of examples (:func:`chunk_size`) reduced at once to squared norms
     (and second moments when asked for), so that no (n, o, c/G, *kernel) tensor outlives a
-    chunk unless the per-example gradients themselves are needed.
+    chunk unless the per-example gradients themselves are needed. The bias's gradient is built
+    there in every form (``Σ_t g_t`` per example, then summed): mkldnn's convolution_backward
+    asked for the bias's gradient alone computes the weight's anyway, at the same cost, so
+    autograd is left with the input's gradient only.
     """
 
     @staticmethod
@@ -200,9 +203,8 @@ class ConvRule(WeightSharingRule):
         return self._built_in_backward(module, x)
 
     def _built_in_backward(self, module, x: Tensor) -> tuple[str, ...]:
-        """The bias always: a convolution_backward that computes the bias's gradient but not the
-        weight's costs as much as one that computes both (mkldnn builds the weight's anyway).
-        The weight where its pieces are materialised."""
+        """What the backward builds for a batched input ``x``: the bias always, the weight where
+        its pieces are materialised."""
         bias = ("bias",) if module.bias is not None else ()
         return ("weight", *bias) if self._materialise(module, output_positions(module, tuple(x.shape[2:]))) else bias
 
