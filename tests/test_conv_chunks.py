@@ -38,8 +38,8 @@ def _check(model: nn.Module, x: torch.Tensor, grads: bool = False) -> None:
 @pytest.mark.parametrize("budget", [1, 700], ids=["one-example", "uneven"])
 @pytest.mark.parametrize("case", CONV, ids=str)
 def test_chunked_pieces_match_the_reference(case, budget, monkeypatch):
-    """Chunks of one example, and chunks that leave a shorter last one (n = 7), give the
-    reference norms, second moments and .grad for every convolution case."""
+    """Chunks of one example, and of a few (the last one shorter where they do not divide
+    n = 7), give the reference norms, second moments and .grad for every convolution case."""
     monkeypatch.setattr(conv, "CHUNK_ELEMENTS", budget)
     _check(build(case), case.make_input(7, torch.Generator().manual_seed(0)))
 
