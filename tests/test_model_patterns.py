@@ -286,6 +286,36 @@ def test_module_outputs_modified_in_place_afterwards():
     assert paths == {"fc": "rule LinearRule", "direct": "direct (matmul)"}
 
 
+def test_outputs_modified_in_place_after_gradients_built_in_the_backward(monkeypatch):
+    """The same, where the Linear's input requires a gradient and its pieces are built in the
+    backward: its gradients come back through its input, so its output may be modified in place."""
+    from pergrad.rules import _sequence
+
+    monkeypatch.setattr(_sequence, "PASS_COST", 0)  # build the pieces in the backward in norms mode too
+    monkeypatch.setattr(_sequence, "BATCHED_OVERHEAD", 0)
+    model = nn.Sequential(nn.Linear(D, D), InPlaceResidual()).double()
+    paths = _check(model, _seq())
+    assert paths["0"] == paths["1.fc"] == "rule LinearRule"
+
+
+@pytest.mark.parametrize("cost", [0, 1e9], ids=["built-in-backward", "gram"])
+def test_in_place_on_a_linear_sequence_output_in_norms_mode(cost, monkeypatch):
+    """Norms mode, either form: the in-place add on F.linear's (n, t, o) output (a view of its
+    (n·t, o) product) routes the gradient around the view's node; the hooks still get it."""
+    from pergrad.rules import _sequence
+
+    monkeypatch.setattr(_sequence, "PASS_COST", cost)
+    monkeypatch.setattr(_sequence, "BATCHED_OVERHEAD", cost)
+    model = nn.Sequential(nn.Linear(D, D), InPlaceResidual()).double()
+    x = _seq()
+    target = torch.randn(model(x).shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    want = reference_grads(model, x, target)
+    with pergrad.PerExample(model, verify=False) as pe:
+        got = pe.backward(per_example_loss(model(x), target)).param_sq_norms
+    for name, w in want.items():
+        torch.testing.assert_close(got[name], w.reshape(len(x), -1).square().sum(1), rtol=1e-10, atol=0)
+
+
 class Doubler(nn.Module):
     def __init__(self):
         super().__init__()

@@ -156,19 +156,38 @@ def on_grad(tensor: Tensor, hook) -> None:
     The hook goes on the node that made the tensor (``grad_fn``), not on the tensor: a caller
     that modifies the tensor in place afterwards (``out += residual``, as Falcon's decoder does)
     moves a tensor's own hooks away from this value, while the node still receives its
-    gradient. A leaf tensor gets an ordinary tensor hook.
+    gradient; where the tensor is a view of a whole tensor (F.linear's output for a sequence), an
+    in-place op routes the gradient to the base's node instead, which then gets it. A leaf tensor
+    gets an ordinary tensor hook.
     """
     node = tensor.grad_fn
     if node is None:
         tensor.register_hook(hook)
         return
     k = tensor.output_nr
+    seen = [False]  # whether this backward pass reached ``node`` (reset by the base's node below)
 
     def prehook(grad_outputs):
         if grad_outputs[k] is not None:
+            seen[0] = True
             hook(grad_outputs[k])
 
     node.register_prehook(prehook)
+    base = tensor._base
+    whole_view = base is not None and base.numel() == tensor.numel() and base.is_contiguous() and tensor.is_contiguous()
+    if not whole_view or base.grad_fn is None:
+        return
+    # A view of a whole tensor (F.linear's (n, t, o) output of an (n·t, o) product): an in-place
+    # op on it later routes the gradient around ``node``, to the node that made the base.
+    base_k, shape = base.output_nr, tensor.shape
+
+    def base_prehook(grad_outputs):
+        if seen[0]:
+            seen[0] = False
+        elif grad_outputs[base_k] is not None:
+            hook(grad_outputs[base_k].reshape(shape))
+
+    base.grad_fn.register_prehook(base_prehook)
 
 
 def widen(x: Any) -> Any:
