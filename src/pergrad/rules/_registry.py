@@ -206,9 +206,10 @@ def workspace(numel: int, like: Tensor) -> Tensor:
     reused by every call that asks on this thread (its contents are whatever the last user left).
 
     On CPU every large temporary is fresh memory from the system (page faults, zeroing) once it
-    is freed; per-example pieces that are reduced at once are built here instead. A caller
-    must be done with it before anything else may ask (true within one rule's method; on
-    CUDA, kernels on one stream run in order).
+    is freed; per-example pieces that are reduced at once are built here instead, in chunks of
+    a bounded size (it stays as large as the largest request). A caller must be done with it
+    before anything else may ask (true within one rule's method; on CUDA, kernels on one stream
+    run in order).
     """
     cache = _SCRATCH.__dict__.setdefault("buffers", {})
     key = (like.device, like.dtype)

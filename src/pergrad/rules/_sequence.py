@@ -109,12 +109,8 @@ def weight_sq_norms(a: Tensor, g: Tensor) -> Tensor:
 
 def weight_second_moment(a: Tensor, g: Tensor) -> Tensor:
     """(m, t, i), (m, t, o) -> (o, i): ``Σ_j P_j²`` (elementwise square)."""
-    if a.shape[1] == 1:  # (g²)ᵀ a², the squares in scratch memory
-        m, i, o = a.shape[0], a.shape[2], g.shape[2]
-        scratch = workspace(m * (i + o), a)
-        a_sq = torch.square(a[:, 0], out=scratch[: m * i].view(m, i))
-        g_sq = torch.square(g[:, 0], out=scratch[m * i : m * (i + o)].view(m, o))
-        return g_sq.T @ a_sq
+    if a.shape[1] == 1:
+        return g[:, 0].square().T @ a[:, 0].square()
     second = a.new_zeros(g.shape[2], a.shape[2])
     for _, pieces in piece_chunks(a, g):
         second += pieces.square_().sum(0)
