@@ -17,13 +17,18 @@ def test_every_registered_rule_has_cases():
     assert not missing, f"registered rules without conformance cases: {missing}"
 
 
-def _run(case: Case, n: int, reduction: str, grads: bool):
+def _problem(case: Case, n: int):
+    """The case's model, a batch of n inputs, targets, and the reference per-example gradients."""
     model = build(case)
     gen = torch.Generator().manual_seed(n)
     x = case.make_input(n, gen)
     with torch.no_grad():
         target = torch.randn(model(x).shape, generator=gen, dtype=torch.float64)
-    ref = reference_grads(model, x, target)
+    return model, x, target, reference_grads(model, x, target)
+
+
+def _run(case: Case, n: int, reduction: str, grads: bool):
+    model, x, target, ref = _problem(case, n)
     with pergrad.PerExample(
         model, grads=grads, second_moment=True, on_unsupported=case.on_unsupported
     ) as pe:
@@ -68,12 +73,7 @@ def test_norms_alone_match_reference(case, form, monkeypatch):
     monkeypatch.setattr(_sequence, "BATCHED_OVERHEAD", cost)
     monkeypatch.setattr(_sequence, "CHUNK_ELEMENTS", 1)  # pieces one example at a time
     n = 5
-    model = build(case)
-    gen = torch.Generator().manual_seed(n)
-    x = case.make_input(n, gen)
-    with torch.no_grad():
-        target = torch.randn(model(x).shape, generator=gen, dtype=torch.float64)
-    ref = reference_grads(model, x, target)
+    model, x, target, ref = _problem(case, n)
     with pergrad.PerExample(model, on_unsupported=case.on_unsupported) as pe:
         result = pe.backward(per_example_loss(model(x), target))
     for name, g in ref.items():

@@ -11,10 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +23,7 @@ from pergrad.stats import NoiseScale, ParamSNR, norm_quantiles
 from pergrad.train.metrics import Column, read_metrics
 
 from lightning_worker import C, D, fit
+from workers import run_two_workers
 
 BETA = 0.9
 
@@ -106,12 +103,7 @@ def test_bf16_mixed_precision(tmp_path):
 
 
 def test_ddp_on_two_gloo_processes_merges_the_workers(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-               str(Path(__file__).parent / "lightning_worker.py"), str(tmp_path)]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = run_two_workers("lightning_worker.py", tmp_path)
     assert all(torch.equal(a, b) for w0, w1 in zip(ranks[0]["weights"], ranks[1]["weights"]) for a, b in zip(w0.values(), w1.values()))
     steps = [s0 + s1 for s0, s1 in zip(*(micro_batches_by_step(r["seen"], 2) for r in ranks))]
     expected = by_hand(ranks[0]["weights"], steps)

@@ -11,10 +11,6 @@ backward is the unclipped one.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +22,8 @@ import pergrad
 from pergrad.integrations.transformers import PergradCallback
 from pergrad.stats import NoiseScale, ParamSNR, norm_quantiles
 from pergrad.train.metrics import Column, read_metrics
+
+from workers import run_two_workers
 
 V, LENGTH, EXAMPLES, BETA = 24, 8, 24, 0.9
 REL = 1e-6  # float32 logits in transformers' loss (see above)
@@ -164,12 +162,7 @@ def test_k_micro_batches_give_the_statistics_of_one_backward_of_the_whole_batch(
 
 
 def test_torchrun_ddp_on_two_gloo_processes_merges_the_workers(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-               str(Path(__file__).parent / "hf_worker.py"), str(tmp_path)]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = run_two_workers("hf_worker.py", tmp_path)
     by_rank = [[r["seen"][i : i + 2] for i in range(0, len(r["seen"]), 2)] for r in ranks]
     steps = [a + b for a, b in zip(*by_rank)]  # the global batch: both workers' micro-batches
     expected = _by_hand(ranks[0]["weights"], steps)

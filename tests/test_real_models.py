@@ -196,23 +196,24 @@ def test_default_per_example_matches_autograd_one_example_at_a_time(name):
     assert not any(p.startswith("torch.func") for p in paths.values()), paths
 
 
-def test_t5_relative_bias_looked_up_by_positions_only_takes_the_direct_path():
-    build, make_batch, loss_fn, _ = MODELS["t5"]
+def _paths_after_one_step(name: str) -> tuple[torch.nn.Module, dict[str, str]]:
+    """The named model, and ``pe.paths`` once a step of it (default PerExample) has run."""
+    build, make_batch, loss_fn, _ = MODELS[name]
     model = build().double().eval()
     batch = make_batch(2)
     with pergrad.PerExample(model) as pe:
         pe.backward(loss_fn(model(**_inputs(batch)), batch))
-    path = pe.paths["encoder.block.0.layer.0.SelfAttention.relative_attention_bias"]
+    return model, pe.paths
+
+
+def test_t5_relative_bias_looked_up_by_positions_only_takes_the_direct_path():
+    _, paths = _paths_after_one_step("t5")
+    path = paths["encoder.block.0.layer.0.SelfAttention.relative_attention_bias"]
     assert path.startswith("rule EmbeddingRule; direct (") and path.endswith(") for calls without an example axis")
 
 
 def test_paths_say_which_modules_take_which_path():
-    build, make_batch, loss_fn, _ = MODELS["gpt2"]
-    model = build().double().eval()
-    batch = make_batch(2)
-    with pergrad.PerExample(model) as pe:
-        pe.backward(loss_fn(model(**_inputs(batch)), batch))
-    paths = pe.paths
+    model, paths = _paths_after_one_step("gpt2")
     assert paths["transformer.h.0.attn.c_attn"] == "direct (addmm)"  # GPT-2's Conv1D
     assert paths["transformer.wte"] == "rule EmbeddingRule"
     assert paths["transformer.h.0.ln_1"] == "rule LayerNormRule"

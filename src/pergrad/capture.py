@@ -8,6 +8,7 @@ outputs; those receive the gradient of the reduced loss during the backward pass
 
 from __future__ import annotations
 
+import functools
 import inspect
 import types
 from dataclasses import dataclass, field, replace
@@ -367,8 +368,7 @@ class Capture:
         examples first ((n·t, …) flattened inputs as (n, t, …)), and float16/bfloat16
         tensors in float32."""
         calls = [c for c in target.calls if c.reached or _direct_reached(c)]
-        rule = target.rule
-        return [_examples_first(c, (_rule_of(target, c) if c.pieces else rule).batch_size(target.module, c), n) for c in calls]
+        return [_examples_first(c, _rule_of(target, c).batch_size(target.module, c), n) for c in calls]
 
     def examples_reached(self) -> int | None:
         """The number of examples of the backward that just ran: the model's forward's, or the
@@ -435,8 +435,13 @@ def rule_of_calls(target: Target, calls: list[Call]) -> Rule:
 def _positional(module: nn.Module, kwargs: dict) -> tuple[tuple, dict]:
     """A call's keyword arguments, those its class's ``forward`` also takes by position moved
     to the front, in order (``norm(input=x)`` as ``norm(x)``)."""
-    bound = inspect.signature(type(module).forward).bind_partial(module, **kwargs)
+    bound = _forward_signature(type(module)).bind_partial(module, **kwargs)
     return bound.args[1:], bound.kwargs
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_signature(cls: type) -> inspect.Signature:
+    return inspect.signature(cls.forward)
 
 
 def _without_examples(args: tuple, n: int | None) -> bool:

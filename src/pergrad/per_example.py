@@ -398,17 +398,14 @@ class PerExample:
                 grads[name] = piece * scale
             if want_second:
                 second[name] = piece.square().sum(0) * scale**2
-        rows = [sq.get(name) for name in params]
-        if any(row is None for row in rows):  # parameters no gradient reached: zeros
-            zero = next((row for row in rows if row is not None), None)
-            zero = torch.zeros(n, dtype=zero.dtype, device=zero.device) if zero is not None else None
-            rows = [row if row is not None else (zero if zero is not None else p.new_zeros(n)) for row, p in zip(rows, params.values())]
-            for name, p in params.items():
-                if want_grads and name not in grads:
-                    grads[name] = p.new_zeros((n, *p.shape))
-                if want_second and name not in second:
-                    second[name] = torch.zeros_like(p)
-        stacked = torch.stack(rows) * scale**2  # (P, n)
+        for name, p in params.items():  # parameters no gradient reached: zeros
+            if name not in sq:
+                sq[name] = p.new_zeros(n)
+            if want_grads and name not in grads:
+                grads[name] = p.new_zeros((n, *p.shape))
+            if want_second and name not in second:
+                second[name] = torch.zeros_like(p)
+        stacked = torch.stack([sq[name] for name in params]) * scale**2  # (P, n)
         return _PerParameter(
             stacked=stacked,
             sq=dict(zip(params, stacked.unbind())),

@@ -55,17 +55,17 @@ PASS_COST = 3
 BATCHED_OVERHEAD = 0.05
 
 
-def materialising_in_backward_is_cheaper(t: int, i: int, o: int, passes: int = 2) -> bool:
+def materialising_in_backward_is_cheaper(t: int, i: int, o: int) -> bool:
     """Whether building the per-example pieces during the backward pass (their sum then *is* the
     batch weight gradient, which autograd no longer computes) costs less than the Gram form
     on top of autograd's gradient, per example.
 
     Materialising costs the batched matmul's inefficiency, ``BATCHED_OVERHEAD·t·i·o``, plus
-    ``passes`` passes over the i·o entries (sum, squared norm, and the second moment's square
-    when asked for); the Gram form, ``t²·(i+o)`` multiply-adds. With t = 1 neither is needed
+    two passes over the i·o entries (the sum into the batch gradient, the squared norm); the
+    Gram form, ``t²·(i+o)`` multiply-adds. With t = 1 neither is needed
     (``‖a‖²‖g‖²``).
     """
-    return BATCHED_OVERHEAD * t * i * o + passes * PASS_COST * i * o < t * t * (i + o)
+    return BATCHED_OVERHEAD * t * i * o + 2 * PASS_COST * i * o < t * t * (i + o)
 
 
 def row_sq_norms(x: Tensor) -> Tensor:
@@ -140,9 +140,9 @@ class WeightSharingRule(Rule):
     def sq_norms(self, module, inputs: Positions):
         a, g, n = inputs
         if a.shape[1] == 1:  # one position: ‖a‖²‖g‖² and ‖g‖², sharing ‖g‖²
-            g_sq = row_sq_norms(g.view(g.shape[0], -1) if g.is_contiguous() else g[:, 0])
+            g_sq = row_sq_norms(g[:, 0])
             if a.shape[0] == n:  # one group: nothing to add up per example
-                return _trainable(module, lambda: row_sq_norms(a.reshape(n, -1)) * g_sq, lambda: g_sq)
+                return _trainable(module, lambda: row_sq_norms(a[:, 0]) * g_sq, lambda: g_sq)
             return _trainable(
                 module,
                 lambda: (row_sq_norms(a[:, 0]) * g_sq).reshape(n, -1).sum(1),

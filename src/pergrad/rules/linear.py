@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ._registry import Keep, register_rule
+from ._registry import Keep, flat_sq_norm, register_rule
 from ._sequence import (
     Positions,
     WeightSharingRule,
@@ -110,11 +110,11 @@ class LinearRule(WeightSharingRule):
         if len(calls) == 1 and "weight" not in pieces:  # reduced during the backward pass
             return Built(None, pieces.get("weight_sq"), pieces.get("weight_second"), pieces.get("bias"))
         weight = bias = None
-        for c in calls:
-            a = c.args[0].reshape(n, -1, module.in_features)
+        for c in calls:  # pieces of the calls the backward did not build them for (input by keyword)
             g = c.grad_outputs[0].reshape(n, -1, module.out_features)
             if module.weight.requires_grad:
-                w = c.pieces["weight"] if "weight" in c.pieces else weight_grads(a, g)
+                w = c.pieces.get("weight")
+                w = weight_grads(c.args[0].reshape(n, -1, module.in_features), g) if w is None else w
                 weight = w if weight is None else weight + w
             if module.bias is not None and module.bias.requires_grad:
                 b = c.pieces["bias"] if "bias" in c.pieces else bias_grads(g)
@@ -129,8 +129,7 @@ class LinearRule(WeightSharingRule):
     def sq_norms(self, module, inputs):
         if isinstance(inputs, Positions):
             return super().sq_norms(module, inputs)
-        flat = lambda w: row_sq_norms(w.reshape(w.shape[0], -1))  # noqa: E731
-        return self._each(module, inputs, flat, row_sq_norms, reduced=inputs.weight_sq)
+        return self._each(module, inputs, flat_sq_norm, flat_sq_norm, reduced=inputs.weight_sq)
 
     def second_moments(self, module, inputs):
         if isinstance(inputs, Positions):
