@@ -125,6 +125,110 @@ class KeywordLayerNorm(nn.Module):
         return self.norm(input=self.lin(x))
 
 
+def _tokens_with_zero(vocab, t):
+    """Token 0 (BOS or padding in real vocabularies) twice in every example, and a repeat."""
+
+    def make(n, gen):
+        idx = torch.randint(0, vocab, (n, t), generator=gen)
+        idx[:, 0] = idx[:, 3] = 0
+        idx[:, 2] = idx[:, 1]
+        return idx
+
+    return make
+
+
+class TiedNoPadding(TiedLM):
+    """The tied LM without a padding row: token 0's row gets gradients from both uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb.padding_idx = None
+
+
+class ScaledEmbedding(nn.Embedding):
+    """BART's ``BartScaledWordEmbedding``: an Embedding subclass that scales its output (its own
+    forward, so no inherited rule: the direct path)."""
+
+    def forward(self, idx):
+        return super().forward(idx) * 2.0
+
+
+class ScaledTiedLM(nn.Module):
+    """BART's pattern: a scaled embedding (direct path) tied to the output head (Linear rule)."""
+
+    def __init__(self, vocab=11, d=6):
+        super().__init__()
+        self.emb = ScaledEmbedding(vocab, d)
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, idx):
+        return self.head(torch.tanh(self.norm(self.emb(idx))))
+
+
+class Conv1D(nn.Module):
+    """GPT-2's ``Conv1D``: weight (i, o), ``addmm`` (the direct path's "io" linear map)."""
+
+    def __init__(self, i, o):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(i, o) / i**0.5)
+        self.bias = nn.Parameter(torch.randn(o) / 10)
+
+    def forward(self, x):
+        out = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)
+        return out.reshape(*x.shape[:-1], -1)
+
+
+class ReExposed(nn.Module):
+    """A parent that registers its children's weights again under names of its own, as Opacus's
+    ``DPRNN`` does: each parameter lives in two modules and must count once."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 2)
+        self.weight_ih_l0 = self.cell.weight
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 4))
+
+    def forward(self, x):  # (n, t, 4)
+        h = torch.tanh(self.cell(x)) * self.scale
+        return self.out(torch.tanh(self.cell(h)))
+
+
+class DirectTwice(nn.Module):
+    """A module without a rule called twice: its direct path's records of the two calls add."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.scale = Scale(4)
+
+    def forward(self, x):
+        return self.lin(self.scale(torch.tanh(self.scale(self.lin(x)))))
+
+
+class Bags(nn.Module):
+    """EmbeddingBag fed 1-D indices with offsets: an example's bag is the first ``last mod (s+1)``
+    tokens of its row, ``last`` its last token (some bags are empty), weighted per sample."""
+
+    def __init__(self, mode="sum", include_last_offset=False, weighted=True):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(9, 4, mode=mode, include_last_offset=include_last_offset, padding_idx=5)
+        self.weighted = weighted
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, idx):  # (n, s)
+        n, s = idx.shape
+        lengths = idx[:, -1] % (s + 1)
+        flat = torch.cat([idx[j, : lengths[j]] for j in range(n)])
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+        if not self.bag.include_last_offset:
+            offsets = offsets[:-1]
+        weights = (flat.double() + 1) / 5 if self.weighted else None
+        return self.head(self.bag(flat, offsets, per_sample_weights=weights))
+
+
 def _eval_batchnorm(bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:
     with torch.no_grad():
         bn.running_mean.uniform_(-1, 1)
@@ -150,6 +254,7 @@ LINEAR = [
     Case("linear-frozen-seq", _frozen_weight, _randn(6, 3)),  # pieces built in the backward, weight or bias frozen
     Case("linear-called-twice", Twice, _randn(4)),
     Case("linear-tied-to-embedding", TiedLM, _tokens(11, 5, pad=0)),
+    Case("linear-tied-token-0", TiedNoPadding, _tokens_with_zero(11, 6)),
 ]
 CONV = [
     Case("conv1d-stride-pad", lambda: nn.Conv1d(3, 4, 3, stride=2, padding=1), _randn(3, 9)),
@@ -169,6 +274,19 @@ CONV = [
 EMBEDDING = [
     Case("embedding-repeats", lambda: nn.Embedding(7, 4), _tokens(7, 6)),
     Case("embedding-padding-idx", lambda: nn.Embedding(7, 4, padding_idx=3), _tokens(7, 5, pad=3)),
+]
+BAGS = [
+    Case("embeddingbag-2d-sum", lambda: nn.Sequential(nn.EmbeddingBag(9, 4, mode="sum"), nn.Linear(4, 2)), _tokens_with_zero(9, 5)),
+    Case("embeddingbag-2d-mean-padding", lambda: nn.EmbeddingBag(9, 4, padding_idx=3), _tokens(9, 5, pad=3)),
+    Case("embeddingbag-2d-max", lambda: nn.Sequential(nn.EmbeddingBag(9, 4, mode="max"), nn.Linear(4, 2)), _tokens_with_zero(9, 4)),
+    Case("embeddingbag-offsets-weights", Bags, _tokens_with_zero(9, 5)),
+    Case("embeddingbag-offsets-mean-last", lambda: Bags("mean", include_last_offset=True, weighted=False), _tokens_with_zero(9, 5)),
+]
+DIRECT = [
+    Case("direct-scaled-embedding-tied-token-0", ScaledTiedLM, _tokens_with_zero(11, 6), "auto"),
+    Case("direct-conv1d-io", lambda: nn.Sequential(Conv1D(5, 4), nn.Tanh(), Conv1D(4, 3)), _randn(3, 5), "auto"),
+    Case("direct-parameter-on-two-modules", ReExposed, _randn(3, 4), "auto"),
+    Case("direct-called-twice", DirectTwice, _randn(3, 4), "auto"),
 ]
 NORMS = [
     Case("layernorm-seq", lambda: nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6)), _randn(3, 4)),
@@ -203,8 +321,9 @@ RULE_CASES: dict[type[nn.Module], list[Case]] = {
     nn.RMSNorm: [c for c in NORMS if c.name.startswith("rmsnorm")],
     nn.modules.batchnorm._BatchNorm: [c for c in NORMS if c.name.startswith("batchnorm")],
     nn.MultiheadAttention: ATTENTION,
+    nn.EmbeddingBag: BAGS,
 }
-ALL_CASES = LINEAR + CONV + EMBEDDING + NORMS + ATTENTION + FALLBACK
+ALL_CASES = LINEAR + CONV + EMBEDDING + BAGS + NORMS + ATTENTION + DIRECT + FALLBACK
 
 
 def build(case: Case, seed: int = 0) -> nn.Module:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import pergrad
-from pergrad.rules import _registry
+from pergrad.rules import Dense, _registry
 from reference import per_example_loss
 
 
@@ -30,8 +30,8 @@ class Scale(nn.Module):
 
 
 class ScaleRule(pergrad.Rule):
-    def per_example_grads(self, module, calls):
-        return {"w": sum(c.args[0] * c.grad_outputs[0] for c in calls)}
+    def records(self, module, calls):
+        return {"w": [Dense(c.args[0] * c.grad_outputs[0]) for c in calls]}
 
 
 @pytest.mark.parametrize(

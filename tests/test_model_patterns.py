@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import pergrad
-from pergrad.rules import Rule
+from pergrad.rules import Dense, Rule
 
 from reference import per_example_loss, reference_grads
 
@@ -328,8 +328,8 @@ class Doubler(nn.Module):
 class WrongRule(Rule):
     """Half of every piece: what a rule that misreads its module would give."""
 
-    def per_example_grads(self, module, calls):
-        return {"w": sum(0.5 * (c.grad_outputs[0] * c.args[0]).reshape(c.args[0].shape[0], -1, D).sum(1) for c in calls)}
+    def records(self, module, calls):
+        return {"w": [Dense(0.5 * (c.grad_outputs[0] * c.args[0]).reshape(c.args[0].shape[0], -1, D).sum(1)) for c in calls]}
 
 
 def test_the_first_backward_turns_a_wrong_rule_into_an_error(monkeypatch):
@@ -341,11 +341,33 @@ def test_the_first_backward_turns_a_wrong_rule_into_an_error(monkeypatch):
     with pergrad.PerExample(model) as pe:
         with pytest.raises(pergrad.VerificationError, match=r"'1.w' \(Doubler at '1', rule WrongRule\)"):
             pe.backward(per_example_loss(model(x), 0))
-    with pergrad.PerExample(model, verify=False) as pe:  # unchecked: the wrong number, as asked
-        pe.backward(per_example_loss(model(x), 0))
+    with pergrad.PerExample(model, verify=False) as pe:  # its pieces do not add up to .grad: refused anyway
+        with pytest.raises(pergrad.VerificationError, match=r"'1.w' .* do not add up to autograd's gradient"):
+            pe.backward(per_example_loss(model(x), 0))
     with pergrad.PerExample(model, verify=True) as pe:  # checked on every backward, not only the first
         with pytest.raises(pergrad.VerificationError):
             pe.backward(per_example_loss(model(x), 0))
+
+
+class SwappingRule(Rule):
+    """Pieces that add up to the batch gradient but belong to the wrong examples (rolled by one):
+    only the first-backward check against single examples can see this."""
+
+    def records(self, module, calls):
+        return {"w": [Dense((c.grad_outputs[0] * c.args[0]).reshape(c.args[0].shape[0], -1, D).sum(1).roll(1, 0)) for c in calls]}
+
+
+def test_pieces_that_add_up_but_misattribute_examples_are_caught_by_the_first_backward(monkeypatch):
+    from pergrad.rules import _registry
+
+    monkeypatch.setitem(_registry._RULES, Doubler, SwappingRule())
+    model = nn.Sequential(nn.Linear(D, D), Doubler()).double()
+    x = _seq()
+    with pergrad.PerExample(model) as pe:
+        with pytest.raises(pergrad.VerificationError, match=r"'1.w' \(Doubler at '1', rule SwappingRule\) is wrong"):
+            pe.backward(per_example_loss(model(x), 0))
+    with pergrad.PerExample(model, verify=False) as pe:  # unchecked: the wrong number, as asked
+        pe.backward(per_example_loss(model(x), 0))
 
 
 def test_verify_setting_is_checked():

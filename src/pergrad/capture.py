@@ -39,6 +39,7 @@ class Target:
         param_names: local parameter name -> name in ``model.named_parameters()``.
         calls: the calls captured since the last backward.
         internals: what the rule's exposing forward returned for the call in progress.
+        param_ids: ids of those parameters.
         shared: whether one of its parameters is also used by another module (tied weights).
         detached: parameters swapped for detached copies during the call in progress.
     """
@@ -49,6 +50,7 @@ class Target:
     param_names: dict[str, str]
     calls: list[Call]
     internals: dict[str, Tensor] = field(default_factory=dict)
+    param_ids: frozenset[int] = frozenset()
     shared: bool = False
     detached: dict[str, nn.Parameter] = field(default_factory=dict)
     slot: "_Slot | None" = None  # where the call in progress gets its gradient-building function
@@ -113,7 +115,14 @@ class Capture:
                 covered_prefixes.append(f"{path}." if path else "")
             params = {local: names[id(p)] for local, p in rule.parameters(module)}
             if params:
-                self.targets.append(Target(path, module, rule, params, []))
+                ids = frozenset(id(p) for _, p in rule.parameters(module))
+                self.targets.append(Target(path, module, rule, params, [], param_ids=ids))
+        counts: dict[str, int] = {}
+        for t in self.targets:
+            for name in t.param_names.values():
+                counts[name] = counts.get(name, 0) + 1
+        for t in self.targets:  # a parameter several modules use: its records meet others'
+            t.shared = any(counts[name] > 1 for name in t.param_names.values())
         self.keep = Keep(grads=False, second=False)
         self.n_forward: int | None = None  # examples of the model's forward in progress
         self._paused = False
@@ -127,7 +136,9 @@ class Capture:
             model.register_forward_pre_hook(self._count_examples, with_kwargs=True, prepend=True),
             model.register_forward_hook(self._model_done, prepend=True, always_call=True),
         ]
+        self._running: list[Target] = []  # the targets whose forward is running, innermost last
         for t in self.targets:
+            self._handles.append(t.module.register_forward_pre_hook(self._enter_hook(t), prepend=True))
             if type(t.rule).grads_in_backward is not Rule.grads_in_backward:
                 self._handles.append(t.module.register_forward_pre_hook(self._detach_hook(t)))
             if t.rule is DIRECT or t.rule.lookups_without_examples:
@@ -190,9 +201,26 @@ class Capture:
                 target.modes.append((None, record))
                 return
             params = {id(p): (local, p) for local, p in target.rule.parameters(module)}
-            mode = DirectMode(params, {id(b) for b in module.buffers()}, n, record)
+            mode = DirectMode(params, {id(b) for b in module.buffers()}, n, record, self._accounted_by_other(target))
             mode.__enter__()
             target.modes.append((mode, record))
+
+        return hook
+
+    def _accounted_by_other(self, target: Target) -> Callable[[Tensor], bool]:
+        """For ``target``'s direct mode: whether a use of a parameter happens inside another
+        target's call whose rule also covers that parameter (the innermost module running)."""
+        running = self._running
+
+        def accounted(param: Tensor) -> bool:
+            inner = running[-1] if running else None
+            return inner is not None and inner is not target and id(param) in inner.param_ids
+
+        return accounted
+
+    def _enter_hook(self, target: Target):
+        def hook(module, args):
+            self._running.append(target)
 
         return hook
 
@@ -206,6 +234,8 @@ class Capture:
             first = args[0] if args else None
             if not self._capturing() or not isinstance(first, Tensor) or first.shape[:1] != (self.n_forward,):
                 return  # examples flattened with positions or windows: the pieces need regrouping first
+            if target.shared and not self.keep.grads:
+                return  # its factored records are combined with another module's (tied weights)
             names = [n for n in target.rule.grads_in_backward(module, args, self.keep) if module._parameters[n].requires_grad]
             target.detached = {n: module._parameters[n] for n in names}
             for n, p in target.detached.items():
@@ -219,6 +249,8 @@ class Capture:
 
     def _forward_hook(self, target: Target):
         def hook(module, args, kwargs, output):
+            if self._running and self._running[-1] is target:
+                self._running.pop()
             internals, target.internals = target.internals, {}
             detached, target.detached = target.detached, {}
             slot, target.slot = target.slot, None
@@ -296,8 +328,8 @@ class Capture:
         """The backward of one call whose rule builds the batch gradients of ``names``."""
 
         def backward(grad_output: Tensor) -> list[Tensor]:
-            # pieces summed over several calls or modules before squaring must be kept whole
-            whole = self.keep.grads or target.shared or len(target.calls) > 1
+            # pieces added to another call's before squaring must be kept whole
+            whole = self.keep.grads or len(target.calls) > 1
             wide = replace(call, args=tuple(widen(a) for a in call.args))
             grads = target.rule.backward_call(target.module, wide, widen(grad_output), Keep(whole, self.keep.second))
             params = target.module._parameters

@@ -1,16 +1,23 @@
 """Per-layer rules. Every rule module is imported here, in one visible place, to register it."""
 
 from . import attention, conv, embedding, linear, norm  # noqa: F401  (registration)
-from ._registry import Call, Keep, Rule, flat_sq_norm, on_grad, register_rule, registered_rules, rule_for, widen
+from . import records
+from ._registry import Call, Keep, Rule, on_grad, register_rule, registered_rules, rule_for, widen
+from .records import Dense, Outer, Record, Reduced, Rows
 from .functional import FALLBACK, Batched, FunctionalRule
 
 __all__ = [
     "Batched",
     "Call",
+    "Dense",
     "FALLBACK",
     "FunctionalRule",
+    "Outer",
+    "Record",
+    "Reduced",
+    "Rows",
     "Rule",
-    "flat_sq_norm",
+    "records",
     "on_grad",
     "register_rule",
     "registered_rules",

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Call", "Keep", "Rule", "flat_sq_norm", "on_grad", "register_rule", "rule_for", "registered_rules", "widen"]
+if TYPE_CHECKING:
+    from .records import Record
+
+__all__ = ["Call", "Keep", "Rule", "on_grad", "register_rule", "rule_for", "registered_rules", "widen"]
 
 
 @dataclass
@@ -59,8 +62,8 @@ class Keep(NamedTuple):
     """What a rule must keep from the backward pass besides squared norms.
 
     Attributes:
-        grads: the per-example gradients themselves (asked for, or needed to sum them over
-            several calls or modules before squaring).
+        grads: the per-example pieces themselves, as a :class:`~.records.Dense` record (asked
+            for, or the parameter has other records to be added to them before squaring).
         second: the second moments Σⱼ P_j².
     """
 
@@ -71,13 +74,12 @@ class Keep(NamedTuple):
 class Rule:
     """Per-example gradients of one module family.
 
-    Subclasses implement :meth:`per_example_grads`; they override :meth:`sq_norms` and
-    :meth:`second_moments` where a cheaper form exists than building the gradients.
-
-    :meth:`prepare` takes ``calls``, all the calls of the module in one forward pass that a
-    gradient reached (a module called several times shares its weights across calls: its
-    per-example gradient is the sum over calls, and norms include the cross terms); the other
-    methods take what it returned.
+    A rule implements one method, :meth:`records`: what each parameter's per-example pieces are,
+    in factored form (:mod:`.records`). The engine derives norms, second moments and gradients
+    from them, and adds the cross terms where a parameter has several records (a module called
+    twice, weights tied across modules). The other methods have defaults; two optional fast
+    paths (:meth:`grads_in_backward` with :meth:`backward_call`, and :meth:`exposing_forward`)
+    let a rule do its work during the model's own passes.
     """
 
     #: Whether the rule also covers the parameters of the module's submodules
@@ -92,6 +94,20 @@ class Rule:
     #: embedding looked up by relative positions, as T5's bias): such a call's output is
     #: computed from the parameters alone and goes the direct path (:mod:`.direct`).
     lookups_without_examples: bool = False
+
+    def records(self, module: nn.Module, calls: list[Call]) -> dict[str, list[Record]]:
+        """What the per-example pieces of each trainable parameter are, by local name.
+
+        Args:
+            module: the module (its hyper-parameters and weights).
+            calls: every call of the module in one forward pass that a gradient reached,
+                examples first, float16/bfloat16 tensors widened to float32.
+
+        Returns:
+            ``{name: [record, ...]}``: one or more records per parameter (one per call, or
+            the calls' positions concatenated), whose pieces add up to ``∇L`` for that parameter.
+        """
+        raise NotImplementedError
 
     def check(self, module: nn.Module) -> str | None:
         """Return why the module, as configured now, has no per-example gradients, or None."""
@@ -111,16 +127,16 @@ class Rule:
         """Local names of the parameters whose batch gradient this rule builds itself during
         the backward pass of a call with positional inputs ``args``, as the sum of per-example
         pieces it materialises, so that autograd does not compute that gradient a second time;
-        ``keep`` says what the pieces will be needed for. Default: none. A rule that names some implements :meth:`backward_call`,
-        and its module returns one tensor."""
+        ``keep`` says what the pieces will be needed for. Default: none. A rule that names some
+        implements :meth:`backward_call`, and its module returns one tensor."""
         return ()
 
     def backward_call(self, module: nn.Module, call: Call, grad_output: Tensor, keep: Keep) -> dict[str, Tensor]:
         """During the backward pass of one call: the batch gradient ``{name: p.shape}`` of each
         parameter named by :meth:`grads_in_backward`, given the gradient of the reduced loss
-        with respect to the call's output. What :meth:`prepare` will need of the per-example
-        pieces (their norms; what ``keep`` asks for) goes into ``call.pieces``, so that no piece
-        outlives the call's backward unless asked for."""
+        with respect to the call's output. What :meth:`records` will need of the per-example
+        pieces goes into ``call.pieces`` (their reductions, or the pieces themselves where
+        ``keep.grads`` asks for them), so that no piece outlives the call's backward unless needed."""
         raise NotImplementedError
 
     def exposing_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[Any, dict[str, Tensor]]:
@@ -130,23 +146,6 @@ class Rule:
         Only rules that override this get it called, in place of the module's forward,
         while a :class:`~pergrad.PerExample` captures."""
         return type(module).forward(module, *args, **kwargs), {}
-
-    def prepare(self, module: nn.Module, calls: list[Call]) -> Any:
-        """Work shared by the three outputs below (unfolding, recomputation), done once per
-        backward; whatever it returns is passed to them as ``inputs``. Default: the calls."""
-        return calls
-
-    def per_example_grads(self, module: nn.Module, inputs: Any) -> dict[str, Tensor]:
-        """Per-example pieces of ∇L: ``{name: (n, *p.shape)}``, summed over calls."""
-        raise NotImplementedError
-
-    def sq_norms(self, module: nn.Module, inputs: Any) -> dict[str, Tensor]:
-        """Squared norms of the per-example pieces: ``{name: (n,)}``."""
-        return {k: flat_sq_norm(v) for k, v in self.per_example_grads(module, inputs).items()}
-
-    def second_moments(self, module: nn.Module, inputs: Any) -> dict[str, Tensor]:
-        """Sums over examples of the squared pieces: ``{name: p.shape}`` = Σ_j P_j²."""
-        return {k: v.square().sum(0) for k, v in self.per_example_grads(module, inputs).items()}
 
 
 def on_grad(tensor: Tensor, hook) -> None:
@@ -217,11 +216,6 @@ def workspace(numel: int, like: Tensor) -> Tensor:
     if buffer is None or buffer.numel() < numel:
         buffer = cache[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
     return buffer
-
-
-def flat_sq_norm(x: Tensor) -> Tensor:
-    """(n, ...) -> (n,): squared Euclidean norm of each example's slice."""
-    return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1).square()
 
 
 _RULES: dict[type[nn.Module], Rule] = {}

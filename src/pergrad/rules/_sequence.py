@@ -15,27 +15,13 @@ Two ways to get ``‖P_j‖²``:
 
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple
+from typing import Iterator
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.linalg import vector_norm
 
-from ._registry import Rule, workspace
-
-
-class Positions(NamedTuple):
-    """A weight-sharing layer's captured calls, as one sequence per (example, group).
-
-    Attributes:
-        a: (n·G, t, i) inputs (may be a strided view).
-        g: (n·G, t, o) output gradients.
-        n: number of examples.
-    """
-
-    a: Tensor
-    g: Tensor
-    n: int
+from ._registry import workspace
 
 
 CHUNK_ELEMENTS = 1 << 19  # per-example pieces built at once to be reduced, at most (2 MiB in float32: in cache)
@@ -120,56 +106,3 @@ def weight_second_moment(a: Tensor, g: Tensor) -> Tensor:
 def bias_grads(g: Tensor) -> Tensor:
     """(m, t, o) -> (m, o): ``Σ_t g_jt``."""
     return g[:, 0] if g.shape[1] == 1 else g.sum(1)
-
-
-class WeightSharingRule(Rule):
-    """Rules of layers with a ``weight`` applied at every position and an optional ``bias``.
-
-    Subclasses implement :meth:`prepare` returning :class:`Positions`; the weight's shape
-    is ``(o_total, ...)`` with the groups stacked along its first axis.
-    """
-
-    def per_example_grads(self, module, inputs: Positions):
-        a, g, n = inputs
-        return _trainable(
-            module,
-            lambda: weight_grads(a, g).reshape(n, *module.weight.shape),
-            lambda: bias_grads(g).reshape(n, -1),
-        )
-
-    def sq_norms(self, module, inputs: Positions):
-        a, g, n = inputs
-        if a.shape[1] == 1:  # one position: ‖a‖²‖g‖² and ‖g‖², sharing ‖g‖²
-            g_sq = row_sq_norms(g[:, 0])
-            if a.shape[0] == n:  # one group: nothing to add up per example
-                return _trainable(module, lambda: row_sq_norms(a[:, 0]) * g_sq, lambda: g_sq)
-            return _trainable(
-                module,
-                lambda: (row_sq_norms(a[:, 0]) * g_sq).reshape(n, -1).sum(1),
-                lambda: g_sq.reshape(n, -1).sum(1),
-            )
-        return _trainable(
-            module,
-            lambda: weight_sq_norms(a, g).reshape(n, -1).sum(1),
-            lambda: row_sq_norms(bias_grads(g).reshape(n, -1)),
-        )
-
-    def second_moments(self, module, inputs: Positions):
-        a, g, n = inputs
-
-        def weight():
-            if a.shape[0] == n:  # one group
-                return weight_second_moment(a, g).reshape(module.weight.shape)
-            return weight_grads(a, g).reshape(n, *module.weight.shape).square().sum(0)
-
-        return _trainable(module, weight, lambda: bias_grads(g).reshape(n, -1).square().sum(0))
-
-
-def _trainable(module: nn.Module, weight, bias) -> dict[str, Tensor]:
-    """Evaluate the weight and bias thunks for the parameters that are trainable."""
-    out = {}
-    if module.weight.requires_grad:
-        out["weight"] = weight()
-    if getattr(module, "bias", None) is not None and module.bias.requires_grad:
-        out["bias"] = bias()
-    return out

@@ -25,8 +25,6 @@ Layouts: query/key/value (n, L, E) with ``batch_first`` else (L, n, E); key_padd
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -34,6 +32,7 @@ from torch import Tensor, nn
 from . import _sequence as seq
 from ._registry import Call, register_rule
 from .functional import Batched, FunctionalRule
+from .records import Dense, Outer, Record
 
 _ARG_NAMES = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask")
 
@@ -204,52 +203,24 @@ class MultiheadAttentionRule(FunctionalRule):
             g_q, g_k, g_v = torch.autograd.grad(o, (q, k, v), g @ module.out_proj.weight.detach())
         return {"q": (x_q, g_q), "k": (x_k, g_k), "v": (x_v, g_v), "out": (o.detach(), g)}
 
-    def prepare(self, module, calls):
-        """The projections' sequences (:class:`_Decomposed`), or the calls for torch.func."""
+    def records(self, module, calls):
+        """Per call and projection, an :class:`Outer` record over that projection's block of
+        rows (disjoint blocks: no cross terms), and the biases' pieces; torch.func for the
+        configurations the decomposition does not cover."""
         if not _decomposable(module) or any(len(c.grad_outputs) > 1 and c.grad_outputs[1] is not None for c in calls):
-            return calls
-        per_call = [self._sequences(module, c) for c in calls]
-        if len(per_call) == 1:
-            return _Decomposed(per_call[0])
-        # weights shared across calls: concatenate positions, per projection
-        return _Decomposed(
-            {name: tuple(torch.cat([s[name][j] for s in per_call], 1) for j in (0, 1)) for name in per_call[0]}
-        )
-
-    def _per_parameter(self, module, seqs, weight_fn, bias_fn, combine):
-        out = {}
-        for name, _ in self.parameters(module):
-            fn = bias_fn if name.endswith("bias") else weight_fn
-            out[name] = combine([fn(*seqs[p]) for p in _blocks(module)[name]])
+            return super().records(module, calls)
+        blocks = _blocks(module)
+        out: dict[str, list[Record]] = {}
+        for call in calls:
+            seqs = self._sequences(module, call)
+            for name, _ in self.parameters(module):
+                if name.endswith("bias"):
+                    pieces = torch.cat([seq.bias_grads(seqs[p][1]) for p in blocks[name]], 1)
+                    out.setdefault(name, []).append(Dense(pieces))
+                    continue
+                offset = 0
+                for p in blocks[name]:
+                    a, g = seqs[p]
+                    out.setdefault(name, []).append(Outer(g, a, offset=offset))
+                    offset += g.shape[2]
         return out
-
-    def per_example_grads(self, module, inputs):
-        if not isinstance(inputs, _Decomposed):
-            return super().per_example_grads(module, inputs)
-        return self._per_parameter(
-            module, inputs.seqs, seq.weight_grads, lambda a, g: seq.bias_grads(g), lambda xs: torch.cat(xs, 1)
-        )
-
-    def sq_norms(self, module, inputs):
-        if not isinstance(inputs, _Decomposed):
-            return super().sq_norms(module, inputs)
-        return self._per_parameter(
-            module, inputs.seqs, seq.weight_sq_norms, lambda a, g: seq.row_sq_norms(seq.bias_grads(g)), sum
-        )
-
-    def second_moments(self, module, inputs):
-        if not isinstance(inputs, _Decomposed):
-            return super().second_moments(module, inputs)
-        return self._per_parameter(
-            module,
-            inputs.seqs,
-            seq.weight_second_moment,
-            lambda a, g: seq.bias_grads(g).square().sum(0),
-            lambda xs: torch.cat(xs, 0),
-        )
-
-
-class _Decomposed(NamedTuple):
-    """Projection name -> (inputs (n, t, i), output gradients (n, t, o)), batch-first."""
-
-    seqs: dict[str, tuple[Tensor, Tensor]]

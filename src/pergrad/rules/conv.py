@@ -10,14 +10,14 @@ sequence form of :mod:`._sequence`, with the groups folded into the example axis
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._registry import Keep, flat_sq_norm, register_rule
-from ._sequence import Positions, WeightSharingRule, gram_is_cheaper, row_sq_norms
+from ._registry import Keep, Rule, register_rule
+from ._sequence import gram_is_cheaper, row_sq_norms
+from .linear import position_records
 
 CHUNK_ELEMENTS = 1 << 19  # per-example pieces (or unfolded patches) built at once, at most (2 MiB in float32)
 
@@ -64,23 +64,6 @@ def output_positions(module: nn.modules.conv._ConvNd, spatial: tuple[int, ...]) 
     for size, k, s, d, p in zip(spatial, module.kernel_size, module.stride, module.dilation, padding):
         t *= max(0, (size + 2 * p - d * (k - 1) - 1) // s + 1)
     return t
-
-
-class Built(NamedTuple):
-    """A convolution's per-example pieces, summed over its calls, or what the backward kept of them.
-
-    Attributes:
-        weight: (n, o, c/G, *kernel), or None when the weight is frozen or only its
-            reductions were kept.
-        weight_sq: (n,) the weight pieces' squared norms, when ``weight`` is None.
-        weight_second: (o, c/G, *kernel) Σⱼ P_j², when ``weight`` is None and it was asked for.
-        bias: (n, o), or None when there is no trainable bias.
-    """
-
-    weight: Tensor | None
-    weight_sq: Tensor | None
-    weight_second: Tensor | None
-    bias: Tensor | None
 
 
 def _backward_padding(module: nn.modules.conv._ConvNd, x: Tensor) -> tuple[Tensor, list[int]]:
@@ -172,7 +155,7 @@ def chunk_size(module: nn.modules.conv._ConvNd, x: Tensor, t: int) -> int:
 @register_rule(nn.Conv3d)
 @register_rule(nn.Conv2d)
 @register_rule(nn.Conv1d)
-class ConvRule(WeightSharingRule):
+class ConvRule(Rule):
     """Weight (o, c/G, *kernel): per group, ``Σ_t g_t A_tᵀ``; bias (o,): ``Σ_t g_t``.
 
     Whichever form costs fewer multiply-adds for the layer's shapes: the per-example pieces
@@ -242,53 +225,21 @@ class ConvRule(WeightSharingRule):
             call.pieces["weight_second"] = second.view(module.weight.shape)
         return grads | {"weight": grad.view(module.weight.shape)}
 
-    def prepare(self, module, calls):
-        if any("weight" in c.pieces or "weight_sq" in c.pieces for c in calls) or self._materialise(
-            module, sum(call.grad_outputs[0][0, 0].numel() for call in calls)
-        ):
-            return self._built(module, calls)
-        groups = module.groups
-        a_parts, g_parts = [], []
+    def records(self, module, calls):
+        """Per call: the weight's pieces where the backward built them (or what it kept of them)
+        or where materialising is cheaper, else an :class:`Outer` record of the unfolded input;
+        the bias's pieces ``Σ_t g_jt``."""
+        groups, out = module.groups, {}
         for call in calls:
-            a = unfold(module, call.args[0])  # (n, c·k, t)
-            n, _, t = a.shape
-            a_parts.append(a.reshape(n * groups, -1, t))  # (n·G, c/G·k, t): a view
-            g_parts.append(call.grad_outputs[0].reshape(n * groups, -1, t))  # (n·G, o/G, t)
-        a, g = (a_parts[0], g_parts[0]) if len(calls) == 1 else (torch.cat(a_parts, 2), torch.cat(g_parts, 2))
-        return Positions(a.transpose(1, 2), g.transpose(1, 2), a.shape[0] // groups)
-
-    @staticmethod
-    def _built(module, calls) -> Built:
-        """The weight's pieces summed over calls (from the backward where it built them), or
-        the one call's reductions; the bias's pieces."""
-        weight = weight_sq = weight_second = bias = None
-        if len(calls) == 1 and "weight_sq" in calls[0].pieces:
-            weight_sq, weight_second = calls[0].pieces["weight_sq"], calls[0].pieces.get("weight_second")
-        elif module.weight.requires_grad:
-
-            def pieces(call):
-                if "weight" in call.pieces:
-                    return call.pieces["weight"]
-                return per_example_weight_grads(module, call.args[0], call.grad_outputs[0])
-
-            weight = sum(pieces(c) for c in calls)
-        if module.bias is not None and module.bias.requires_grad:
-            bias = sum(c.pieces["bias"] if "bias" in c.pieces else c.grad_outputs[0].flatten(2).sum(2) for c in calls)
-        return Built(weight, weight_sq, weight_second, bias)
-
-    def per_example_grads(self, module, inputs):
-        if isinstance(inputs, Positions):
-            return super().per_example_grads(module, inputs)
-        return {name: p for name, p in zip(("weight", "bias"), (inputs.weight, inputs.bias)) if p is not None}
-
-    def sq_norms(self, module, inputs):
-        if isinstance(inputs, Positions):
-            return super().sq_norms(module, inputs)
-        out = {"weight": inputs.weight_sq} if inputs.weight_sq is not None else {}
-        return out | {name: flat_sq_norm(p) for name, p in self.per_example_grads(module, inputs).items()}
-
-    def second_moments(self, module, inputs):
-        if isinstance(inputs, Positions):
-            return super().second_moments(module, inputs)
-        out = {"weight": inputs.weight_second} if inputs.weight_second is not None else {}
-        return out | {name: p.square().sum(0) for name, p in self.per_example_grads(module, inputs).items()}
+            x, g = call.args[0], call.grad_outputs[0]  # (n, c, *spatial), (n, o, *spatial')
+            n, t = x.shape[0], g[0, 0].numel()
+            built = dict(call.pieces)
+            weight_known = "weight" in built or "weight_sq" in built or not module.weight.requires_grad
+            if not weight_known and self._materialise(module, t):
+                built["weight"] = per_example_weight_grads(module, x, g)
+                weight_known = True
+            a = None if weight_known else unfold(module, x).reshape(n * groups, -1, t).transpose(1, 2)
+            g = g.reshape(n * groups, -1, t).transpose(1, 2)  # (n·G, t, o/G)
+            for name, record in position_records(module, a, g, n, built).items():
+                out.setdefault(name, []).append(record)
+        return out

@@ -42,8 +42,9 @@ from torch.overrides import TorchFunctionMode
 
 from . import _sequence as seq
 from ._registry import Call, Rule, on_grad, widen
-from .embedding import embedding_rows
+from .embedding import lookup_rows
 from .functional import FALLBACK
+from .records import Dense, Outer, Record
 
 __all__ = ["DIRECT", "DirectMode", "DirectRule"]
 
@@ -59,86 +60,36 @@ class _Derived:
 
 
 @dataclass
-class Linear:
-    """A linear map of the call with a parameter as its weight: ``y = a Wᵀ`` (``"oi"``) or
-    ``y = a W`` (``"io"``), plus an optional bias parameter.
+class Factored:
+    """A use of the call's own parameters that the mode keeps in factored form, completed by
+    the gradient of its output during the backward pass.
 
     Attributes:
-        a: (n, t, i) the input, examples first.
+        kind: "oi" (``y = a Wᵀ + b``, F.linear), "io" (``y = a W + b``: matmul, addmm, GPT-2's
+            Conv1D) or "lookup" (``y = W[index]``, an embedding).
+        x: (n, t, i) the input, or (n, t) the indices, examples first.
         weight, bias: parameter names (bias may be None).
-        layout: "oi" (F.linear) or "io" (matmul, addmm: GPT-2's Conv1D).
+        padding_idx: a lookup's row that gets no gradient, or None.
         g: (n, t, o) gradient of the reduced loss with respect to y, once the backward ran.
     """
 
-    a: Tensor
+    kind: str
+    x: Tensor
     weight: str
-    bias: str | None
-    layout: str
+    bias: str | None = None
+    padding_idx: int | None = None
     g: Tensor | None = None
 
-    def pieces(self, shapes: dict[str, torch.Size]) -> dict[str, Tensor]:
-        """{name: (n, *p.shape)} per-example pieces."""
-        a, g = widen(self.a), widen(self.g)
-        n = a.shape[0]
-        w = seq.weight_grads(a, g)  # (n, o, i)
-        out = {self.weight: (w if self.layout == "oi" else w.transpose(1, 2)).reshape(n, *shapes[self.weight])}
+    def records(self) -> dict[str, Record]:
+        """{name: record} of the parameters it uses (see :mod:`.records`)."""
+        g = widen(self.g)
+        if self.kind == "lookup":
+            return {self.weight: lookup_rows(self.x, g, self.padding_idx)}
+        a = widen(self.x)
+        out: dict[str, Record] = {self.weight: Outer(g, a) if self.kind == "oi" else Outer(a, g)}
         if self.bias is not None:
-            out[self.bias] = seq.bias_grads(g).reshape(n, *shapes[self.bias])
+            out[self.bias] = Dense(seq.bias_grads(g))
         return out
-
-    def sq_norms(self, shapes: dict[str, torch.Size]) -> dict[str, Tensor]:
-        """{name: (n,)} squared norms of the pieces, by the cheaper exact form."""
-        a, g = widen(self.a), widen(self.g)
-        out = {self.weight: seq.weight_sq_norms(a, g)}
-        if self.bias is not None:
-            out[self.bias] = seq.row_sq_norms(seq.bias_grads(g))
-        return out
-
-    def second_moments(self, shapes: dict[str, torch.Size]) -> dict[str, Tensor]:
-        """{name: p.shape} Σⱼ P_j², without the (n, o, i) pieces where one position."""
-        a, g = widen(self.a), widen(self.g)
-        w = seq.weight_second_moment(a, g)  # (o, i)
-        out = {self.weight: (w if self.layout == "oi" else w.T).reshape(shapes[self.weight])}
-        if self.bias is not None:
-            out[self.bias] = seq.bias_grads(g).square().sum(0).reshape(shapes[self.bias])
-        return out
-
-
-@dataclass
-class Lookup:
-    """An embedding lookup of the call with a parameter as its table (V, d).
-
-    Attributes:
-        index: (n, t) the indices, examples first.
-        weight: the parameter name.
-        padding_idx: the row that gets no gradient, or None.
-        g: (n, t, d) gradient of the reduced loss with respect to the looked-up rows.
-    """
-
-    index: Tensor
-    weight: str
-    padding_idx: int | None
-    g: Tensor | None = None
-
-    def _rows(self, vocab: int):
-        return embedding_rows(self.index, widen(self.g), vocab, self.padding_idx)
-
-    def pieces(self, shapes: dict[str, torch.Size]) -> dict[str, Tensor]:
-        vocab, d = shapes[self.weight]
-        example, index, rows = self._rows(vocab)
-        out = rows.new_zeros(self.index.shape[0], vocab, d)
-        out[example, index] = rows
-        return {self.weight: out}
-
-    def sq_norms(self, shapes: dict[str, torch.Size]) -> dict[str, Tensor]:
-        example, _, rows = self._rows(shapes[self.weight][0])
-        sq = rows.new_zeros(self.index.shape[0]).index_add_(0, example, seq.row_sq_norms(rows))
-        return {self.weight: sq}
-
-    def second_moments(self, shapes: dict[str, torch.Size]) -> dict[str, Tensor]:
-        vocab, d = shapes[self.weight]
-        _, index, rows = self._rows(vocab)
-        return {self.weight: rows.new_zeros(vocab, d).index_add_(0, index, rows.square())}
 
 
 @dataclass
@@ -147,7 +98,7 @@ class DirectCall:
 
     Attributes:
         dense: {name: (n, *p.shape)} per-example pieces delivered to the expanded parameters.
-        records: linear maps and lookups kept in factored form.
+        records: linear maps and lookups kept in factored form (:class:`Factored`).
         unhandled: operations on a parameter the mode could not give an example axis (the
             call then goes through torch.func).
         ops: names of the operations handled.
@@ -160,7 +111,7 @@ class DirectCall:
     """
 
     dense: dict[str, Tensor] = field(default_factory=dict)
-    records: list[Linear | Lookup] = field(default_factory=list)
+    records: list[Factored] = field(default_factory=list)
     unhandled: list[str] = field(default_factory=list)
     ops: set[str] = field(default_factory=set)
     n: int | None = None
@@ -209,11 +160,22 @@ class DirectMode(TorchFunctionMode):
         buffers: ids of the module's buffers (constants, unlike the inputs).
         n: number of examples of the forward in progress.
         record: where the call's pieces and records go.
+        accounted_elsewhere: whether a use of a parameter, now, is accounted for by another
+            module's rule (the parameter is also registered on a submodule whose forward is
+            running): the mode then leaves it alone, so that every use counts once.
     """
 
-    def __init__(self, params: dict[int, tuple[str, Tensor]], buffers: set[int], n: int, record: DirectCall):
+    def __init__(
+        self,
+        params: dict[int, tuple[str, Tensor]],
+        buffers: set[int],
+        n: int,
+        record: DirectCall,
+        accounted_elsewhere: Callable[[Tensor], bool] = lambda p: False,
+    ):
         super().__init__()
         self.params = params
+        self.accounted_elsewhere = accounted_elsewhere
         self.buffers = buffers
         self.n = n
         self.record = record
@@ -268,7 +230,11 @@ class DirectMode(TorchFunctionMode):
         found = [(k, d) for k, a in enumerate(args) if (d := self._tracked(a)) is not None]
         found += [(k, d) for k, v in kwargs.items() if (d := self._tracked(v)) is not None]
         if not found:
+            if _holds_own_parameter(self, args, kwargs):
+                self.record.unhandled.append(f"{_op_name(func)} on parameters passed in a list")
             return func(*args, **kwargs)
+        if any(self.accounted_elsewhere(d.param) for _, d in found):
+            return func(*args, **kwargs)  # inside a module whose own rule accounts for this use
         handler = _HANDLERS.get(func)
         out = handler(self, func, args, kwargs, found) if handler is not None else None
         if out is not None:
@@ -292,6 +258,15 @@ class DirectMode(TorchFunctionMode):
             return out
         self.record.unhandled.append(f"{_op_name(func)} on {sorted(names)}")
         return out
+
+
+def _holds_own_parameter(mode: DirectMode, args, kwargs) -> bool:
+    """Whether an operation takes one of the mode's parameters inside a list or tuple (as
+    ``_VF.lstm`` takes an RNN's weights), where no handler can give it the example axis."""
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, (list, tuple)) and any(mode._tracked(x) is not None for x in a):
+            return True
+    return False
 
 
 def _compose(f, func, args, kwargs, k):
@@ -445,7 +420,7 @@ def _linear_map(mode, x: Tensor, weight: Tensor, bias: Tensor | None, layout: st
     if dw is not None and dw.f is None and (bias is None or db is not None and db.f is None):
         # the parameter itself: keep the factored form (a, g)
         y = F.linear(x, weight if layout == "oi" else weight.T, bias)
-        record = Linear(a.detach(), dw.name, None if bias is None else db.name, layout)
+        record = Factored(layout, a.detach(), dw.name, None if bias is None else db.name)
         if y.requires_grad:
             on_grad(y, lambda grad: setattr(record, "g", grad.reshape(mode.n, -1, o)))
             mode.record.records.append(record)
@@ -491,7 +466,7 @@ def _embedding(mode, func, args, kwargs, found):
     y = F.embedding(index, weight, padding_idx)
     if padding_idx is not None and padding_idx < 0:
         padding_idx += weight.shape[0]
-    record = Lookup(index.reshape(mode.n, -1), d.name, padding_idx)
+    record = Factored("lookup", index.reshape(mode.n, -1), d.name, padding_idx=padding_idx)
     if y.requires_grad:
         on_grad(y, lambda grad: setattr(record, "g", grad.reshape(mode.n, -1, weight.shape[1])))
         mode.record.records.append(record)
@@ -527,62 +502,24 @@ class DirectRule(Rule):
             return FALLBACK.batch_size(module, call)
         return record.n
 
-    def prepare(self, module, calls: list[Call]):
-        return calls
-
-    def per_example_grads(self, module, calls):
+    def records(self, module, calls):
+        """Per call: the pieces delivered to the expanded parameters (:class:`Dense`) and the
+        factored records of its linear maps and lookups; torch.func's pieces for a call whose
+        operations the mode could not follow."""
         shapes = {k: p.shape for k, p in self.parameters(module)}
-        out: dict[str, Tensor] = {}
+        out: dict[str, list[Record]] = {}
         for call in calls:
-            for k, v in self._call_pieces(module, call, shapes).items():
-                out[k] = out[k] + v if k in out else v
-        return out
-
-    def sq_norms(self, module, calls):
-        return self._reduced(module, calls, "sq_norms", lambda v: v.reshape(v.shape[0], -1).square().sum(1))
-
-    def second_moments(self, module, calls):
-        return self._reduced(module, calls, "second_moments", lambda v: v.square().sum(0))
-
-    def _reduced(self, module, calls, what: str, reduce) -> dict[str, Tensor]:
-        """Norms or second moments: from the factored records where a single call's records
-        own their parameters (``record.<what>(shapes)``), ``reduce`` of the dense pieces for
-        the rest; from the per-example pieces otherwise."""
-        only = self._factored_only(calls)
-        if only is None:
-            return getattr(super(), what)(module, calls)
-        shapes = {k: p.shape for k, p in self.parameters(module)}
-        out = {}
-        for record in only.records:
-            out.update(getattr(record, what)(shapes))
-        dense = self._call_pieces(module, calls[0], shapes, records=False)
-        out.update({k: reduce(v) for k, v in dense.items()})
-        return out
-
-    @staticmethod
-    def _factored_only(calls: list[Call]) -> DirectCall | None:
-        """The record of a single call whose factored records each own their parameters."""
-        if len(calls) != 1:
-            return None
-        record: DirectCall = calls[0].pieces.get("direct")
-        if record is None or record.unhandled:
-            return None
-        names = [n for r in record.records for n in (r.weight, getattr(r, "bias", None)) if n is not None]
-        if len(names) != len(set(names)) or set(names) & set(record.dense) or any(r.g is None for r in record.records):
-            return None
-        return record
-
-    def _call_pieces(self, module, call: Call, shapes, records: bool = True) -> dict[str, Tensor]:
-        record: DirectCall = call.pieces.get("direct")
-        if record is None or record.unhandled:
-            return FALLBACK._one_call(module, call)
-        out = {k: v.reshape(v.shape[0], *shapes[k]) for k, v in record.dense.items()}
-        if records:
-            for r in record.records:
-                if r.g is None:
-                    continue
-                for k, v in r.pieces(shapes).items():
-                    out[k] = out[k] + v if k in out else v
+            record: DirectCall | None = call.pieces.get("direct")
+            if record is None or record.unhandled:
+                found = {k: Dense(v) for k, v in FALLBACK._one_call(module, call).items()}
+            else:
+                found = {k: Dense(v.reshape(v.shape[0], *shapes[k])) for k, v in record.dense.items()}
+                for factored in record.records:
+                    if factored.g is not None:
+                        for k, r in factored.records().items():
+                            out.setdefault(k, []).append(r)
+            for k, r in found.items():
+                out.setdefault(k, []).append(r)
         return out
 
 

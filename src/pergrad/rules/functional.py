@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 
 from ._registry import Call, Rule
+from .records import Dense, Record
 
 
 @dataclass(frozen=True)
@@ -78,11 +79,12 @@ class FunctionalRule(Rule):
         """Where the example axis of the module's ``index``-th tensor output is."""
         return Batched()
 
-    def per_example_grads(self, module, calls):
-        out: dict[str, Tensor] = {}
+    def records(self, module, calls):
+        """Per call, the pieces themselves (:class:`Dense`), computed by torch.func."""
+        out: dict[str, list[Record]] = {}
         for call in calls:
             for k, v in self._one_call(module, call).items():
-                out[k] = out[k] + v if k in out else v
+                out.setdefault(k, []).append(Dense(v))
         return out
 
     def _one_call(self, module: nn.Module, call: Call) -> dict[str, Tensor]:

@@ -15,41 +15,14 @@ backward unless the per-example gradients themselves are needed.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
-import torch
 from torch import Tensor, nn
 
-from ._registry import Keep, flat_sq_norm, register_rule
-from ._sequence import (
-    Positions,
-    WeightSharingRule,
-    bias_grads,
-    materialising_in_backward_is_cheaper,
-    piece_chunks,
-    row_sq_norms,
-    weight_grads,
-)
-
-class Built(NamedTuple):
-    """What the backward pass of a Linear's calls kept of the per-example pieces.
-
-    Attributes:
-        weight: (n, o, i) per-example pieces summed over calls, or None if only their
-            reductions were kept (one call) or the weight is frozen.
-        weight_sq: (n,) their squared norms, when ``weight`` is None.
-        weight_second: (o, i) Σⱼ P_j², when ``weight`` is None and it was asked for.
-        bias: (n, o) per-example bias pieces summed over calls, or None (no trainable bias).
-    """
-
-    weight: Tensor | None
-    weight_sq: Tensor | None
-    weight_second: Tensor | None
-    bias: Tensor | None
-
+from ._registry import Keep, Rule, register_rule
+from ._sequence import bias_grads, materialising_in_backward_is_cheaper, piece_chunks, row_sq_norms, weight_grads
+from .records import Dense, Outer, Record, Reduced
 
 @register_rule(nn.Linear)
-class LinearRule(WeightSharingRule):
+class LinearRule(Rule):
     """Weight (o, i): ``P_j = Σ_t g_jt a_jtᵀ``; bias (o,): ``Σ_t g_jt``."""
 
     flattens_positions = True
@@ -100,50 +73,43 @@ class LinearRule(WeightSharingRule):
         call.pieces["bias"] = bias
         return {"weight": grad, "bias": bias.sum(0)}
 
-    def prepare(self, module, calls):
+    def records(self, module, calls):
+        """Per call: an :class:`Outer` record ``(g, a)`` for the weight and the bias's pieces
+        ``Σ_t g_jt``, or, where the backward pass built them, what it kept of the pieces."""
         n = calls[0].args[0].shape[0]
-        if not any(c.pieces for c in calls):
-            a = [c.args[0].reshape(n, -1, module.in_features) for c in calls]
-            g = [c.grad_outputs[0].reshape(n, -1, module.out_features) for c in calls]
-            return Positions(a[0], g[0], n) if len(calls) == 1 else Positions(torch.cat(a, 1), torch.cat(g, 1), n)
-        pieces = calls[0].pieces
-        if len(calls) == 1 and "weight" not in pieces:  # reduced during the backward pass
-            return Built(None, pieces.get("weight_sq"), pieces.get("weight_second"), pieces.get("bias"))
-        weight = bias = None
-        for c in calls:  # pieces of the calls the backward did not build them for (input by keyword)
-            g = c.grad_outputs[0].reshape(n, -1, module.out_features)
-            if module.weight.requires_grad:
-                w = c.pieces.get("weight")
-                w = weight_grads(c.args[0].reshape(n, -1, module.in_features), g) if w is None else w
-                weight = w if weight is None else weight + w
-            if module.bias is not None and module.bias.requires_grad:
-                b = c.pieces["bias"] if "bias" in c.pieces else bias_grads(g)
-                bias = b if bias is None else bias + b
-        return Built(weight, None, None, bias)
-
-    def per_example_grads(self, module, inputs):
-        if isinstance(inputs, Positions):
-            return super().per_example_grads(module, inputs)
-        return self._each(module, inputs, lambda w: w, lambda b: b)
-
-    def sq_norms(self, module, inputs):
-        if isinstance(inputs, Positions):
-            return super().sq_norms(module, inputs)
-        return self._each(module, inputs, flat_sq_norm, flat_sq_norm, reduced=inputs.weight_sq)
-
-    def second_moments(self, module, inputs):
-        if isinstance(inputs, Positions):
-            return super().second_moments(module, inputs)
-        square_sum = lambda x: x.square().sum(0)  # noqa: E731
-        return self._each(module, inputs, square_sum, square_sum, reduced=inputs.weight_second)
-
-    @staticmethod
-    def _each(module, inputs: Built, weight_fn, bias_fn, reduced: Tensor | None = None) -> dict[str, Tensor]:
-        """``{"weight": reduced, or weight_fn((n, o, i) pieces), "bias": bias_fn((n, o) pieces)}``
-        for the trainable parameters."""
-        out = {}
-        if module.weight.requires_grad:
-            out["weight"] = reduced if inputs.weight is None else weight_fn(inputs.weight)
-        if inputs.bias is not None:
-            out["bias"] = bias_fn(inputs.bias)
+        out: dict[str, list[Record]] = {}
+        for call in calls:
+            a = call.args[0].reshape(n, -1, module.in_features)  # (n, t, i)
+            g = call.grad_outputs[0].reshape(n, -1, module.out_features)  # (n, t, o)
+            for name, record in position_records(module, a, g, n, call.pieces).items():
+                out.setdefault(name, []).append(record)
         return out
+
+
+def position_records(module: nn.Module, a: Tensor, g: Tensor, n: int, built: dict[str, Tensor]) -> dict[str, Record]:
+    """The records of one call of a layer with a ``weight`` applied at every position and an
+    optional ``bias``, trainable parameters only.
+
+    Args:
+        module: the layer.
+        a: (n·G, t, i) inputs, G groups stacked along the weight's first axis.
+        g: (n·G, t, o) output gradients.
+        n: number of examples.
+        built: what the backward pass kept of the pieces it built (``"weight"`` (n, *shape),
+            or its reductions ``"weight_sq"`` (n,) and ``"weight_second"``; ``"bias"`` (n, G·o)).
+
+    Returns:
+        The weight's :class:`Outer` record ``P_j = Σ_t g_jt a_jtᵀ`` (or what was built), the
+        bias's :class:`Dense` one ``Σ_t g_jt``.
+    """
+    out: dict[str, Record] = {}
+    if module.weight.requires_grad:
+        if "weight" in built:
+            out["weight"] = Dense(built["weight"])
+        elif "weight_sq" in built:
+            out["weight"] = Reduced(built["weight_sq"], built.get("weight_second"))
+        else:
+            out["weight"] = Outer(g, a, groups=a.shape[0] // n)
+    if getattr(module, "bias", None) is not None and module.bias.requires_grad:
+        out["bias"] = Dense(built["bias"] if "bias" in built else bias_grads(g).reshape(n, -1))
+    return out

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._registry import Call, Rule, register_rule
+from .records import Dense
 
 
 class _AffineNormRule(Rule):
@@ -41,23 +42,17 @@ class _AffineNormRule(Rule):
             return x.sub(call.internals["mean"]).mul_(call.internals["rstd"])
         return self.normalised(module, x)
 
-    def prepare(self, module, calls: list[Call]) -> dict[str, Tensor]:
-        """The per-example pieces ``{name: (n, *weight.shape)}``, summed over calls, computed once
-        for the norms and the second moments."""
-        out: dict[str, Tensor] = {}
+    def records(self, module, calls: list[Call]) -> dict[str, list[Dense]]:
+        """Per call, the pieces ``Σ g ⊙ â`` (weight) and ``Σ g`` (bias), (n, *weight.shape):
+        no larger than the normalised input, so always materialised."""
+        out: dict[str, list[Dense]] = {}
         for call in calls:
             g = call.grad_outputs[0]
-            pieces = {}
             if getattr(module, "weight", None) is not None and module.weight.requires_grad:
-                pieces["weight"] = self.fold(module, self.normalised_of_call(module, call).mul_(g))
+                out.setdefault("weight", []).append(Dense(self.fold(module, self.normalised_of_call(module, call).mul_(g))))
             if getattr(module, "bias", None) is not None and module.bias.requires_grad:
-                pieces["bias"] = self.fold(module, g)
-            for k, v in pieces.items():
-                out[k] = out[k] + v if k in out else v
+                out.setdefault("bias", []).append(Dense(self.fold(module, g)))
         return out
-
-    def per_example_grads(self, module, pieces: dict[str, Tensor]):
-        return pieces
 
 
 class _LastAxesRule(_AffineNormRule):
