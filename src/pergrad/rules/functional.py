@@ -18,6 +18,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 
@@ -120,13 +121,28 @@ class FunctionalRule(Rule):
                 warnings.filterwarnings("ignore", message="There is a performance drop")
                 return vmap(one_example, in_dims=in_dims, randomness="error")(args, kwargs, cotangents)
         except RuntimeError as err:
-            if "randomness" not in str(err):
-                raise
+            if "randomness" not in str(err):  # an op vmap cannot batch (an RNN's in-place kernels): a loop
+                return _one_at_a_time(one_example, in_dims, (args, kwargs, cotangents), n)
             raise RuntimeError(
                 f"{type(module).__name__} draws random numbers in its forward (dropout?), so its "
                 "per-example gradients cannot be recomputed exactly. Set its dropout to 0 or "
                 "call .eval() on it."
             ) from err
+
+
+def _one_at_a_time(fn, in_dims, inputs, n: int) -> dict[str, Tensor]:
+    """What ``vmap(fn, in_dims)(*inputs)`` returns, one example at a time: each example's slice
+    of the batched inputs (``None`` dims shared), results stacked along a new first axis."""
+
+    def slice_of(x, dim, j):
+        if isinstance(x, dict):
+            return {k: slice_of(v, dim[k] if isinstance(dim, dict) else dim, j) for k, v in x.items()}
+        if isinstance(x, tuple):
+            return tuple(slice_of(v, dim[k] if isinstance(dim, tuple) else dim, j) for k, v in enumerate(x))
+        return x if dim is None or not isinstance(x, Tensor) else x.select(dim, j)
+
+    each = [fn(*slice_of(inputs, in_dims, j)) for j in range(n)]
+    return {k: torch.stack([e[k] for e in each]) for k in each[0]}
 
 
 class FallbackRule(FunctionalRule):
