@@ -140,3 +140,35 @@ def test_tied_embedding_norms_build_no_per_example_table(model_class, monkeypatc
         assert rel_err(result.param_sq_norms["emb.weight"], want) <= 1e-10
     assert seen[False] < table
     assert seen[True] >= table
+
+
+class SequenceBias(nn.Module):
+    """Opacus's ``SequenceBias``: appends a learned step to a sequence-first batch (t, n, d)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(d))
+
+    def forward(self, x):
+        return torch.cat([x, self.bias.repeat(1, x.shape[1], 1)])
+
+
+class WithSequenceBias(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.extend = nn.Linear(4, 4), SequenceBias(4)
+
+    def forward(self, x):  # (n, t, 4), sequence-first inside
+        return self.extend(self.lin(x).transpose(0, 1)).transpose(0, 1)
+
+
+@pytest.mark.parametrize("t", [3, 5], ids=["t-equals-n", "t-not-n"])
+@pytest.mark.parametrize("verify", ["first", False])
+def test_a_sequence_first_module_without_a_rule_is_refused_by_name(t, verify):
+    """Where the direct path cannot give a batch-second parameter its example axis, the refusal is
+    a pergrad error that names the module, never a crash inside pergrad or a wrong number."""
+    torch.manual_seed(0)
+    model = WithSequenceBias().double()
+    with pergrad.PerExample(model, verify=verify) as pe:
+        with pytest.raises(pergrad.CaptureError, match="SequenceBias"):
+            pe.backward(per_example_loss(model(torch.randn(3, t, 4, dtype=torch.float64)), torch.zeros(())))

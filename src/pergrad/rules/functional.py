@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 
+from ..errors import CaptureError
 from ._registry import Call, Rule
 from .records import Dense, Record
 
@@ -95,6 +96,14 @@ class FunctionalRule(Rule):
         reached = [k for k, g in enumerate(call.grad_outputs) if g is not None]
         out_b = [self.output_layout(module, k) for k in reached]
         cotangents = tuple(call.grad_outputs[k] for k in reached)
+        for k, c, b in zip(reached, cotangents, out_b):
+            if c.dim() <= b.dim or c.shape[b.dim] != n:
+                raise CaptureError(
+                    f"{type(module).__name__}'s output {k} has shape {tuple(c.shape)}, with no axis of the "
+                    f"batch's {n} examples at {b.dim}: pergrad cannot tell which axis holds the examples in "
+                    "this module. Keep the example axis first in its inputs and outputs, or register a rule "
+                    "for it (pergrad.register_rule)."
+                )
 
         def restore(x, b):
             return x.unsqueeze(b.dim) if b is not None and b.keep else x
@@ -122,7 +131,13 @@ class FunctionalRule(Rule):
                 return vmap(one_example, in_dims=in_dims, randomness="error")(args, kwargs, cotangents)
         except RuntimeError as err:
             if "randomness" not in str(err):  # an op vmap cannot batch (an RNN's in-place kernels): a loop
-                return _one_at_a_time(one_example, in_dims, (args, kwargs, cotangents), n)
+                try:
+                    return _one_at_a_time(one_example, in_dims, (args, kwargs, cotangents), n)
+                except Exception as inner:
+                    raise CaptureError(
+                        f"torch.func cannot compute {type(module).__name__} one example at a time ({inner}). "
+                        "Register a rule for it (pergrad.register_rule), or freeze its parameters."
+                    ) from inner
             raise RuntimeError(
                 f"{type(module).__name__} draws random numbers in its forward (dropout?), so its "
                 "per-example gradients cannot be recomputed exactly. Set its dropout to 0 or "
