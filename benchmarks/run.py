@@ -31,7 +31,8 @@ measurement's timer starts and removed after it stops; the garbage collector is 
 Peak memory is measured in a separate process per (workload, method): ``run.py --memory-child
 WORKLOAD METHOD``. After one step and clearing every gradient, the child records its resting memory,
 runs two steps, and reports the peak above the resting level: on CPU the peak resident set size
-(VmHWM, reset through /proc/self/clear_refs), on CUDA ``torch.cuda.max_memory_allocated``.
+(VmHWM, reset through /proc/self/clear_refs), on CUDA ``torch.cuda.max_memory_allocated``; with
+``--largest-allocation``, one more step under torch's profiler gives the largest single allocation.
 
 Run: ``.venv/bin/python benchmarks/run.py`` (``make bench``, about 10 minutes on two CPU cores);
 ``--quick`` for a smoke run (written to a temporary folder); ``--help`` for the options.
@@ -86,9 +87,13 @@ WORKLOADS: dict[str, Callable[[str], Workload]] = {
     "sdpa-t256": lambda dev: wl.transformer(16, 256, device=dev, sdpa=True, key="sdpa-t256"),
     "llama": lambda dev: wl.llama(16, 64, device=dev),
     "vit": lambda dev: wl.vit(32, device=dev),
+    "gpt2-tied": lambda dev: wl.gpt2_tied(8, 128, device=dev),
 }
 QUICK_WORKLOADS = ["mlp", "cnn", "transformer", "sdpa"]
-NEEDS_TRANSFORMERS = {"llama", "vit"}  # run where transformers imports (not beside a CUDA torchvision)
+NEEDS_TRANSFORMERS = {"llama", "vit", "gpt2-tied"}  # run where transformers imports (not beside a CUDA torchvision)
+# run only when named in --workloads: GPT-2's width and vocabulary make a step take seconds on a CPU and
+# the other tools far longer (run it as --workloads gpt2-tied --methods pergrad)
+OPT_IN_WORKLOADS = {"gpt2-tied"}
 
 
 def _default_workloads() -> list[str]:
@@ -97,10 +102,10 @@ def _default_workloads() -> list[str]:
         import transformers  # noqa: F401
 
         transformers.LlamaForCausalLM, transformers.ViTForImageClassification  # noqa: B018
-        return list(WORKLOADS)
+        return [k for k in WORKLOADS if k not in OPT_IN_WORKLOADS]
     except Exception:  # not installed, or broken by a torchvision that does not load
         print("transformers' models do not import here: skipping the llama and vit workloads", file=sys.stderr)
-        return [k for k in WORKLOADS if k not in NEEDS_TRANSFORMERS]
+        return [k for k in WORKLOADS if k not in NEEDS_TRANSFORMERS | OPT_IN_WORKLOADS]
 
 # scaling plot: x name -> (title, points, quick points, workload builder)
 SCALING: dict[str, tuple[str, list[int], list[int], Callable[[int, str], Workload]]] = {
@@ -592,8 +597,26 @@ def _proc_status_kib(field_name: str) -> int:
         return int(re.search(rf"^{field_name}:\s+(\d+) kB", f.read(), re.M).group(1))
 
 
-def memory_child(workload: str, method_key: str, device: str, threads: int) -> int:
-    """Peak bytes a steady-state step needs above the resting state; printed as JSON."""
+def largest_allocation(method: Method, device: str) -> int:
+    """Bytes of the largest single block allocated during one more step, from the memory events of
+    torch's profiler (``profile_memory=True``): every allocation of torch's CPU or CUDA allocator."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    kind = torch.device(device).type.upper()  # CPU or CUDA
+    with profile(activities=activities, profile_memory=True) as prof:
+        method.step()
+        synchronize(device)
+    sizes = [e.nbytes() for e in prof.profiler.kineto_results.events()
+             if e.name() == "[memory]" and e.device_type().name == kind]
+    method.clear()
+    return max(sizes, default=0)
+
+
+def memory_child(workload: str, method_key: str, device: str, threads: int, largest: bool = False) -> int:
+    """Peak bytes a steady-state step needs above the resting state; printed as JSON. With ``largest``,
+    one more step (after the peak is read) also gives the largest single allocation."""
     torch.set_num_threads(threads)
     w = WORKLOADS[workload](device)
     method = METHODS[method_key](w)
@@ -615,25 +638,34 @@ def memory_child(workload: str, method_key: str, device: str, threads: int) -> i
         method.step()
     synchronize(device)
     peak = torch.cuda.max_memory_allocated() if cuda else _proc_status_kib("VmHWM") * 1024
+    report = {"extra_bytes": peak - base, "base_bytes": base}
+    if largest:
+        method.clear()
+        report["largest_allocation_bytes"] = largest_allocation(method, device)
     method.exit()
-    print(json.dumps({"extra_bytes": peak - base, "base_bytes": base}))
+    print(json.dumps(report))
     return 0
 
 
-def measure_memory(workload: str, method_key: str, device: str, threads: int) -> tuple[float | None, str]:
-    """(extra bytes, error) from a fresh process."""
+def measure_memory(workload: str, method_key: str, device: str, threads: int, largest: bool = False,
+                   details: dict | None = None) -> tuple[float | None, str]:
+    """(extra bytes, error) from a fresh process; ``details`` receives everything the child reported
+    (with ``largest``, also ``largest_allocation_bytes``)."""
     env = dict(os.environ)
     # large blocks straight from and back to the OS, so that the resident set follows what is live
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", workload, method_key,
-           "--device", device, "--threads", str(threads)]
+           "--device", device, "--threads", str(threads)] + (["--largest-allocation"] if largest else [])
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     except subprocess.TimeoutExpired:
         return None, "timed out"
     if proc.returncode != 0:
         return None, (proc.stderr.strip().splitlines() or ["failed"])[-1][:160]
-    return float(json.loads(proc.stdout.strip().splitlines()[-1])["extra_bytes"]), ""
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    if details is not None:
+        details.update(report)
+    return float(report["extra_bytes"]), ""
 
 
 # --- scaling ---------------------------------------------------------------------------------
@@ -756,7 +788,7 @@ def _load() -> str:
 def results_markdown(env: dict[str, str], settings: str, names: dict[str, str], keys: list[str],
                      status: dict[str, dict[str, Status]], timing: dict[str, Timing],
                      memory: dict[str, dict[str, tuple[float | None, str]]], has_scaling: bool,
-                     scaling_load: float | None = None) -> str:
+                     scaling_load: float | None = None, largest: dict[str, dict[str, int]] | None = None) -> str:
     notes: list[str] = []
     # one note for every (workload, state, reason), naming all the methods it concerns
     groups: dict[tuple[str, str, str], list[str]] = {}
@@ -851,6 +883,19 @@ def results_markdown(env: dict[str, str], settings: str, names: dict[str, str], 
                 else:
                     row.append(f"{(extra - plain) / mb:+.1f}")
             lines.append("| " + " | ".join(row) + " |")
+    if largest and any(largest.values()):
+        lines += [
+            "",
+            "Largest single allocation of a step (`--largest-allocation`: one more step under torch's profiler), "
+            "in MB:",
+            "",
+            "| workload | " + " | ".join(f"`{k}`" for k in keys) + " |",
+            "|---|" + "---:|" * len(keys),
+        ]
+        for wk, d in largest.items():
+            if d:
+                lines.append("| " + " | ".join([names[wk]] + [f"{d[k] / 2**20:.1f}" if k in d else "–" for k in keys])
+                             + " |")
 
     lines += ["", "## Figures", "", "![step time ratio](results.png)", ""]
     if has_scaling:
@@ -953,7 +998,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="smoke run: 4 small workloads, 3 rounds, short measurements, 2-point scaling, "
                              "memory of plain and pergrad on the MLP only; written to a temporary folder unless --out")
     parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), metavar="W",
-                        help=f"workloads to run (default: all): {', '.join(WORKLOADS)}")
+                        help=f"workloads to run (default: all but {', '.join(sorted(OPT_IN_WORKLOADS))}, which "
+                             f"run only when named): {', '.join(WORKLOADS)}")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), metavar="M",
                         help=f"methods to run (default: all; plain always): {', '.join(METHODS)}")
     parser.add_argument("--rounds", type=int, help="timed rounds per workload (default 15; quick 3)")
@@ -969,6 +1015,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="before each measurement, wait while other processes keep the CPU busy, at most "
                              "this long over the whole run (default 300; quick 0: never wait)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
+    parser.add_argument("--largest-allocation", action="store_true",
+                        help="also measure the largest single allocation of a step (one more step per memory "
+                             "process, under torch's profiler)")
     parser.add_argument("--no-scaling", action="store_true", help="skip the scaling plot")
     parser.add_argument("--memory-child", nargs=2, metavar=("WORKLOAD", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -976,7 +1025,7 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(args.threads)
     if args.memory_child:
-        return memory_child(*args.memory_child, device, args.threads)
+        return memory_child(*args.memory_child, device, args.threads, args.largest_allocation)
 
     quick = args.quick
     rounds = args.rounds or (3 if quick else 15)
@@ -1016,16 +1065,23 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
 
     memory: dict[str, dict[str, tuple[float | None, str]]] = {}
+    largest: dict[str, dict[str, int]] = {}  # with --largest-allocation: bytes of the largest single block
     if not args.no_memory:
         for wk in (wks[:1] if quick else wks):
-            memory[wk] = {}
+            memory[wk], largest[wk] = {}, {}
             for k in keys:
                 if status[wk][k].state == "ok" and (not quick or k in ("plain", "pergrad")):
-                    memory[wk][k] = measure_memory(wk, k, device, args.threads)
+                    details: dict = {}
+                    memory[wk][k] = measure_memory(wk, k, device, args.threads, args.largest_allocation, details)
+                    if "largest_allocation_bytes" in details:
+                        largest[wk][k] = details["largest_allocation_bytes"]
             plain = memory[wk]["plain"][0]
             log(f"memory {names[wk]}: " + ", ".join(
                 f"{k} {v / 2**20:.1f} MB" if v is not None else f"{k} failed ({e})"
                 for k, (v, e) in memory[wk].items()) + ("" if plain is None else " (peak above rest)"))
+            if largest[wk]:
+                log(f"largest single allocation {names[wk]}: "
+                    + ", ".join(f"{k} {v / 2**20:.1f} MB" for k, v in largest[wk].items()))
 
     scaled: dict[str, dict[str, dict[int, float]]] = {}
     scaled_other: dict[str, dict[int, float | None]] = {}
@@ -1048,13 +1104,14 @@ def main(argv: list[str] | None = None) -> int:
     write_text(out / "RESULTS.md",
                results_markdown(env, settings, names, keys, status, timing, memory, bool(scaled),
                                 max((v for d in scaled_other.values() for v in d.values() if v is not None),
-                                    default=None)))
+                                    default=None), largest))
     raw = {
         "environment": env, "settings": settings, "workloads": names,
         "status": {wk: {k: vars(s) for k, s in st.items()} for wk, st in status.items()},
         "seconds": {wk: t.seconds for wk, t in timing.items()},
         "ratios": {wk: t.ratios for wk, t in timing.items()},
         "memory_extra_bytes": {wk: {k: v for k, (v, _) in m.items()} for wk, m in memory.items()},
+        "memory_largest_allocation_bytes": {wk: d for wk, d in largest.items() if d},
         "scaling_seconds": scaled,
         "other_load_cores": {wk: t.other_load for wk, t in timing.items()},
         "scaling_other_load_cores": scaled_other,

@@ -212,6 +212,34 @@ def llama(n: int = 16, t: int = 64, seed: int = 0, device: str = "cpu", key: str
                     next_token_losses)
 
 
+def gpt2_tied(n: int = 8, t: int = 128, layers: int = 2, seed: int = 0, device: str = "cpu",
+              key: str = "gpt2-tied") -> Workload:
+    """transformers' GPT2LMHeadModel at GPT-2 small's width, random init: d=768, 12 heads, MLP 3072,
+    vocabulary 50257, ``layers`` blocks (GPT-2 small has 12), no dropout, SDPA attention. The output
+    head's weight IS the token embedding's (``lm_head.weight is transformer.wte.weight``, GPT-2's
+    default), so its per-example gradient is the sum of two modules' contributions; an engine that
+    materialises it builds (n, 50257, 768) floats: n · 154 MB.
+
+    The tokens include token 0 (every 16th position) and tokens repeated within and across
+    examples (token 0, and 50256 at every 16th position from the 8th)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    vocab = 50257
+    config = GPT2Config(vocab_size=vocab, n_positions=t, n_embd=768, n_layer=layers, n_head=12,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False,
+                        attn_implementation="sdpa")
+    lm = GPT2LMHeadModel(config)
+    if lm.lm_head.weight is not lm.transformer.wte.weight:
+        raise RuntimeError("GPT2LMHeadModel did not tie lm_head.weight to transformer.wte.weight")
+    tokens = torch.randint(0, vocab, (n, t + 1))
+    tokens[:, ::16] = 0
+    tokens[:, 8::16] = vocab - 1
+    return Workload(key, f"GPT-2 (transformers) {layers}L d768 V{vocab} tied, n={n} t={t}",
+                    LogitsOf(lm, "input_ids").to(device), tokens[:, :-1].contiguous().to(device),
+                    tokens[:, 1:].contiguous().to(device), next_token_losses)
+
+
 def vit(n: int = 32, seed: int = 0, device: str = "cpu", key: str = "vit") -> Workload:
     """transformers' ViTForImageClassification, random init: 32x32 images, patches 4x4 (64
     tokens and a class token), 2 layers, d=128, 4 heads, MLP 512, 10 classes."""
