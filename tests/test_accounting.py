@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import pergrad
+from memory import LargestTensor
 from cases import ALL_CASES, ScaledTiedLM, TiedNoPadding, _tokens_with_zero, build
 from pergrad.rules import Rule, _registry
 from reference import per_example_loss, reference_grads, rel_err
@@ -97,21 +96,6 @@ def test_parameters_passed_in_a_list_go_through_torch_func(verify):
         assert rel_err(result.grads[name], w) <= 1e-10, name
 
 
-class _LargestTensor(TorchDispatchMode):
-    """The most elements of any tensor an operation returns while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("model_class", [TiedNoPadding, ScaledTiedLM], ids=["rules", "direct-embedding"])
 def test_tied_embedding_norms_build_no_per_example_table(model_class, monkeypatch):
     """Norms mode (with second moments off) on an embedding tied to the head: no operation of the
@@ -134,7 +118,7 @@ def test_tied_embedding_norms_build_no_per_example_table(model_class, monkeypatc
     for grads in (False, True):
         with pergrad.PerExample(model, grads=grads, verify=False) as pe:
             losses = per_example_loss(model(x), target)
-            with _LargestTensor() as probe:
+            with LargestTensor() as probe:
                 result = pe.backward(losses)
         seen[grads] = probe.largest
         assert rel_err(result.param_sq_norms["emb.weight"], want) <= 1e-10

@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import pergrad
+from memory import LargestTensor
 from cases import CONV, build
 from pergrad.rules import Keep, conv
 from reference import per_example_loss, reference_grads, rel_err
@@ -86,21 +85,6 @@ def test_pieces_in_the_backward_replace_autograds_weight_gradient():
     _check(nn.Sequential(narrow, nn.Tanh(), nn.Conv2d(4, 16, 1), wide).double(), torch.randn(3, 2, 4, 4).double())
 
 
-class _LargestTensor(TorchDispatchMode):
-    """Records the most elements of any tensor an operation returns while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize(
     "layer, size",
     [(nn.Conv2d(6, 8, 3, padding=1), (4, 4)), (nn.Conv2d(1, 16, 3, padding=1), (2, 3))],
@@ -120,7 +104,7 @@ def test_norms_mode_holds_no_whole_batch_of_pieces(layer, size, monkeypatch):
     for grads in (False, True):
         with pergrad.PerExample(model, grads=grads, second_moment=True) as pe:
             losses = per_example_loss(model(x), target)
-            with _LargestTensor() as probe:
+            with LargestTensor() as probe:
                 pe.backward(losses)
         seen[grads] = probe.largest
     assert seen[False] < whole
