@@ -102,6 +102,35 @@ class Attention(nn.Module):
         return out + weights.square().sum(-1, keepdim=True) if self.use_weights else out
 
 
+class Recurrent(nn.Module):
+    """nn.RNN/LSTM/GRU fed (n, t, 3) examples first, in its own layout inside, with a Linear
+    head. Its initial state comes from the first time step through a Linear (the torch.func
+    reference vmaps the whole model: zeros left to the module would have no example axis);
+    ``use_state`` adds the final hidden state to the output."""
+
+    def __init__(self, cls, batch_first, use_state=False, **options):
+        super().__init__()
+        self.rnn = cls(3, 4, batch_first=batch_first, **options)
+        self.use_state = use_state
+        self.states = self.rnn.num_layers * (2 if self.rnn.bidirectional else 1)
+        self.h_out = options.get("proj_size") or 4
+        self.c = 4 if cls is nn.LSTM else 0
+        self.init = nn.Linear(3, self.states * (self.h_out + self.c))
+        self.head = nn.Linear((2 if self.rnn.bidirectional else 1) * self.h_out, 2)
+
+    def forward(self, x):
+        n = x.shape[0]
+        init = torch.tanh(self.init(x[:, 0])).reshape(n, self.states, -1).transpose(0, 1)
+        h0 = init[..., : self.h_out].contiguous()
+        hx = (h0, init[..., self.h_out :].contiguous()) if self.c else h0
+        out, state = self.rnn(x if self.rnn.batch_first else x.transpose(0, 1), hx)
+        y = self.head(out if self.rnn.batch_first else out.transpose(0, 1))
+        if self.use_state:
+            h_n = state[0] if self.c else state
+            y = y + h_n.sum(0)[:, None, :2]
+        return y
+
+
 class Scale(nn.Module):
     """A layer with no rule: y = x ⊙ w (handled by the torch.func fallback)."""
 
@@ -306,6 +335,22 @@ ATTENTION = [
     Case("mha-bias-kv-zero-attn", lambda: Attention(True, add_bias_kv=True, add_zero_attn=True), _randn(3, 8)),
     Case("mha-loss-uses-weights", lambda: Attention(False, masked=True, use_weights=True), _randn(4, 8)),
 ]
+RECURRENT = [
+    Case("rnn-batch-first", lambda: Recurrent(nn.RNN, True), _randn(5, 3)),
+    Case(
+        "rnn-seq-first-relu-2-layers-bidir",
+        lambda: Recurrent(nn.RNN, False, True, nonlinearity="relu", num_layers=2, bidirectional=True),
+        _randn(4, 3),
+    ),
+    Case(
+        "lstm-batch-first-2-layers-bidir-state",
+        lambda: Recurrent(nn.LSTM, True, True, num_layers=2, bidirectional=True),
+        _randn(4, 3),
+    ),
+    Case("lstm-seq-first-proj", lambda: Recurrent(nn.LSTM, False, True, proj_size=2), _randn(5, 3)),
+    Case("gru-seq-first", lambda: Recurrent(nn.GRU, False), _randn(5, 3)),
+    Case("gru-batch-first-no-bias-bidir", lambda: Recurrent(nn.GRU, True, True, bias=False, bidirectional=True), _randn(3, 3)),
+]
 FALLBACK = [
     Case("fallback-custom-layer", lambda: nn.Sequential(nn.Linear(3, 4), Scale(4)), _randn(3), "fallback"),
 ]
@@ -322,8 +367,11 @@ RULE_CASES: dict[type[nn.Module], list[Case]] = {
     nn.modules.batchnorm._BatchNorm: [c for c in NORMS if c.name.startswith("batchnorm")],
     nn.MultiheadAttention: ATTENTION,
     nn.EmbeddingBag: BAGS,
+    nn.RNN: [c for c in RECURRENT if c.name.startswith("rnn")],
+    nn.LSTM: [c for c in RECURRENT if c.name.startswith("lstm")],
+    nn.GRU: [c for c in RECURRENT if c.name.startswith("gru")],
 }
-ALL_CASES = LINEAR + CONV + EMBEDDING + BAGS + NORMS + ATTENTION + DIRECT + FALLBACK
+ALL_CASES = LINEAR + CONV + EMBEDDING + BAGS + NORMS + ATTENTION + RECURRENT + DIRECT + FALLBACK
 
 
 def build(case: Case, seed: int = 0) -> nn.Module:

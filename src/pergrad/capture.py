@@ -266,7 +266,7 @@ class Capture:
             if not self._capturing() or output is None:
                 return None
             if record is None:  # a directly-used module's mode gives its parameters the example axis itself
-                args, kwargs, output = self._broadcast(args, kwargs, output)
+                args, kwargs, output = self._broadcast(target, args, kwargs, output)
             if not args and kwargs:  # inputs by keyword: rules read the first one positionally
                 args, kwargs = _positional(module, kwargs)
             call = Call(tuple(_detached(a) for a in args), {k: _detached(v) for k, v in kwargs.items()})
@@ -301,16 +301,18 @@ class Capture:
 
         return hook
 
-    def _broadcast(self, args: tuple, kwargs: dict, output: Any) -> tuple[tuple, dict, Any]:
+    def _broadcast(self, target: Target, args: tuple, kwargs: dict, output: Any) -> tuple[tuple, dict, Any]:
         """A call made for a batch of one whose output broadcasts against the batch (position
         ids of shape (1, t)): its output and inputs get the example axis explicitly, so that its
-        output gradient arrives per example. Any other call is returned unchanged."""
+        output gradient arrives per example. Any other call is returned unchanged, among them a
+        call whose rule reads its examples elsewhere than axis 0 (a sequence-first RNN fed one
+        step, (1, n, ·))."""
         n = self.n_forward
         outputs = output_tensors(output)
         if n is None or n == 1 or not outputs or outputs[0].dim() == 0 or outputs[0].shape[0] != 1:
             return args, kwargs, output  # the usual case, decided on the first output alone
         tensors = [x for x in (*args, *kwargs.values(), *outputs) if isinstance(x, Tensor) and x.dim() > 0]
-        if any(x.shape[0] != 1 for x in tensors):
+        if any(x.shape[0] != 1 for x in tensors) or target.rule.batch_size(target.module, Call(args, kwargs)) != 1:
             return args, kwargs, output
 
         def widen_batch(x):

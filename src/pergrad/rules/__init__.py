@@ -1,6 +1,6 @@
 """Per-layer rules. Every rule module is imported here, in one visible place, to register it."""
 
-from . import attention, conv, embedding, linear, norm  # noqa: F401  (registration)
+from . import attention, conv, embedding, linear, norm, recurrent  # noqa: F401  (registration)
 from . import records
 from ._registry import Call, Keep, Rule, on_grad, register_rule, registered_rules, rule_for, widen
 from .records import Dense, Outer, Record, Reduced, Rows

@@ -43,11 +43,12 @@ class Batched:
 
 
 def output_tensors(output: Any) -> list[Tensor]:
-    """The tensors among a module's outputs, in order (a tensor, or a tuple/list of them)."""
+    """The tensors among a module's outputs, in order: a tensor, or tuples/lists of them,
+    nested ones flattened depth-first (LSTM's ``(out, (h_n, c_n))`` gives ``[out, h_n, c_n]``)."""
     if isinstance(output, Tensor):
         return [output]
     if isinstance(output, (tuple, list)):
-        return [o for o in output if isinstance(o, Tensor)]
+        return [t for o in output for t in output_tensors(o)]
     return []
 
 
