@@ -158,6 +158,7 @@ class DistributedPerExample:
                 "model (ddp.module), and run the forward through the wrapper as usual."
             )
         self._pe = PerExample(model, second_moment=second_moment, on_unsupported=on_unsupported, verify=verify)
+        self._pe.local_grads = True  # its backward passes run under no_sync
         self._params = {name: p for name, p in model.named_parameters() if p.requires_grad}
         self.second_moment = second_moment
         self.group = group

@@ -23,6 +23,11 @@ __all__ = ["PerExample", "PerExampleResult"]
 
 _REDUCTIONS = ("mean", "sum")
 
+#: The check that every parameter's pieces add up to autograd's gradient runs on the first
+#: backward, on every verified one, and on every this-many-th (about 15% of a small MLP's step
+#: on CPU, so not on every one).
+CHECK_SUMS_EVERY = 100
+
 
 @dataclass(frozen=True)
 class PerExampleResult:
@@ -112,6 +117,9 @@ class PerExample:
         self._params = dict(self._capture.parameters())
         self._gathered: list[tuple[int, _PerParameter]] = []  # backwards run by someone else
         self._check_sums = False  # whether the step in progress checks that the pieces add up
+        #: whether ``.grad`` is this worker's own gradient even in a process group (no_sync)
+        self.local_grads = False
+        self._backwards = 0  # backward passes run by this object
         self._directions: dict[str, tuple[Tensor, Tensor]] = {}
         self._capture.on_external_backward = self._gather
 
@@ -190,7 +198,8 @@ class PerExample:
             param_batch_sq = {k: v / loss_scale**2 for k, v in param_batch_sq.items()}
         batch_sq = torch.stack(list(param_batch_sq.values())).sum()
         scale = (float(n) if reduction == "mean" else 1.0) / loss_scale
-        check_sums = verify or losses.device.type == "cpu"
+        check_sums = (verify or self._backwards % CHECK_SUMS_EVERY == 0) and self._grads_are_local()
+        self._backwards += 1
         low_precision = check_sums and capture.saw_low_precision()
         self._check_sums = check_sums
         try:
@@ -343,6 +352,13 @@ class PerExample:
             for name, p in params.items():
                 p.grad = stash[name]
 
+    def _grads_are_local(self) -> bool:
+        """Whether ``.grad`` holds this process's own gradient: not in a process group of several
+        workers, where DistributedDataParallel may average it during the backward pass, unless
+        the backward is known to run under ``no_sync`` (set by DistributedPerExample)."""
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        return self.local_grads or not distributed or torch.distributed.get_world_size() == 1
+
     def _direction(self, name: str, p: Tensor) -> tuple[Tensor, Tensor]:
         """(x (R,), y (C,)): a fixed random rank-one direction of parameter ``name`` seen as an
         (R, C) matrix, standard normal entries, at least float32."""
@@ -361,7 +377,7 @@ class PerExample:
         xᵀ(∇L)y| ≤ rtol·(s + 10⁻³·max s)`` with ``s = ‖∇L‖ + Σⱼ ‖P_j‖`` of the parameter and the
         largest over parameters (a floor for gradients that vanish up to rounding, as a key bias's
         under softmax), rtol 1e-8 in float64, 1e-3 in float32, 5e-2 under float16/bfloat16 autocast. It costs about one more pass over the gradients and one read
-        on the host (CPU every step, CUDA on verified steps), and catches a use of a parameter
+        on the host, on the steps :data:`CHECK_SUMS_EVERY` says, and catches a use of a parameter
         that no rule or traced operation saw, and pieces that do not sum to the gradient,
         whatever ``verify`` says. (Parameters whose pieces were reduced in the backward pass sum
         to the gradient by construction and are not probed.)
@@ -392,7 +408,8 @@ class PerExample:
                 "along a random direction): the parameter is used where pergrad did not see it (an "
                 "operation outside the module that owns it) or its rule misreads the module. Use the "
                 "parameter through the module that owns it, register a rule for the module that uses it, "
-                "or pass on_unsupported='fallback'. Please report the model."
+                "or pass on_unsupported='fallback' (under DistributedDataParallel with DistributedPerExample, "
+                "run each backward inside ddp.no_sync()). Please report the model."
             )
 
     def _probe_grad(self, name: str, grad: Tensor) -> Tensor:
