@@ -41,7 +41,7 @@ from torch.func import vmap
 from torch.overrides import TorchFunctionMode
 
 from . import _sequence as seq
-from ._registry import Call, Rule, on_grad, widen
+from ._registry import Rule, on_grad, widen
 from .embedding import lookup_rows
 from .functional import FALLBACK
 from .records import Dense, Outer, Record
