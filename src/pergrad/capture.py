@@ -137,8 +137,11 @@ class Capture:
             model.register_forward_hook(self._model_done, prepend=True, always_call=True),
         ]
         self._running: list[Target] = []  # the targets whose forward is running, innermost last
+        # which target runs innermost matters only to direct modes (see _accounted_by_other)
+        watched = any(t.rule is DIRECT or t.rule.lookups_without_examples for t in self.targets)
         for t in self.targets:
-            self._handles.append(t.module.register_forward_pre_hook(self._enter_hook(t), prepend=True))
+            if watched:
+                self._handles.append(t.module.register_forward_pre_hook(self._enter_hook(t), prepend=True))
             if type(t.rule).grads_in_backward is not Rule.grads_in_backward:
                 self._handles.append(t.module.register_forward_pre_hook(self._detach_hook(t)))
             if t.rule is DIRECT or t.rule.lookups_without_examples:

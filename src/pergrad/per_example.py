@@ -116,7 +116,6 @@ class PerExample:
         self._capture.keep = Keep(grads=grads, second=second_moment)
         self._params = dict(self._capture.parameters())
         self._gathered: list[tuple[int, _PerParameter]] = []  # backwards run by someone else
-        self._check_sums = False  # whether the step in progress checks that the pieces add up
         #: whether ``.grad`` is this worker's own gradient even in a process group (no_sync)
         self.local_grads = False
         self._backwards = 0  # backward passes run by this object
@@ -201,13 +200,11 @@ class PerExample:
         check_sums = (verify or self._backwards % CHECK_SUMS_EVERY == 0) and self._grads_are_local()
         self._backwards += 1
         low_precision = check_sums and capture.saw_low_precision()
-        self._check_sums = check_sums
         try:
             with torch.no_grad(), capture.paused():
-                per_param = self._per_parameter(n, scale, params)
+                per_param = self._per_parameter(n, scale, params, probe=check_sums)
         finally:
             capture.clear()
-            self._check_sums = False
 
         self._check_accounted([name for name, g in fresh.items() if g is not None], per_param.accounted)
         if check_sums:
@@ -450,13 +447,14 @@ class PerExample:
             "registered parent class whose forward it overrides. Please report the model."
         )
 
-    def _per_parameter(self, n: int, scale: float, params: dict[str, nn.Parameter]) -> "_PerParameter":
+    def _per_parameter(self, n: int, scale: float, params: dict[str, nn.Parameter], probe: bool = False) -> "_PerParameter":
         """Every target's records, gathered by parameter name, turned into results, rescaled.
 
         A parameter gets the records of every module that used it (tied weights, a module
         called twice); :mod:`.rules.records` adds their cross terms. A parameter no gradient
         reached gets zeros. The squared norms of all parameters are scaled at once, as one
-        (P, n) tensor whose rows ``sq`` holds as views.
+        (P, n) tensor whose rows ``sq`` holds as views. With ``probe``, each parameter's pieces'
+        sum along its random direction is kept for :meth:`_check_pieces_add_up`.
         """
         found = self._records(n)
         probes: dict[str, Tensor] = {}  # the pieces' sums along a random direction, unscaled
@@ -473,7 +471,7 @@ class PerExample:
                     second[name] = torch.zeros_like(p)
                 continue
             sq[name] = records.sq_norms(records_of_p, p.shape)
-            if self._check_sums:
+            if probe:
                 value = records.probe(records_of_p, p.shape, *self._direction(name, p))
                 if value is not None:
                     probes[name] = value

@@ -130,9 +130,9 @@ def sq_norms(records: list[Record], shape: torch.Size) -> Tensor:
     """(n,) ``‖Σ_r P_rj‖²``: each record's squared norms plus twice every cross term."""
     records = _merged(records)
     total = _self_sq(records[0], shape)
+    for r in records[1:]:
+        total = total + _self_sq(r, shape)
     for k, r in enumerate(records):
-        if k:
-            total = total + _self_sq(r, shape)
         for other in records[k + 1 :]:
             total = total + 2 * _cross(r, other, shape)
     return total
