@@ -146,13 +146,18 @@ class WithSequenceBias(nn.Module):
         return self.extend(self.lin(x).transpose(0, 1)).transpose(0, 1)
 
 
-@pytest.mark.parametrize("t", [3, 5], ids=["t-equals-n", "t-not-n"])
+@pytest.mark.parametrize("t", [3, 5, 6], ids=["t-equals-n", "t-not-n", "t-multiple-of-n"])
 @pytest.mark.parametrize("verify", ["first", False])
-def test_a_sequence_first_module_without_a_rule_is_refused_by_name(t, verify):
-    """Where the direct path cannot give a batch-second parameter its example axis, the refusal is
-    a pergrad error that names the module, never a crash inside pergrad or a wrong number."""
+def test_a_parameter_joined_to_a_sequence_first_batch_gets_its_examples(t, verify):
+    """Opacus's SequenceBias: the bias repeated along the batch axis (axis 1 of (t, n, d)) and
+    joined to it lines each example up with its own copy, wherever t and n fall."""
     torch.manual_seed(0)
     model = WithSequenceBias().double()
-    with pergrad.PerExample(model, verify=verify) as pe:
-        with pytest.raises(pergrad.CaptureError, match="SequenceBias"):
-            pe.backward(per_example_loss(model(torch.randn(3, t, 4, dtype=torch.float64)), torch.zeros(())))
+    x = torch.randn(3, t, 4, dtype=torch.float64)
+    target = torch.zeros(3, t + 1, 4, dtype=torch.float64)
+    want = reference_grads(model, x, target)
+    with pergrad.PerExample(model, grads=True, verify=verify) as pe:
+        grads = pe.backward(per_example_loss(model(x), target)).grads
+    assert pe.paths["extend"] == "direct (cat)"
+    for name, w in want.items():
+        torch.testing.assert_close(grads[name], w, rtol=1e-10, atol=1e-12)

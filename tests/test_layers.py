@@ -15,7 +15,7 @@ import pytest
 
 SRC = Path(__file__).parent.parent / "src"
 LAYERS = [
-    ("errors", "_atomic", "_json", "_tensors"),
+    ("errors", "_atomic", "_json", "_tensors", "axes"),
     ("rules",),
     ("capture",),
     ("per_example",),

@@ -138,9 +138,11 @@ def _seq(n=N):
     return torch.randn(n, T, D, dtype=torch.float64)
 
 
-def test_position_ids_of_batch_one_broadcast_over_the_batch():
+def test_position_ids_made_inside_the_model_have_no_example_axis():
+    """ids (1, t) from ``arange``: the lookup has no examples; its rows get them where they meet
+    the batch (broadcasting in ``+``)."""
     paths = _check(PositionIds().double(), torch.randint(0, 10, (N, T)))
-    assert paths["positions"] == "rule EmbeddingRule"
+    assert paths["positions"] == "rule EmbeddingRule; direct (add) for calls without an example axis"
 
 
 def test_relative_bias_table_indexed_by_a_buffer():
@@ -150,7 +152,7 @@ def test_relative_bias_table_indexed_by_a_buffer():
 
 def test_class_token_position_table_layer_scale_and_mask_token_on_the_model_itself():
     paths = _check(TokensOnTheModel().double(), _seq() * 2)
-    assert paths["<model>"] == "direct (add, expand, mul, where)"
+    assert paths["<model>"] == "direct (add, cat, mul, where)"
 
 
 def test_a_subclass_that_overrides_forward_gets_no_inherited_rule_and_is_right():
@@ -175,12 +177,11 @@ def test_examples_and_positions_flattened_together():
     _check(Flattened().double(), _seq())
 
 
-def test_positions_first_flattening_is_an_error_not_a_wrong_number():
-    model = Flattened(examples_first=False).double()
-    x = _seq()
-    with pergrad.PerExample(model) as pe:
-        with pytest.raises(pergrad.VerificationError, match="fc1"):
-            pe.backward(per_example_loss(model(x), torch.zeros(N, T, D, dtype=torch.float64)))
+@pytest.mark.parametrize("n", [N, T, 2 * T], ids=["n-not-t", "n-equals-t", "n-multiple-of-t"])
+def test_positions_first_flattening_is_followed(n):
+    """(n, t, d) transposed to (t, n, d) and flattened to (t·n, d): every row's example is known."""
+    paths = _check(Flattened(examples_first=False).double(), _seq(n))
+    assert paths["fc1"] == "rule LinearRule"
 
 
 def test_an_operation_without_a_direct_form_goes_through_torch_func_and_says_so():

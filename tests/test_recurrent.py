@@ -274,7 +274,7 @@ def test_packed_sequence_is_refused_with_advice():
 def test_unbatched_input_is_refused():
     torch.manual_seed(4)
     model = nn.GRU(I, H).double()
-    with pergrad.PerExample(model) as pe:
+    with pergrad.PerExample(model, batch_first=False) as pe:
         out, _ = model(torch.randn(T, I, dtype=torch.float64))  # (t, i): no example axis
         with pytest.raises(CaptureError, match="batch of examples"):
             pe.backward(out.square().sum().reshape(1))
@@ -307,7 +307,7 @@ def test_bare_module_fed_sequence_first(n):
         for k, g in zip(want, torch.autograd.grad(losses(out, h, c)[0], list(reference.parameters()))):
             want[k].append(g)
     for verify in (False, "first"):
-        with pergrad.PerExample(model, grads=True, second_moment=True, verify=verify) as pe:
+        with pergrad.PerExample(model, grads=True, second_moment=True, verify=verify, batch_first=False) as pe:
             out, (h, c) = model(x)
             result = pe.backward(losses(out, h, c))
         assert pe.paths == {"<model>": "rule RecurrentRule"}

@@ -18,9 +18,11 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from . import axes
+from .axes import Axis, Lost, Tracker, axis_of, mark
 from .errors import CaptureError, ExampleCouplingError, UnsupportedModuleError
-from .rules import FALLBACK, Call, Keep, Rule, on_grad, rule_for, widen
-from .rules.direct import DIRECT, DirectCall, DirectMode
+from .rules import FALLBACK, Call, FunctionalRule, Keep, Layout, Rule, on_grad, rule_for, widen
+from .rules.direct import DIRECT, DirectCall, DirectMode, DirectRule
 from .rules.functional import output_tensors
 
 __all__ = ["Capture", "Target", "rule_of_calls"]
@@ -77,20 +79,38 @@ def _detached(x: Any) -> Any:
 class Capture:
     """Finds the target modules of a model, hooks them, and holds what the hooks saw.
 
+    Where the examples are (see :mod:`pergrad.axes`): a forward pass starts when a hooked module
+    (the model, or any module that holds a target) is called while none runs: its tensor inputs
+    hold their examples along ``0 if batch_first else 1``, and a :class:`~pergrad.axes.Tracker`
+    follows that axis until the call returns. A framework that calls a child of the model
+    (Lightning's ``training_step`` calling ``self.net(x)``), or several children in one step,
+    starts one such pass per call; a tensor passed from one to the next keeps its axis.
+
     Args:
         model: the model.
         on_unsupported: "error" raises for a trainable module without a rule; "fallback"
             computes such a module alone with torch.func.
+        batch_first: whether the inputs of the model (of whichever hooked module is called
+            first) hold their examples along their first axis; False: the second (PyTorch's
+            sequence-first layout, (t, n, …)).
+        example_axes: {module path: axis} where a module's tensor inputs hold their examples,
+            declared for a module whose inputs come out of operations pergrad does not follow.
 
     Raises:
         UnsupportedModuleError: a module with trainable parameters and no rule, under "error".
+        ValueError: an unknown ``on_unsupported`` or a path of ``example_axes`` not in the model.
     """
 
-    def __init__(self, model: nn.Module, on_unsupported: str = "auto"):
+    def __init__(self, model: nn.Module, on_unsupported: str = "auto", batch_first: bool = True,
+                 example_axes: dict[str, int] | None = None):  # fmt: skip
         if on_unsupported not in _ON_UNSUPPORTED:
             raise ValueError(
                 f"on_unsupported must be one of {', '.join(map(repr, _ON_UNSUPPORTED))}, got {on_unsupported!r}."
             )
+        modules = dict(model.named_modules())
+        unknown = sorted(set(example_axes or {}) - set(modules))
+        if unknown:
+            raise ValueError(f"example_axes names {unknown}, not modules of the model; paths are those of model.named_modules().")
         names = {id(p): name for name, p in model.named_parameters()}
         self.targets: list[Target] = []
         covered_prefixes: list[str] = []
@@ -124,31 +144,37 @@ class Capture:
         for t in self.targets:  # a parameter several modules use: its records meet others'
             t.shared = any(counts[name] > 1 for name in t.param_names.values())
         self.keep = Keep(grads=False, second=False)
-        self.n_forward: int | None = None  # examples of the model's forward in progress
+        self.n_forward: int | None = None  # examples of the forward pass in progress
+        self.input_axis = 0 if batch_first else 1
         self._paused = False
         # a backward not run by PerExample.backward: this is called once at its end
         self.on_external_backward: Callable[[], None] | None = None
         self.own_backward = False  # PerExample.backward is running its own backward
         self._end_queued = False
-        self._in_model_forward = False
+        self._entry: nn.Module | None = None  # the hooked module whose call started the forward pass in progress
+        self._tracker: Tracker | None = None
         self._lingering: list[tuple[DirectMode, Target]] = []  # modes kept past their module's call
-        self._handles = [
-            model.register_forward_pre_hook(self._count_examples, with_kwargs=True, prepend=True),
-            model.register_forward_hook(self._model_done, prepend=True, always_call=True),
-        ]
+        self._handles = []
         self._running: list[Target] = []  # the targets whose forward is running, innermost last
-        # which target runs innermost matters only to direct modes (see _accounted_by_other)
-        watched = any(t.rule is DIRECT or t.rule.lookups_without_examples for t in self.targets)
         for t in self.targets:
-            if watched:
-                self._handles.append(t.module.register_forward_pre_hook(self._enter_hook(t), prepend=True))
+            self._handles.append(t.module.register_forward_pre_hook(self._enter_hook(t), prepend=True))
             if type(t.rule).grads_in_backward is not Rule.grads_in_backward:
                 self._handles.append(t.module.register_forward_pre_hook(self._detach_hook(t)))
-            if t.rule is DIRECT or t.rule.lookups_without_examples:
-                self._handles.append(t.module.register_forward_pre_hook(self._direct_hook(t), with_kwargs=True))
+            self._handles.append(t.module.register_forward_pre_hook(self._direct_hook(t), with_kwargs=True))
             self._handles.append(
                 t.module.register_forward_hook(self._forward_hook(t), with_kwargs=True, always_call=True)
             )
+        # where a forward pass may start: the model, every module that holds a target, and
+        # those with declared axes (registered last: their pre-hook runs first, their hook last)
+        declared = {id(modules[path]): axis for path, axis in (example_axes or {}).items()}
+        holders = {id(model)} | set(declared)
+        for t in self.targets:
+            holders.update(id(modules[p]) for p in _ancestors(t.path))
+        for path, module in modules.items():
+            if id(module) in holders:
+                axis = declared.get(id(module))
+                self._handles.append(module.register_forward_pre_hook(self._start_hook(axis), with_kwargs=True, prepend=True))
+                self._handles.append(module.register_forward_hook(self._end_hook, always_call=True))
         self._exposing = [t for t in self.targets if type(t.rule).exposing_forward is not Rule.exposing_forward]
         for t in self._exposing:
             _EXPOSING[id(t.module)] = (self, t)
@@ -161,29 +187,54 @@ class Capture:
         that use them), or ``"torch.func (…)"`` with the operation that sent it there."""
         return {t.path or "<model>": t.path_taken() for t in self.targets}
 
-    def _count_examples(self, module, args, kwargs):
-        """Before the model's forward: n = the leading size of its first tensor input."""
-        if self._capturing():
-            first = next((x for x in (*args, *kwargs.values()) if isinstance(x, Tensor) and x.dim() > 0), None)
-            self.n_forward = None if first is None else first.shape[0]
-            self._in_model_forward = self.n_forward is not None
+    def _start_hook(self, declared: int | None):
+        """Before a call of a hooked module: where none runs, a forward pass starts; its inputs
+        (those not already followed from an earlier call) hold their examples along the
+        declared axis. A module with a declared axis has its inputs marked there, always."""
 
-    def _model_done(self, module, args, output):
-        """After the model's forward: stop the modes kept past their module's call.
+        def hook(module, args, kwargs):
+            if not self._capturing():
+                return
+            starting = self._entry is None
+            if starting and not any(t.calls for t in self.targets):  # not a second pass of one step
+                axes.new_forward()
+            if starting or declared is not None:
+                axis = self.input_axis if declared is None else declared
+                first = None
+                for x in _input_tensors(args, kwargs):
+                    if x.dim() > axis and (declared is not None or axis_of(x) is None):
+                        mark(x, Axis(axis))
+                    if first is None and isinstance(axis_of(x), Axis):
+                        first = x
+                if first is not None and (starting or self.n_forward is None):
+                    self.n_forward = axis_of(first).examples(first)
+            if starting:
+                self._entry = module
+                self._tracker = Tracker()
+                self._tracker.__enter__()
+
+        return hook
+
+    def _end_hook(self, module, args, output):
+        """After the call that started the forward pass: stop the modes kept past their
+        module's call, then the tracker.
 
         A module that returns a tensor computed from its parameters alone (a relative-position
-        bias table, as Swin's and BEiT's) has its mode kept on until the model's forward ends,
-        so that the operations where that tensor meets the batch, in the parent module, give it
-        the example axis. One that met the batch only in operations the mode cannot follow is
-        flagged: its gradient cannot be split (see :meth:`check_before_backward`).
+        bias table, as Swin's and BEiT's) has its mode kept on until the pass ends, so that the
+        operations where that tensor meets the batch, in a parent module, give it the example
+        axis. One that met the batch only in operations the mode cannot follow is flagged: its
+        gradient cannot be split (see :meth:`check_before_backward`).
         """
-        self._in_model_forward = False
+        if self._entry is not module:
+            return
         while self._lingering:
             mode, target = self._lingering.pop()
             mode.__exit__(None, None, None)
             if mode.record.unhandled:
                 mode.record.shared_output = f"a tensor used by {'; '.join(mode.record.unhandled)} outside it"
             target.last_path = mode.record.path()
+        self._tracker.__exit__(None, None, None)
+        self._tracker = self._entry = None
 
     def _direct_hook(self, target: Target):
         """Before a call of a module with directly used parameters: watch its operations."""
@@ -192,13 +243,10 @@ class Capture:
             if not self._capturing():
                 return
             shared = target.rule is not DIRECT
-            if shared and not _without_examples(args, self.n_forward):
+            if shared and not _without_examples(args, kwargs):
                 return  # an ordinary call of a registered rule
             record = DirectCall(without_examples=shared)
             n = self.n_forward
-            if n is None:
-                first = next((x for x in (*args, *kwargs.values()) if isinstance(x, Tensor) and x.dim() > 0), None)
-                n = None if first is None else first.shape[0]
             if n is None:
                 record.unhandled.append("no example axis known")
                 target.modes.append((None, record))
@@ -222,6 +270,8 @@ class Capture:
         return accounted
 
     def _enter_hook(self, target: Target):
+        """Before a target's call: it runs innermost (read by direct modes)."""
+
         def hook(module, args):
             self._running.append(target)
 
@@ -235,8 +285,8 @@ class Capture:
 
         def hook(module, args):
             first = args[0] if args else None
-            if not self._capturing() or not isinstance(first, Tensor) or first.shape[:1] != (self.n_forward,):
-                return  # examples flattened with positions or windows: the pieces need regrouping first
+            if not self._capturing() or axis_of(first) != (0, 1, 1) or first.shape[0] != self.n_forward:
+                return  # examples elsewhere, or flattened with positions: the pieces need regrouping first
             if target.shared and not self.keep.grads:
                 return  # its factored records are combined with another module's (tied weights)
             names = [n for n in target.rule.grads_in_backward(module, args, self.keep) if module._parameters[n].requires_grad]
@@ -245,7 +295,8 @@ class Capture:
                 module._parameters[n] = p.detach()
             if names and first.requires_grad:  # the gradients enter through the input: no copy of the output
                 target.slot = _Slot()
-                return (_RuleBuildsGradsAtInput.apply(first, target.slot, *target.detached.values()), *args[1:])
+                same = mark(_RuleBuildsGradsAtInput.apply(first, target.slot, *target.detached.values()), Axis(0))
+                return (same, *args[1:])
             return None
 
         return hook
@@ -261,7 +312,7 @@ class Capture:
             record = None
             if target.modes:
                 mode, record = target.modes.pop()
-                if mode is not None and self._in_model_forward and _computed_from_parameters(mode, output):
+                if mode is not None and self._entry is not None and _computed_from_parameters(mode, output):
                     self._lingering.append((mode, target))  # keep watching: its output meets the batch later
                 elif mode is not None:
                     mode.__exit__(None, None, None)
@@ -273,6 +324,7 @@ class Capture:
             if not args and kwargs:  # inputs by keyword: rules read the first one positionally
                 args, kwargs = _positional(module, kwargs)
             call = Call(tuple(_detached(a) for a in args), {k: _detached(v) for k, v in kwargs.items()})
+            call.layout = Layout.of(args, kwargs, output_tensors(output), internals)
             if record is not None:
                 call.pieces["direct"] = record
             if detached and slot is None:
@@ -284,7 +336,7 @@ class Capture:
                     self._noticed(_store_grad(call, 0))(grad_output)
                     return build(grad_output)
 
-                return _RuleBuildsGrads.apply(output, noticed_build, *detached.values())
+                return mark(_RuleBuildsGrads.apply(output, noticed_build, *detached.values()), axis_of(output))
             outputs = output_tensors(output)
             if slot is not None:  # its output gradient reaches the slot before the input's node runs
                 slot.build = self._backward_call(target, call, list(detached))
@@ -305,21 +357,21 @@ class Capture:
         return hook
 
     def _broadcast(self, target: Target, args: tuple, kwargs: dict, output: Any) -> tuple[tuple, dict, Any]:
-        """A call made for a batch of one whose output broadcasts against the batch (position
-        ids of shape (1, t)): its output and inputs get the example axis explicitly, so that its
-        output gradient arrives per example. Any other call is returned unchanged, among them a
-        call whose rule reads its examples elsewhere than axis 0 (a sequence-first RNN fed one
-        step, (1, n, ·))."""
+        """A call made for a batch of one (its inputs and outputs hold one example along axis 0,
+        as position ids of shape (1, t) passed to the model) in a forward pass of n > 1, whose
+        output broadcasts against the batch: its output and inputs get the example axis
+        explicitly, so that its output gradient arrives per example. Any other call is
+        returned unchanged."""
         n = self.n_forward
         outputs = output_tensors(output)
-        if n is None or n == 1 or not outputs or outputs[0].dim() == 0 or outputs[0].shape[0] != 1:
-            return args, kwargs, output  # the usual case, decided on the first output alone
         tensors = [x for x in (*args, *kwargs.values(), *outputs) if isinstance(x, Tensor) and x.dim() > 0]
-        if any(x.shape[0] != 1 for x in tensors) or target.rule.batch_size(target.module, Call(args, kwargs)) != 1:
+        if n is None or n == 1 or not outputs or any(axis_of(x) != (0, 1, 1) or x.shape[0] != 1 for x in tensors):
             return args, kwargs, output
 
         def widen_batch(x):
-            return x.expand(n, *x.shape[1:]) if isinstance(x, Tensor) and x.dim() > 0 else x
+            if isinstance(x, Tensor) and x.dim() > 0:
+                return mark(x.expand(n, *x.shape[1:]), Axis(0))
+            return x
 
         if isinstance(output, Tensor):
             output = widen_batch(output)
@@ -387,28 +439,30 @@ class Capture:
                         "alone with no example axis: pergrad cannot see each example's share there. "
                         "Register a rule for the module that uses it, or freeze its parameters."
                     )
-                m = _rule_of(t, call).batch_size(t.module, call)
-                if m == n or m % n == 0 and t.rule.flattens_positions and m > 0:
+                rule = _rule_of(t, call)
+                m = rule.batch_size(t.module, call)  # (a rule refuses an unbatched input here)
+                if (problem := _layout_problem(t, rule, call)) is not None:
+                    self.clear()
+                    raise CaptureError(problem)
+                if m == n:
                     continue
                 self.clear()
                 raise CaptureError(
                     f"{t.describe()} saw a batch of {m} examples but losses has {n}. Pass one "
-                    "loss per example (shape (n,), e.g. reduction='none'), keep the example "
-                    "axis first, and run forwards that are not backpropagated (evaluation) "
-                    "under torch.no_grad(). (An input without an example axis, such as a "
-                    "position table of shape (t, t), needs a rule for the module that broadcasts "
-                    "it, or its parameters frozen.)"
+                    "loss per example (shape (n,), e.g. reduction='none'), and run forwards that "
+                    "are not backpropagated (evaluation) under torch.no_grad(). If the model's "
+                    "inputs hold their examples along their second axis, say so: "
+                    "PerExample(model, batch_first=False)."
                 )
 
     def reached_calls(self, target: Target, n: int) -> list[Call]:
-        """The calls of a target that the last backward reached, as its rule reads them:
-        examples first ((n·t, …) flattened inputs as (n, t, …)), and float16/bfloat16
-        tensors in float32."""
+        """The calls of a target that the last backward reached, as its rule reads them (see
+        :attr:`Rule.flattens_positions`), float16/bfloat16 tensors in float32."""
         calls = [c for c in target.calls if c.reached or _direct_reached(c)]
-        return [_examples_first(c, _rule_of(target, c).batch_size(target.module, c), n) for c in calls]
+        return [_as_read(c, _rule_of(target, c)) for c in calls]
 
     def examples_reached(self) -> int | None:
-        """The number of examples of the backward that just ran: the model's forward's, or the
+        """The number of examples of the backward that just ran: the forward pass's, or the
         batch size of the first call it reached; None if it reached none."""
         for t in self.targets:
             for call in t.calls:
@@ -426,9 +480,10 @@ class Capture:
         return _Paused(self)
 
     def clear(self) -> None:
-        """Drop every saved tensor."""
+        """Drop every saved tensor, and the example axes followed in the forward pass."""
         for t in self.targets:
             t.calls.clear()
+        axes.new_forward()
 
     def remove(self) -> None:
         """Remove the hooks and drop every saved tensor."""
@@ -481,13 +536,52 @@ def _forward_signature(cls: type) -> inspect.Signature:
     return inspect.signature(cls.forward)
 
 
-def _without_examples(args: tuple, n: int | None) -> bool:
-    """Whether a call's first input has no example axis: neither n examples (or n·t
-    flattened, or 1 broadcast) along its first axis, as T5's relative-position buckets (t, t)."""
-    first = args[0] if args else None
-    if n is None or not isinstance(first, Tensor):
-        return False
-    return first.dim() == 0 or first.dim() > 1 and first.shape[0] not in (n, 1)
+def _input_tensors(args: tuple, kwargs: dict) -> Iterator[Tensor]:
+    """A call's tensor inputs, also those inside lists, tuples and dicts (one level)."""
+    for x in (*args, *kwargs.values()):
+        if isinstance(x, Tensor):
+            yield x
+        elif isinstance(x, (list, tuple)):
+            yield from (y for y in x if isinstance(y, Tensor))
+        elif isinstance(x, dict):
+            yield from (y for y in x.values() if isinstance(y, Tensor))
+
+
+def _ancestors(path: str) -> list[str]:
+    """'a.b.c' -> ['', 'a', 'a.b', 'a.b.c']."""
+    parts = path.split(".") if path else []
+    return [".".join(parts[:k]) for k in range(len(parts) + 1)]
+
+
+def _without_examples(args: tuple, kwargs: dict) -> bool:
+    """Whether a call's first tensor input has no example axis in the forward pass in progress
+    (T5's relative-position buckets (t, t), position ids made inside the model)."""
+    first = next(_input_tensors(args, kwargs), None)
+    return first is not None and axis_of(first) is None
+
+
+def _layout_problem(target: Target, rule: Rule, call: Call) -> str | None:
+    """Why a call cannot be computed in the layout it was given, or None."""
+    record = call.pieces.get("direct")
+    if record is not None and not record.unhandled:
+        return None  # the direct mode gave its parameters the example axis where they met the batch
+    x, state = call.primary()
+    declare = (
+        f"Say where its input holds the examples: PerExample(model, example_axes={{'{target.path}': axis}}), "
+        "or register a rule for the module."
+    )
+    expected = rule.example_axis(target.module)
+    reads_layout = expected is not None or rule.flattens_positions or isinstance(rule, (FunctionalRule, DirectRule))
+    if isinstance(state, Lost) and reads_layout:  # (an EmbeddingBag finds its bags by their offsets)
+        return f"{target.describe()}: where its input holds the examples was lost at {state.describe()}. {declare}"
+    if rule.flattens_positions or expected is None or not isinstance(state, Axis) or state == (expected, 1, 1):
+        return None
+    where = f"along axis {state.dim}" + (" flattened with other rows" if state[1:] != (1, 1) else "")
+    return (
+        f"{target.describe()} computes with its examples along axis {expected} of its input, but the input "
+        f"holds them {where}: it would mix examples. Check the model's layout (PerExample(model, "
+        f"batch_first=False) for sequence-first inputs). {declare}"
+    )
 
 
 def _rule_of(target: Target, call: Call) -> Rule:
@@ -501,28 +595,30 @@ def _direct_reached(call: Call) -> bool:
     return record is not None and not record.unhandled and record.reached
 
 
-def _examples_first(call: Call, m: int, n: int) -> Call:
-    """The call with its float16/bfloat16 tensors widened, and, where its m rows are n
-    examples' positions flattened together, every tensor with m rows read as (n, m/n, …)."""
+def _as_read(call: Call, rule: Rule) -> Call:
+    """The call as its rule reads it: float16/bfloat16 tensors in float32 and, for a
+    position-wise rule, every tensor with its examples moved to axis 0 ((n, …))."""
+    layout = call.layout
+    half = (torch.float16, torch.bfloat16)
+    moves = rule.flattens_positions and layout is not None
+    tensors = (*call.args, *call.grad_outputs)
+    if not moves and not any(isinstance(x, Tensor) and x.dtype in half for x in tensors):
+        return call  # the usual case: as captured
 
-    def fix(x):
+    def fix(x, state):
         if not isinstance(x, Tensor):
             return x
-        if m != n and x.dim() > 0 and x.shape[0] == m:
-            x = x.reshape(n, m // n, *x.shape[1:])
-        return widen(x)
+        return widen(axes.examples_first(x, state) if moves and isinstance(state, Axis) else x)
 
-    half = (torch.float16, torch.bfloat16)
-    tensors = (*call.args, *call.grad_outputs)
-    if m == n and not any(isinstance(x, Tensor) and x.dtype in half for x in tensors):
-        return call  # the usual case: as captured
+    internals = layout.internals if layout is not None else {}
     return replace(
         call,
-        args=tuple(fix(a) for a in call.args),
-        kwargs={k: fix(v) for k, v in call.kwargs.items()},
-        grad_outputs=[fix(g) for g in call.grad_outputs],
-        internals={k: fix(v) for k, v in call.internals.items()},
-        internal_grads={k: fix(v) for k, v in call.internal_grads.items()},
+        args=tuple(fix(a, s) for a, s in zip(call.args, layout.args)) if layout else tuple(map(widen, call.args)),
+        kwargs={k: fix(v, layout.kwargs[k] if layout else None) for k, v in call.kwargs.items()},
+        grad_outputs=[fix(g, layout.outputs[k] if layout else None) for k, g in enumerate(call.grad_outputs)],
+        internals={k: fix(v, internals.get(k)) for k, v in call.internals.items()},
+        internal_grads={k: fix(v, internals.get(k)) for k, v in call.internal_grads.items()},
+        layout=None if moves else layout,
     )
 
 

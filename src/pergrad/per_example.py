@@ -71,8 +71,9 @@ class PerExample:
     parameters are skipped.
 
     Args:
-        model: the model. Its examples must lie along the first axis of every layer's input
-            (for ``nn.MultiheadAttention``, as its ``batch_first`` says).
+        model: the model. Where each layer's input holds the examples is followed from the
+            model's inputs through every operation of the forward pass (see
+            :mod:`pergrad.axes`), never guessed from shapes.
         grads: also return per-example gradients, (n, *p.shape) per parameter.
         second_moment: also return Σⱼ (∇ℓⱼ)² per parameter.
         on_unsupported: what to do with a trainable module that has no registered rule (or
@@ -85,6 +86,11 @@ class PerExample:
             through the retained graph): "first" (default) on the first backward only,
             True on every backward, False never. A mismatch raises
             :class:`~pergrad.errors.VerificationError` naming the module and its path.
+        batch_first: whether the model's inputs hold their examples along their first axis
+            (default); False for the second, PyTorch's sequence-first layout (t, n, …).
+        example_axes: {module path: axis} where a module's inputs hold their examples, for a
+            module whose input comes out of an operation pergrad does not follow (the error
+            that asks for it names the operation).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
@@ -104,6 +110,8 @@ class PerExample:
         second_moment: bool = False,
         on_unsupported: str = "auto",
         verify: bool | str = "first",
+        batch_first: bool = True,
+        example_axes: dict[str, int] | None = None,
     ):
         if verify not in (True, False, "first"):
             raise ValueError(f"verify must be True, False or 'first', got {verify!r}.")
@@ -112,7 +120,7 @@ class PerExample:
         self.want_second_moment = second_moment
         self.verify = verify
         self._verified = False
-        self._capture = Capture(model, on_unsupported)
+        self._capture = Capture(model, on_unsupported, batch_first, example_axes)
         self._capture.keep = Keep(grads=grads, second=second_moment)
         self._params = dict(self._capture.parameters())
         self._gathered: list[tuple[int, _PerParameter]] = []  # backwards run by someone else

@@ -2,7 +2,7 @@
 
 from . import attention, conv, embedding, linear, norm, recurrent  # noqa: F401  (registration)
 from . import records
-from ._registry import Call, Keep, Rule, on_grad, register_rule, registered_rules, rule_for, widen
+from ._registry import Call, Keep, Layout, Rule, on_grad, register_rule, registered_rules, rule_for, widen
 from .records import Dense, Outer, Record, Reduced, Rows
 from .functional import FALLBACK, Batched, FunctionalRule
 
@@ -12,6 +12,7 @@ __all__ = [
     "Dense",
     "FALLBACK",
     "FunctionalRule",
+    "Layout",
     "Outer",
     "Record",
     "Reduced",

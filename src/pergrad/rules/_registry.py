@@ -22,10 +22,47 @@ from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from ..axes import Axis, State, axis_of
+
 if TYPE_CHECKING:
     from .records import Record
 
-__all__ = ["Call", "Keep", "Rule", "on_grad", "register_rule", "rule_for", "registered_rules", "widen"]
+__all__ = ["Call", "Keep", "Layout", "Rule", "on_grad", "register_rule", "rule_for", "registered_rules", "widen"]
+
+
+@dataclass
+class Layout:
+    """Where a call's tensors hold their examples (:mod:`pergrad.axes`), as followed through
+    the forward pass: one state per positional input, keyword input, tensor output and
+    exposed internal (None: no example axis)."""
+
+    args: tuple[State, ...]
+    kwargs: dict[str, State]
+    outputs: list[State]
+    internals: dict[str, State]
+
+    @classmethod
+    def of(cls, args: tuple, kwargs: dict, outputs: list[Tensor], internals: dict[str, Tensor]) -> "Layout":
+        return cls(
+            tuple(axis_of(a) for a in args),
+            {k: axis_of(v) for k, v in kwargs.items()},
+            [axis_of(o) for o in outputs],
+            {k: axis_of(v) for k, v in internals.items()},
+        )
+
+    @classmethod
+    def examples_first(cls, call: "Call") -> "Layout":
+        """Every tensor of the call with its examples along axis 0."""
+
+        def first(x):
+            return Axis(0) if isinstance(x, Tensor) and x.dim() > 0 else None
+
+        return cls(
+            tuple(first(a) for a in call.args),
+            {k: first(v) for k, v in call.kwargs.items()},
+            [first(g) for g in call.grad_outputs],
+            {k: first(v) for k, v in call.internals.items()},
+        )
 
 
 @dataclass
@@ -43,6 +80,7 @@ class Call:
             tensor it reached, by name.
         pieces: what the rule kept from this call's backward pass
             (:meth:`Rule.backward_call`), by a key of the rule's choosing.
+        layout: where its tensors hold their examples; None: along axis 0, all of them.
     """
 
     args: tuple[Any, ...]
@@ -51,11 +89,20 @@ class Call:
     internals: dict[str, Tensor] = field(default_factory=dict)
     internal_grads: dict[str, Tensor] = field(default_factory=dict)
     pieces: dict[str, Tensor] = field(default_factory=dict)
+    layout: Layout | None = None
 
     @property
     def reached(self) -> bool:
         """Whether any gradient reached this call's outputs (else it contributes zero)."""
         return any(g is not None for g in self.grad_outputs)
+
+    def primary(self) -> tuple[Tensor | None, State]:
+        """The first tensor input (positional, else by keyword) and where its examples are."""
+        layout = self.layout or Layout.examples_first(self)
+        for x, s in (*zip(self.args, layout.args), *((v, layout.kwargs[k]) for k, v in self.kwargs.items())):
+            if isinstance(x, Tensor):
+                return x, s
+        return None, None
 
 
 class Keep(NamedTuple):
@@ -86,14 +133,12 @@ class Rule:
     #: (for modules that use their children's weights functionally, like MultiheadAttention).
     covers_submodules: bool = False
 
-    #: Whether the rule reads an input whose examples and positions were flattened together,
-    #: (n·t, ...) in examples-first order, as (n, t, ...) (true of position-wise layers).
+    #: Whether the module's computation is position-wise (every row of its input alone, along
+    #: every axis but the feature axes), so that its calls are handed to the rule with their
+    #: examples moved to axis 0 wherever they were: sequence-first (t, n, …), or flattened with
+    #: positions (n·t, …) or (t·n, …). Other rules get their calls as captured, and a call whose
+    #: examples are not along :meth:`example_axis` is refused.
     flattens_positions: bool = False
-
-    #: Whether the module may be called with an input that has no example axis at all (an
-    #: embedding looked up by relative positions, as T5's bias): such a call's output is
-    #: computed from the parameters alone and goes the direct path (:mod:`.direct`).
-    lookups_without_examples: bool = False
 
     def records(self, module: nn.Module, calls: list[Call]) -> dict[str, list[Record]]:
         """What the per-example pieces of each trainable parameter are, by local name.
@@ -113,9 +158,16 @@ class Rule:
         """Return why the module, as configured now, has no per-example gradients, or None."""
         return None
 
+    def example_axis(self, module: nn.Module) -> int | None:
+        """The axis of the module's first input along which its computation treats rows as
+        independent examples (the batch axis: 0 by default); None where the rule reads the
+        examples' layout from the call itself."""
+        return 0
+
     def batch_size(self, module: nn.Module, call: Call) -> int:
-        """Number of examples in a call (the leading dim of the first input by default)."""
-        return call.args[0].shape[0]
+        """Number of examples in a call: those of its first tensor input, where they are."""
+        x, state = call.primary()
+        return state.examples(x) if isinstance(state, Axis) else x.shape[0]
 
     def parameters(self, module: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
         """The trainable parameters this rule computes, with names relative to ``module``."""

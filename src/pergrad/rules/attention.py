@@ -126,6 +126,8 @@ class MultiheadAttentionRule(FunctionalRule):
     def _batch_dim(self, module) -> int:
         return 0 if module.batch_first else 1
 
+    example_axis = _batch_dim
+
     def batch_size(self, module, call):
         query = _arguments(call)["query"]
         if query.dim() != 3:
@@ -150,7 +152,7 @@ class MultiheadAttentionRule(FunctionalRule):
             batched["attn_mask"] = Batched(0, keep=False)
         return (), kwargs, (), batched
 
-    def output_layout(self, module, index):
+    def output_layout(self, module, call, index):
         return Batched(self._batch_dim(module) if index == 0 else 0)
 
     # --- the decomposition ---

@@ -40,6 +40,7 @@ from torch import Tensor
 from torch.func import vmap
 from torch.overrides import TorchFunctionMode
 
+from ..axes import Axis, axis_of, examples_first
 from . import _sequence as seq
 from ._registry import Rule, on_grad, widen
 from .embedding import lookup_rows
@@ -146,10 +147,8 @@ _ARITHMETIC = {
     for p in ("", "r", "i")
     if hasattr(Tensor, f"__{p}{name}__")
 }
-# broadcasting a parameter to the batch (a class token to every example); any other operation
-# on a parameter alone (a slice, ``2 * p``, ``p.float()``) is followed as a derived tensor
-# (see DirectMode._derive_or_give_up)
-_EXPAND = {Tensor.expand, Tensor.expand_as}
+# any other operation on a parameter alone (a slice, ``2 * p``, ``p.float()``, ``expand``) is
+# followed as a derived tensor (see DirectMode._derive_or_give_up)
 
 
 class DirectMode(TorchFunctionMode):
@@ -194,8 +193,8 @@ class DirectMode(TorchFunctionMode):
         return found if found is not None and found.value is x else None
 
     def _batched(self, x: Tensor) -> bool:
-        """Whether x may carry examples: a first axis of n (or n·k) rows, or a gradient."""
-        return x.requires_grad or x.dim() > 0 and x.shape[0] > 1 and x.shape[0] % self.n == 0
+        """Whether x may carry examples: it has an example axis (or lost one), or a gradient."""
+        return x.requires_grad or axis_of(x) is not None
 
     def _expanded(self, name: str, param: Tensor) -> Tensor:
         """P = p.expand(n, *p.shape), one per parameter and call, hooked for its gradient."""
@@ -207,21 +206,41 @@ class DirectMode(TorchFunctionMode):
             self.expanded[name] = big
         return self.expanded[name]
 
-    def _per_example(self, d: _Derived, rank: int, k: int = 1) -> Tensor | None:
-        """``vmap(f)(P)`` shaped to broadcast against operands of ``rank`` dims whose axis 0
-        is the example axis, of size n·k where each example's k rows (windows) lie together;
-        None where ``d.value`` does not broadcast over that axis."""
-        value = d.value
-        if value.dim() == rank and value.shape[0] != 1 or value.dim() > rank:
+    def _per_example(self, d: _Derived, rank: int, where: Axis) -> Tensor | None:
+        """``vmap(f)(P)`` shaped to broadcast against operands of ``rank`` dims that hold their
+        examples ``where`` (:class:`~pergrad.axes.Axis`); None where ``d.value`` cannot meet
+        them there.
+
+        A value that broadcasts along the example axis (size 1 there, or no such axis) gets
+        each example's own copy there. A value of the operands' full size along it (a class
+        token expanded to the batch, ``cls.expand(n, -1, -1)``) lines its rows up with the
+        examples: example j's rows come from its own copy (the diagonal of ``vmap(f)(P)``).
+        """
+        value, n = d.value, self.n
+        lead = rank - value.dim()  # value's axes are the operands' last ones
+        if lead < 0:
             return None
+        at = where.dim - lead  # the example axis among value's axes (negative: not one of them)
+        rows = where.outer * n * where.inner
         big = self._expanded(d.name, d.param)
         out = big if d.f is None else vmap(d.f)(big)  # (n, *value.shape)
-        if value.dim() == rank:
-            out = out.squeeze(1)
-        else:
-            out = out.reshape(self.n, *(1,) * (rank - 1 - value.dim()), *value.shape)
-        if k > 1:
-            out = out.unsqueeze(1).expand(self.n, k, *out.shape[1:]).reshape(self.n * k, *out.shape[1:])
+        if at >= 0 and value.shape[at] == rows:
+            out = out.unflatten(at + 1, (where.outer, n, where.inner))
+            out = torch.diagonal(out, dim1=0, dim2=at + 2).movedim(-1, at + 1).flatten(at, at + 2)
+            return out.reshape((1,) * lead + tuple(value.shape))
+        if at >= 0 and value.shape[at] != 1:
+            return None
+        if at >= 0:
+            out = out.squeeze(at + 1)
+        shape = [1] * rank
+        for k, size in enumerate(value.shape):
+            if k != at:
+                shape[lead + k] = size
+        out = out.reshape(n, *(size for k, size in enumerate(shape) if k != where.dim)).movedim(0, where.dim)
+        if rows != n:
+            out = out.unsqueeze(where.dim).unsqueeze(where.dim + 2)
+            out = out.expand(*out.shape[: where.dim], where.outer, n, where.inner, *out.shape[where.dim + 3 :])
+            out = out.flatten(where.dim, where.dim + 2)
         return out
 
     # --- dispatch -------------------------------------------------------------------
@@ -231,6 +250,10 @@ class DirectMode(TorchFunctionMode):
         found += [(k, d) for k, v in kwargs.items() if (d := self._tracked(v)) is not None]
         if not found:
             if _holds_own_parameter(self, args, kwargs):
+                out = _cat(self, func, args, kwargs, found) if func in _JOINS else None
+                if out is not None:
+                    self.record.ops.add(_op_name(func))
+                    return out
                 self.record.unhandled.append(f"{_op_name(func)} on parameters passed in a list")
             return func(*args, **kwargs)
         if any(self.accounted_elsewhere(d.param) for _, d in found):
@@ -281,24 +304,25 @@ def _compose(f, func, args, kwargs, k):
     return g
 
 
-def _rank_and_batched(mode: DirectMode, tensors: list[Tensor]) -> tuple[int, int] | None:
-    """The broadcast rank of the operation's untracked tensors and k, where one of them has
-    the example axis first with n·k rows (k windows or positions per example, examples
-    first); None if none has."""
+def _rank_and_batched(mode: DirectMode, tensors: list[Tensor]) -> tuple[int, Axis] | None:
+    """The broadcast rank of the operation's untracked tensors and where, right-aligned to it,
+    one of them holds its examples (:mod:`pergrad.axes`); None if none has examples there."""
     others = [t for t in tensors if mode._tracked(t) is None]
     if not others:
         return None
-    shape = torch.broadcast_shapes(*(t.shape for t in others))
-    if len(shape) == 0 or shape[0] == 0 or shape[0] % mode.n:
-        return None
-    return len(shape), shape[0] // mode.n
+    rank = len(torch.broadcast_shapes(*(t.shape for t in others)))
+    for t in others:
+        s = axis_of(t)
+        if isinstance(s, Axis) and t.shape[s.dim] == s.outer * mode.n * s.inner:
+            return rank, s._replace(dim=s.dim + rank - t.dim())
+    return None
 
 
-def _substituted(mode, args, kwargs, found, rank: int, rows: int):
+def _substituted(mode, args, kwargs, found, rank: int, where: Axis):
     """args and kwargs with each tracked tensor given the example axis; None if one cannot be."""
     args, kwargs = list(args), dict(kwargs)
     for k, d in found:
-        big = mode._per_example(d, rank, rows)
+        big = mode._per_example(d, rank, where)
         if big is None:
             return None
         if isinstance(k, int):
@@ -320,10 +344,30 @@ def _arithmetic(mode, func, args, kwargs, found):
 def _attention(mode, func, args, kwargs, found):
     """``scaled_dot_product_attention`` with a bias computed from a parameter as its mask."""
     query = args[0] if args else kwargs.get("query")
-    if len(found) != 1 or found[0][0] not in (3, "attn_mask") or query.dim() < 2 or query.shape[0] % mode.n:
+    where = axis_of(query)
+    if len(found) != 1 or found[0][0] not in (3, "attn_mask") or not isinstance(where, Axis):
         return None
-    new = _substituted(mode, args, kwargs, found, query.dim(), query.shape[0] // mode.n)
+    if where.dim >= query.dim() - 2:
+        return None
+    new = _substituted(mode, args, kwargs, found, query.dim(), where)
     return None if new is None else func(*new[0], **new[1])
+
+
+def _cat(mode, func, args, kwargs, found):
+    """``torch.cat``/``stack`` of tensors with examples and tensors computed from a parameter
+    (a class token expanded to the batch, joined to the patch embeddings)."""
+    tensors = args[0] if args else kwargs.get("tensors")
+    dim = (args[1] if len(args) > 1 else kwargs.get("dim", 0))
+    if not isinstance(tensors, (list, tuple)) or kwargs.keys() - {"tensors", "dim"}:
+        return None
+    batched = _rank_and_batched(mode, list(tensors))
+    if batched is None:
+        return None
+    rank, where = batched
+    if func is not torch.stack and dim % rank == where.dim:
+        return None
+    joined = [t if mode._tracked(t) is None else mode._per_example(mode._tracked(t), rank, where) for t in tensors]
+    return None if any(t is None for t in joined) else func(joined, dim)
 
 
 def _is_inplace(func) -> bool:
@@ -331,25 +375,10 @@ def _is_inplace(func) -> bool:
     return name.endswith("_") and not name.startswith("__") or name.startswith("__i")
 
 
-def _expand(mode, func, args, kwargs, found):
-    if len(found) != 1 or found[0][0] != 0:
-        return None
-    d = found[0][1]
-    if func is Tensor.expand_as:
-        sizes = tuple(args[1].shape)
-    else:
-        rest = args[1:]
-        sizes = tuple(rest[0]) if len(rest) == 1 and not isinstance(rest[0], int) else tuple(rest)
-    if not sizes or sizes[0] <= 0 or sizes[0] % mode.n:
-        return None
-    big = mode._per_example(d, len(sizes), sizes[0] // mode.n)
-    return None if big is None else big.expand(sizes)
-
-
 def _affine(mode, x: Tensor, channel_axis: int, weight, bias, normalised: Tensor):
     """``normalised * w + b`` with the tracked ones given the example axis."""
-    rank = x.dim()
-    if rank < 2 or x.shape[0] != mode.n:
+    rank, where = x.dim(), _examples_of(mode, x)
+    if where is None or channel_axis == 1 and where != (0, 1, 1):
         return None
 
     def shaped(p):
@@ -360,9 +389,9 @@ def _affine(mode, x: Tensor, channel_axis: int, weight, bias, normalised: Tensor
             shape = (1,) * channel_axis + tuple(p.shape) + (1,) * (rank - channel_axis - p.dim())
             return p.reshape(shape)
         if channel_axis == 1 and d.value.dim() == 1:  # (c,) -> (n, c, 1, …)
-            big = mode._per_example(d, 2)
+            big = mode._per_example(d, 2, where)
             return None if big is None else big.reshape(mode.n, -1, *(1,) * (rank - 2))
-        return mode._per_example(d, rank)
+        return mode._per_example(d, rank, where)
 
     w, b = shaped(weight), shaped(bias)
     if (weight is not None and w is None) or (bias is not None and b is None):
@@ -396,11 +425,18 @@ def _bind(args, kwargs, names, defaults):
     return values
 
 
-def _examples_first(mode, a: Tensor, width: int) -> Tensor | None:
-    """An input (n, *, i) or flattened (n·t, i) as (n, t, i)."""
-    if a.dim() < 2 or a.shape[0] % mode.n or a.shape[-1] != width:
-        return None
-    return a.reshape(mode.n, -1, width)
+def _examples_of(mode, x: Tensor) -> Axis | None:
+    """Where x holds the forward pass's n examples, or None."""
+    where = axis_of(x)
+    if isinstance(where, Axis) and x.shape[where.dim] == where.outer * mode.n * where.inner:
+        return where
+    return None
+
+
+def _rows(mode, x: Tensor, where: Axis, width: int | None) -> Tensor:
+    """x (…, width), its examples ``where``, as (n, rows, width) (or (n, rows) for width None)."""
+    first = examples_first(x, where)
+    return first.reshape(mode.n, -1) if width is None else first.reshape(mode.n, -1, width)
 
 
 def _linear(mode, func, args, kwargs, found):
@@ -414,20 +450,21 @@ def _linear_map(mode, x: Tensor, weight: Tensor, bias: Tensor | None, layout: st
     if dw is not None and mode._tracked(x) is not None or weight.dim() != 2:
         return None
     o, i = weight.shape if layout == "oi" else weight.shape[::-1]
-    a = _examples_first(mode, x, i)
-    if a is None:
+    where = _examples_of(mode, x)
+    if where is None or where.dim == x.dim() - 1 or x.shape[-1] != i:
         return None
+    a = _rows(mode, x, where, i)
     if dw is not None and dw.f is None and (bias is None or db is not None and db.f is None):
         # the parameter itself: keep the factored form (a, g)
         y = F.linear(x, weight if layout == "oi" else weight.T, bias)
         record = Factored(layout, a.detach(), dw.name, None if bias is None else db.name)
         if y.requires_grad:
-            on_grad(y, lambda grad: setattr(record, "g", grad.reshape(mode.n, -1, o)))
+            on_grad(y, lambda grad: setattr(record, "g", _rows(mode, grad, where, o)))
             mode.record.records.append(record)
         return y
     if dw is not None:
-        big = mode._per_example(dw, 3)  # (n, o, i) or (n, i, o)
-        if big is None:
+        big = mode._per_example(dw, 3, Axis(0))  # (n, o, i) or (n, i, o)
+        if big is None or where[:2] != (0, 1):  # examples first (flattened or not): y as x's rows
             return None
         y = torch.bmm(a, big.transpose(1, 2) if layout == "oi" else big)
     else:
@@ -436,7 +473,7 @@ def _linear_map(mode, x: Tensor, weight: Tensor, bias: Tensor | None, layout: st
         y = y.reshape(*x.shape[:-1], o)
     if bias is None:
         return y
-    b = mode._per_example(db, y.dim()) if db is not None else bias
+    b = mode._per_example(db, y.dim(), where) if db is not None else bias
     return None if b is None else y + b
 
 
@@ -461,21 +498,21 @@ def _embedding(mode, func, args, kwargs, found):
         return None
     if mode.record.without_examples:  # a table looked up by positions only: a derived tensor
         return None
-    if index.dim() == 0 or index.shape[0] % mode.n:
+    where = _examples_of(mode, index)
+    if where is None:
         return None
     y = F.embedding(index, weight, padding_idx)
     if padding_idx is not None and padding_idx < 0:
         padding_idx += weight.shape[0]
-    record = Factored("lookup", index.reshape(mode.n, -1), d.name, padding_idx=padding_idx)
+    record = Factored("lookup", _rows(mode, index, where, None), d.name, padding_idx=padding_idx)
     if y.requires_grad:
-        on_grad(y, lambda grad: setattr(record, "g", grad.reshape(mode.n, -1, weight.shape[1])))
+        on_grad(y, lambda grad: setattr(record, "g", _rows(mode, grad, where, weight.shape[1])))
         mode.record.records.append(record)
     return y
 
 
 _HANDLERS = {
     **{f: _arithmetic for f in _ARITHMETIC},
-    **{f: _expand for f in _EXPAND},
     F.layer_norm: _layer_norm,
     F.rms_norm: _rms_norm,
     F.group_norm: _group_norm,
@@ -490,11 +527,17 @@ _HANDLERS = {
 }
 
 
+_JOINS = {torch.cat, torch.concat, torch.stack}
+
+
 class DirectRule(Rule):
     """The rule of a module whose own parameters its forward uses directly (see module doc).
 
     A call whose operations the mode could not follow is computed by the torch.func rule.
     """
+
+    def example_axis(self, module):
+        return None  # the mode met the examples wherever the operations had them
 
     def batch_size(self, module, call):
         record: DirectCall | None = call.pieces.get("direct")

@@ -33,7 +33,6 @@ class EmbeddingRule(Rule):
     """Weight (V, d): per example, the looked-up rows' gradients."""
 
     flattens_positions = True
-    lookups_without_examples = True
 
     def check(self, module):
         return _FREQ.format("Embedding") if module.scale_grad_by_freq else None
@@ -61,6 +60,9 @@ class EmbeddingBagRule(Rule):
 
     def check(self, module):
         return _FREQ.format("EmbeddingBag") if module.scale_grad_by_freq else None
+
+    def example_axis(self, module):
+        return None  # bags are rows of a 2-D input, or given by offsets
 
     def batch_size(self, module, call):
         index, offsets, _ = _bag_arguments(call)

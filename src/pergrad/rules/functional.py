@@ -22,8 +22,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 
+from ..axes import Axis, Lost
 from ..errors import CaptureError
-from ._registry import Call, Rule
+from ._registry import Call, Layout, Rule
 from .records import Dense, Record
 
 
@@ -36,10 +37,34 @@ class Batched:
         keep: whether a batch of one still has that axis (re-inserted as size 1). False for
             tensors whose batch-of-one layout has no example axis (see MultiheadAttention's
             3-D masks, stored per example and head).
+        rows: where examples were flattened with other rows (``outer · n · inner`` along an
+            axis, see :mod:`pergrad.axes`): the tensor is given unflattened, (…, outer, n,
+            inner, …) with ``dim`` the n axis, and each example's (outer, inner) rows are
+            merged again into one axis for the module.
     """
 
     dim: int = 0
     keep: bool = True
+    rows: bool = False
+
+    def restore(self, x):
+        """One example's slice as the module sees it in a batch of one."""
+        if self.rows:
+            return x.flatten(self.dim - 1, self.dim)
+        return x.unsqueeze(self.dim) if self.keep else x
+
+
+def as_batched(x: Any, state) -> tuple[Any, Batched | None]:
+    """A tensor as vmap takes it, and where its examples are, from its state in the forward
+    pass (:mod:`pergrad.axes`); None for a tensor without an example axis."""
+    if not isinstance(x, Tensor) or state is None:
+        return x, None
+    if isinstance(state, Lost):
+        raise CaptureError(f"where a tensor holds its examples was lost at {state.describe()}")
+    if state[1:] == (1, 1):
+        return x, Batched(state.dim)
+    flat = x.unflatten(state.dim, (state.outer, state.examples(x), state.inner))
+    return flat, Batched(state.dim + 1, rows=True)
 
 
 def output_tensors(output: Any) -> list[Tensor]:
@@ -59,28 +84,37 @@ def _axis(b: Batched | None) -> int | None:
 class FunctionalRule(Rule):
     """torch.func rule. Subclasses describe where the example axes are."""
 
+    def example_axis(self, module):
+        return None  # wherever the forward pass put them
+
     def input_layout(self, module: nn.Module, call: Call, n: int):
         """Inputs rearranged for vmap and where their example axes are.
 
         Returns:
             (args, kwargs, args_batched, kwargs_batched): the ``*_batched`` entries are a
-            :class:`Batched` or None (shared by all examples). By default a tensor whose
-            leading dim is n is batched along it; everything else is shared.
+            :class:`Batched` or None (shared by all examples). By default, each tensor where the
+            forward pass put its examples (:attr:`Call.layout`); tensors without are shared.
         """
-
-        def where(x):
-            return Batched() if isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == n else None
-
+        layout = call.layout or Layout.examples_first(call)
+        args = [as_batched(a, s) for a, s in zip(call.args, layout.args)]
+        kwargs = {k: as_batched(v, layout.kwargs[k]) for k, v in call.kwargs.items()}
         return (
-            call.args,
-            call.kwargs,
-            tuple(where(a) for a in call.args),
-            {k: where(v) for k, v in call.kwargs.items()},
+            tuple(a for a, _ in args),
+            {k: v for k, (v, _) in kwargs.items()},
+            tuple(b for _, b in args),
+            {k: b for k, (_, b) in kwargs.items()},
         )
 
-    def output_layout(self, module: nn.Module, index: int) -> Batched:
+    def output_layout(self, module: nn.Module, call: Call, index: int) -> Batched:
         """Where the example axis of the module's ``index``-th tensor output is."""
-        return Batched()
+        layout = call.layout or Layout.examples_first(call)
+        state = layout.outputs[index]
+        if not isinstance(state, Axis):
+            raise CaptureError(
+                f"{type(module).__name__}'s output {index} holds no examples that pergrad could follow "
+                f"({'lost at ' + state.describe() if isinstance(state, Lost) else 'no example axis'})"
+            )
+        return Batched(state.dim, rows=state[1:] != (1, 1))
 
     def records(self, module, calls):
         """Per call, the pieces themselves (:class:`Dense`), computed by torch.func."""
@@ -95,8 +129,12 @@ class FunctionalRule(Rule):
         params = {k: p.detach() for k, p in self.parameters(module)}
         args, kwargs, args_b, kwargs_b = self.input_layout(module, call, n)
         reached = [k for k, g in enumerate(call.grad_outputs) if g is not None]
-        out_b = [self.output_layout(module, k) for k in reached]
-        cotangents = tuple(call.grad_outputs[k] for k in reached)
+        out_b = [self.output_layout(module, call, k) for k in reached]
+        layout = call.layout or Layout.examples_first(call)
+        cotangents = tuple(
+            as_batched(call.grad_outputs[k], layout.outputs[k])[0] if b.rows else call.grad_outputs[k]
+            for k, b in zip(reached, out_b)
+        )
         for k, c, b in zip(reached, cotangents, out_b):
             if c.dim() <= b.dim or c.shape[b.dim] != n:
                 raise CaptureError(
@@ -107,7 +145,7 @@ class FunctionalRule(Rule):
                 )
 
         def restore(x, b):
-            return x.unsqueeze(b.dim) if b is not None and b.keep else x
+            return x if b is None else b.restore(x)
 
         def one_example(args_j, kwargs_j, cotangents_j):
             args_1 = tuple(restore(a, b) for a, b in zip(args_j, args_b))

@@ -119,6 +119,9 @@ class RecurrentRule(FunctionalRule):
             )
         return None
 
+    def example_axis(self, module):
+        return _batch_dim(module)
+
     def batch_size(self, module, call):
         return _input(module, call).shape[_batch_dim(module)]
 
@@ -138,7 +141,7 @@ class RecurrentRule(FunctionalRule):
         kwargs = {"input": x, "hx": hx}
         return (), kwargs, (), {"input": Batched(_batch_dim(module)), "hx": Batched(1)}
 
-    def output_layout(self, module, index):
+    def output_layout(self, module, call, index):
         # [output, h_n] or, for LSTM, [output, h_n, c_n]
         return Batched(_batch_dim(module) if index == 0 else 1)
 
