@@ -18,7 +18,7 @@ from . import _tensors
 from .capture import Capture, rule_of_calls
 from .errors import CaptureError, VerificationError
 from .rules import Keep, records
-from .sharded import Sharding
+from .sharded import Sharding, global_sq_norms
 
 __all__ = ["PerExample", "PerExampleResult"]
 
@@ -119,6 +119,8 @@ class PerExample:
         trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
         self._sharding = Sharding.of(model, trainable, self._direction)
         self._capture = Capture(model, on_unsupported)
+        if self._sharding is not None:
+            self._sharding.check_targets(self._capture.targets)
         self._capture.keep = Keep(grads=grads, second=second_moment)
         self._params = dict(self._capture.parameters())
         self._gathered: list[tuple[int, _PerParameter]] = []  # backwards run by someone else
@@ -302,7 +304,7 @@ class PerExample:
         if self._sharding is None:
             param_batch_sq = _tensors.sq_norms(batch, torch.zeros((), dtype=torch.float64))
         else:
-            param_batch_sq = self._sharding.global_sq_norms(batch)
+            param_batch_sq = global_sq_norms(batch)
         return PerExampleResult(
             sq_norms=torch.stack(list(sq.values())).sum(0),
             param_sq_norms=sq,
@@ -507,7 +509,7 @@ class PerExample:
                 if self.want_grads:
                     grads[name] = like.new_zeros((n, *shape))
                 if self.want_second_moment:
-                    second[name] = torch.zeros_like(like) if sharding is None else sharding.second_moment(name, [], p.shape, scale, like)
+                    second[name] = torch.zeros_like(like) if sharding is None else sharding.second_moment(name, [], scale, p)
                 continue
             sq[name] = records.sq_norms(records_of_p, p.shape)
             if probe:
@@ -519,7 +521,7 @@ class PerExample:
                     mine = sharding.local_records(name, records_of_p)
                     grads[name] = records.pieces(mine, shape) * scale if mine else like.new_zeros((n, *shape))
                 if self.want_second_moment:
-                    second[name] = sharding.second_moment(name, records_of_p, p.shape, scale, like)
+                    second[name] = sharding.second_moment(name, records_of_p, scale, p)
                 continue
             if self.want_grads:
                 grads[name] = records.pieces(records_of_p, p.shape) * scale

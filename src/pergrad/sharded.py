@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from .rules import records
 from .rules.records import Dense, Outer, Record, Reduced, Rows
 
-__all__ = ["Sharding", "is_sharded", "shard_records"]
+__all__ = ["Sharding", "global_sq_norms", "is_sharded", "local", "shard_records"]
 
 try:  # torch.distributed.tensor is absent from builds without distributed support
     from torch.distributed.tensor import DTensor, Shard
@@ -107,7 +107,6 @@ class Sharding:
         self.world = mesh.size()
         self.rank = mesh.get_local_rank()
         self.rows = {name: _rows_of(p, self.rank, self.world) for name, p in params.items()}
-        self.merge_second = False  # reduce-scatter second moments over the ranks' examples
         self._direction = direction
         self._live: dict[str, Tensor] = {}  # unsharded parameters of the latest forward
         self._grad_hooks: dict[str, tuple[int, object]] = {}  # name -> (id of the hooked tensor, handle)
@@ -121,6 +120,28 @@ class Sharding:
             if own:
                 # not prepended: FSDP2's own pre-hook (prepended) has gathered the parameters by then
                 self._handles.append(module.register_forward_pre_hook(self._seen_hook(module, own)))
+
+    @staticmethod
+    def check_targets(targets) -> None:
+        """Raise for a module computed by torch.func that is itself sharded with ``fully_shard``:
+        recomputing its forward one example at a time would run FSDP2's hooks (collectives) again.
+
+        Raises:
+            UnsupportedModuleError: naming the module.
+        """
+        from torch.distributed.fsdp import FSDPModule
+
+        from .errors import UnsupportedModuleError
+        from .rules.functional import FunctionalRule
+
+        for t in targets:
+            if isinstance(t.rule, FunctionalRule) and isinstance(t.module, FSDPModule):
+                raise UnsupportedModuleError(
+                    f"{t.describe()} would be computed by torch.func, but fully_shard was applied to it: its "
+                    "forward cannot be recomputed one example at a time under FSDP2's hooks. Leave "
+                    "on_unsupported at 'auto', register a rule for it, or apply fully_shard to its parent "
+                    "(or to its submodules) instead."
+                )
 
     @classmethod
     def of(cls, model: nn.Module, params: dict[str, Tensor], direction: Callable) -> "Sharding | None":
@@ -143,8 +164,8 @@ class Sharding:
         def hook(mod, args):
             for local_name, name in own.items():
                 p = mod._parameters.get(local_name)
-                if p is None or is_sharded(p) or not p.requires_grad:
-                    continue
+                if not isinstance(p, nn.Parameter) or is_sharded(p) or not p.requires_grad:
+                    continue  # the shards before FSDP2 gathers them, or a rule's recomputation (torch.func)
                 self._live[name] = p
                 known = self._grad_hooks.get(name)
                 if known is None or known[0] != id(p):
@@ -209,41 +230,44 @@ class Sharding:
         r = self.rows[name]
         return shard_records(recs, r.start, r.stop, r.shape)
 
-    def second_moment(self, name: str, recs: list[Record], shape: torch.Size, scale: float, like: Tensor) -> Tensor:
-        """(local rows, …) Σⱼ (∇ℓⱼ)² of this rank's rows: over this rank's examples, or, with
-        :attr:`merge_second`, over every rank's (a reduce-scatter of the full-shape moment;
-        collective: every rank calls it for every parameter, in the same order)."""
-        rows = self.rows[name]
-        if not self.merge_second:
-            mine = self.local_records(name, recs)
-            if not mine:
-                return like.new_zeros(rows.local_shape)
-            return records.second_moment(mine, rows.local_shape) * scale**2
+    def second_moment(self, name: str, recs: list[Record], scale: float, param: Tensor) -> Tensor:
+        """Σⱼ (∇ℓⱼ)² over the examples of every rank, float64, as a DTensor sharded like the
+        parameter: this rank's examples' full-shape moment (one parameter at a time), scaled, then
+        reduce-scattered. Collective: every rank calls it for every parameter, in the same order."""
+        shape = param.shape
+        like = param.to_local()
         full = records.second_moment(recs, shape) * scale**2 if recs else like.new_zeros(shape)
-        return self.reduce_scatter_rows(name, full.double())
+        return self.to_dtensor(self.reduce_scatter_rows(name, full.double()), param)
 
     def reduce_scatter_rows(self, name: str, full: Tensor) -> Tensor:
         """This rank's rows of the sum over ranks of ``full`` (the parameter's full shape)."""
         rows = self.rows[name]
-        flat = full.reshape(full.shape[0] if full.dim() else 1, -1)
+        flat = full.reshape(full.shape[0], -1)
         padded = flat.new_zeros(self.world * rows.chunk, flat.shape[1])
         padded[: flat.shape[0]] = flat
         out = flat.new_empty(rows.chunk, flat.shape[1])
         dist.reduce_scatter_tensor(out, padded, group=self.group)
         return out[: rows.stop - rows.start].reshape(rows.local_shape)
 
-    def to_dtensor(self, name: str, shard: Tensor, like: Tensor) -> Tensor:
-        """A DTensor of the parameter's global shape from this rank's rows ``shard``."""
+    @staticmethod
+    def to_dtensor(shard: Tensor, like: Tensor) -> Tensor:
+        """A DTensor of ``like``'s global shape and placements from this rank's rows ``shard``."""
         return DTensor.from_local(shard, like.device_mesh, like.placements, shape=like.shape, stride=_contiguous_strides(like.shape))
 
-    def global_sq_norms(self, tensors: dict[str, Tensor | None]) -> dict[str, Tensor]:
-        """{name: ‖t‖²} float64 of sharded tensors (DTensors or this rank's shards), summed over the
-        ranks in ONE ``all_reduce``. Collective."""
-        names = list(tensors)
-        parts = [torch.zeros((), dtype=torch.float64) if t is None else local(t).detach().double().square().sum().cpu() for t in tensors.values()]
-        flat = torch.stack(parts) if parts else torch.zeros(0, dtype=torch.float64)
-        dist.all_reduce(flat, group=self.group)
-        return dict(zip(names, flat.unbind()))
+
+def global_sq_norms(tensors: dict[str, Tensor | None]) -> dict[str, Tensor]:
+    """{name: ‖t‖²} (0-dim float64, on CPU) of DTensors sharded over one mesh, each rank's shards'
+    squares summed over the ranks in ONE ``all_reduce`` (None counts 0). Collective."""
+    names = list(tensors)
+    sharded = [t for t in tensors.values() if is_sharded(t)]
+    parts = [torch.zeros((), dtype=torch.float64) if t is None else local(t).detach().double().square().sum().cpu() for t in tensors.values()]
+    flat = torch.stack(parts) if parts else torch.zeros(0, dtype=torch.float64)
+    if sharded:
+        group = sharded[0].device_mesh.get_group()
+        if dist.get_backend(group) == "nccl":
+            flat = flat.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(flat, group=group)
+    return dict(zip(names, flat.cpu().unbind()))
 
 
 def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
