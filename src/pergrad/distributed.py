@@ -177,6 +177,18 @@ class DistributedPerExample:
         """Remove the engine's hooks."""
         self._pe.remove()
 
+    def idle_backward(self, model: nn.Module, empty: Tensor) -> None:
+        """A forward and backward of no example, uncaptured: for a worker without examples in a
+        micro-batch of a ``fully_shard`` model, whose gathers and reduce-scatters need every rank.
+
+        Args:
+            model: the model (as for the forward of a micro-batch).
+            empty: (0, ...) an input of no example.
+        """
+        with self._pe._capture.paused():
+            out = model(empty)
+            (out.sum() * 0).backward()
+
     def _reset(self) -> None:
         p = len(self._params)
         self._n = 0
