@@ -106,11 +106,20 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc < 1 or args.max_restarts < 0:
         print("pergrad train: error: --nproc must be at least 1 and --max-restarts at least 0", file=sys.stderr)
         return 2
-    if (args.nproc > 1 or args.max_restarts > 0) and "TORCHELASTIC_RUN_ID" not in os.environ:
+    if (args.nproc > 1 or args.max_restarts > 0 or _sharded(args)) and "TORCHELASTIC_RUN_ID" not in os.environ:
         return _launch(args)
     if "WORLD_SIZE" in os.environ:  # a worker started by torchrun
         return _run_worker(args)
     return _train_and_report(args, rank=0)
+
+
+def _sharded(args: argparse.Namespace) -> bool:
+    """Whether the run shards its model (--fsdp, or a resumed --fsdp run): FSDP2 needs a process
+    group, so it runs under torchrun even with one worker."""
+    try:
+        return _run_config(args).shard == "fsdp"
+    except ConfigError:
+        return False  # reported by the run itself
 
 
 def _launch(args: argparse.Namespace) -> int:
