@@ -308,7 +308,9 @@ class Capture:
             internals, target.internals = target.internals, {}
             detached, target.detached = target.detached, {}
             slot, target.slot = target.slot, None
-            module._parameters.update(detached)  # restored even when the forward raised
+            for name, p in detached.items():  # restored even when the forward raised, unless FSDP2
+                if not isinstance(module._parameters.get(name), nn.Parameter):  # put its shard back meanwhile
+                    module._parameters[name] = p
             record = None
             if target.modes:
                 mode, record = target.modes.pop()

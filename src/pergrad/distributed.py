@@ -39,13 +39,14 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from .per_example import PerExample, PerExampleResult
+from .sharded import Sharding, global_sq_norms, is_sharded, local
 from ._tensors import flatten, sq_norms
 from .stats.batch import BatchEstimate, per_example_estimate, two_batch_estimate
 
@@ -159,6 +160,8 @@ class DistributedPerExample:
             )
         self._pe = PerExample(model, second_moment=second_moment, on_unsupported=on_unsupported, verify=verify)
         self._pe.local_grads = True  # its backward passes run under no_sync
+        #: the rows of a fully_shard model's parameters (None for any other model)
+        self._sharding = self._pe._sharding
         self._params = {name: p for name, p in model.named_parameters() if p.requires_grad}
         self.second_moment = second_moment
         self.group = group
@@ -174,6 +177,18 @@ class DistributedPerExample:
         """Remove the engine's hooks."""
         self._pe.remove()
 
+    def idle_backward(self, model: nn.Module, empty: Tensor) -> None:
+        """A forward and backward of no example, uncaptured: for a worker without examples in a
+        micro-batch of a ``fully_shard`` model, whose gathers and reduce-scatters need every rank.
+
+        Args:
+            model: the model (as for the forward of a micro-batch).
+            empty: (0, ...) an input of no example.
+        """
+        with self._pe._capture.paused():
+            out = model(empty)
+            (out.sum() * 0).backward()
+
     def _reset(self) -> None:
         p = len(self._params)
         self._n = 0
@@ -183,7 +198,10 @@ class DistributedPerExample:
         self._sq_sums = torch.zeros(1 + p, dtype=torch.float64)
         self._second = None
         if self.second_moment:
-            self._second = {name: torch.zeros(q.shape, dtype=torch.float64) for name, q in self._params.items()}
+            shape = {name: q.shape for name, q in self._params.items()}
+            if self._sharding is not None:  # this rank's rows, already summed over the ranks
+                shape = {name: self._sharding.local_shape(name) for name in shape}
+            self._second = {name: torch.zeros(s, dtype=torch.float64) for name, s in shape.items()}
 
     def backward(self, losses: Tensor) -> PerExampleResult:
         """Backpropagate Σⱼ ℓⱼ of one micro-batch (added to ``.grad``) and keep its statistics.
@@ -204,8 +222,8 @@ class DistributedPerExample:
         self._micro_sq += float(result.batch_grad_sq_norm) / n**2  # ‖ḡₘ‖² = ‖Σ gⱼ‖² / nₘ²
         self._micro_inv += 1.0 / n
         if self._second is not None:
-            for name, m in result.second_moment.items():
-                self._second[name] += m.detach().to("cpu", torch.float64)
+            for name, m in result.second_moment.items():  # sharded: this rank's rows, over all ranks
+                self._second[name] += local(m).detach().to("cpu", torch.float64)
         return result
 
     def step(self, sums: Tensor | None = None) -> StepResult:
@@ -224,13 +242,30 @@ class DistributedPerExample:
             ValueError: no example in the step on any worker.
         """
         head = torch.tensor([self._n, self._micro, self._micro_sq, self._micro_inv], dtype=torch.float64)
-        merged = _merge_sums(head, self._sq_sums, sums, self._second, self._params, self.group)
+        sharding = self._sharding
+        second = self._second if sharding is None else None  # sharded: reduce-scattered by each backward
+        merged = _merge_sums(head, self._sq_sums, sums, second, self._params, self.group)
         if merged.n == 0:
             raise ValueError("the step had no example on any worker: call backward on at least one micro-batch first.")
-        mean_grads = self._reduce_grads(merged.n, _world(self.group))
-        result = merged.step_result(mean_grads)
+        if sharding is None:
+            result = merged.step_result(self._reduce_grads(merged.n, _world(self.group)))
+        else:
+            second = None if self._second is None else {k: Sharding.to_dtensor(m, self._params[k]) for k, m in self._second.items()}
+            result = _sharded_step_result(merged, self._scale_sharded_grads(merged.n), second)
         self._reset()
         return result
+
+    def _scale_sharded_grads(self, n: int) -> dict[str, Tensor]:
+        """FSDP2 reduce-scattered each backward's Σⱼ gⱼ averaged over its W ranks into the sharded
+        ``.grad``: times W/n it is the global mean gradient; returns {name: p.grad}."""
+        world = self._sharding.world
+        with torch.no_grad():
+            for q in self._params.values():
+                if q.grad is None:
+                    q.grad = torch.zeros_like(q)
+                else:
+                    q.grad.mul_(world / n)
+        return {name: q.grad for name, q in self._params.items()}
 
     def _reduce_grads(self, n: int, world: int) -> dict[str, Tensor]:
         """Sum ``.grad`` over workers (one flat all_reduce) and divide by n; returns {name: p.grad}."""
@@ -288,10 +323,20 @@ def merge_result(
     head = torch.tensor([result.n, 0.0, 0.0, 0.0], dtype=torch.float64)
     params = {name: result.batch_grads[name] for name in names}
     second = result.second_moment
+    if any(is_sharded(g) for g in params.values()):  # FSDP2: second moments reduce-scattered already
+        merged = _merge_sums(head, sq_sums, sums, None, params, group)
+        return _sharded_step_result(merged, {name: g.detach() for name, g in params.items()}, second)
     if second is not None:
         second = {name: second[name].detach().to("cpu", torch.float64) for name in names}
     merged = _merge_sums(head, sq_sums, sums, second, params, group)
     return merged.step_result({name: g.detach() for name, g in params.items()})
+
+
+def _sharded_step_result(merged: "_MergedSums", mean_grads: dict[str, Tensor], second: dict[str, Tensor] | None) -> StepResult:
+    """The :class:`StepResult` of a sharded model: ``mean_grads`` and ``second`` (summed over the
+    ranks' examples by reduce-scatters) are DTensors sharded like the parameters; ‖ḡ‖² is summed
+    over the ranks' rows in one ``all_reduce``."""
+    return replace(merged.step_result(mean_grads, grad_sq=global_sq_norms(mean_grads)), second_moment=second)
 
 
 @dataclass(frozen=True)
@@ -304,8 +349,9 @@ class _MergedSums:
     extra: int
     shapes: dict[str, torch.Size] | None  # of the second moments, when merged
 
-    def step_result(self, mean_grads: dict[str, Tensor]) -> StepResult:
-        """A :class:`StepResult` with the global mean gradient ``mean_grads`` ({name: p.shape})."""
+    def step_result(self, mean_grads: dict[str, Tensor], grad_sq: dict[str, Tensor] | None = None) -> StepResult:
+        """A :class:`StepResult` with the global mean gradient ``mean_grads`` ({name: p.shape}) and
+        its squared norms ``grad_sq`` ({name: 0-dim}; computed from ``mean_grads`` when None)."""
         p, k = len(self.names), self.extra
         v = self.vector
         second = None
@@ -316,7 +362,9 @@ class _MergedSums:
                 second[name] = flat[offset : offset + size].reshape(shape).to(mean_grads[name].device)
                 offset += size
         zero = torch.zeros((), dtype=torch.float64)
-        norms = [s.cpu() for s in sq_norms({k: g.detach().double() for k, g in mean_grads.items()}, zero).values()]
+        if grad_sq is None:
+            grad_sq = sq_norms({k: g.detach().double() for k, g in mean_grads.items()}, zero)
+        norms = [s.cpu() for s in grad_sq.values()]
         grad_sq = torch.stack([torch.stack(norms).sum(), *norms]) if norms else torch.zeros(1, dtype=torch.float64)
         return StepResult(
             n=self.n,

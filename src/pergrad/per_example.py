@@ -18,6 +18,7 @@ from . import _tensors
 from .capture import Capture, rule_of_calls
 from .errors import CaptureError, VerificationError
 from .rules import Keep, records
+from .sharded import Sharding, global_sq_norms
 
 __all__ = ["PerExample", "PerExampleResult"]
 
@@ -120,14 +121,20 @@ class PerExample:
         self.want_second_moment = second_moment
         self.verify = verify
         self._verified = False
+        self._directions: dict[str, tuple[Tensor, Tensor]] = {}
+        #: the rows each rank holds of a model sharded with fully_shard (None for any other model);
+        #: its hooks go first, to see the parameters the forward uses before the capture's swap them
+        trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        self._sharding = Sharding.of(model, trainable, self._direction)
         self._capture = Capture(model, on_unsupported, batch_first, example_axes)
+        if self._sharding is not None:
+            self._sharding.check_targets(self._capture.targets)
         self._capture.keep = Keep(grads=grads, second=second_moment)
         self._params = dict(self._capture.parameters())
         self._gathered: list[tuple[int, _PerParameter]] = []  # backwards run by someone else
         #: whether ``.grad`` is this worker's own gradient even in a process group (no_sync)
         self.local_grads = False
         self._backwards = 0  # backward passes run by this object
-        self._directions: dict[str, tuple[Tensor, Tensor]] = {}
         self._capture.on_external_backward = self._gather
 
     def __enter__(self) -> "PerExample":
@@ -139,6 +146,8 @@ class PerExample:
     def remove(self) -> None:
         """Remove every hook and saved tensor."""
         self._capture.remove()
+        if self._sharding is not None:
+            self._sharding.remove()
 
     @property
     def paths(self) -> dict[str, str]:
@@ -186,26 +195,34 @@ class PerExample:
             reduced = scaler.scale(reduced)
             loss_scale = _scale_of(scaler)
         params = self._params
+        check_sums = (verify or self._backwards % CHECK_SUMS_EVERY == 0) and self._grads_are_local()
+        sharding = self._sharding
         earlier = {name: p.grad for name, p in params.items()}
         for p in params.values():
             p.grad = None
         capture.own_backward = True
+        if sharding is not None:  # this rank's gradients, read before FSDP2 reduce-scatters them
+            sharding.begin_backward(probe=check_sums)
         try:
             reduced.backward(retain_graph=verify)
         finally:
             capture.own_backward = False
+            if sharding is not None:
+                sharding.end_backward()
             fresh = {name: p.grad for name, p in params.items()}
             for name, p in params.items():
                 if earlier[name] is not None:
                     p.grad = earlier[name] if fresh[name] is None else earlier[name] + fresh[name]
 
         zero = losses.new_zeros(()).detach() if any(g is None for g in fresh.values()) else None
-        param_batch_sq = _tensors.sq_norms(fresh, zero)
+        if sharding is None:
+            param_batch_sq = _tensors.sq_norms(fresh, zero)
+        else:
+            param_batch_sq = sharding.local_sq_norms(fresh, losses)
         if isinstance(loss_scale, Tensor):
             param_batch_sq = {k: v / loss_scale**2 for k, v in param_batch_sq.items()}
         batch_sq = torch.stack(list(param_batch_sq.values())).sum()
         scale = (float(n) if reduction == "mean" else 1.0) / loss_scale
-        check_sums = (verify or self._backwards % CHECK_SUMS_EVERY == 0) and self._grads_are_local()
         self._backwards += 1
         low_precision = check_sums and capture.saw_low_precision()
         try:
@@ -292,7 +309,10 @@ class PerExample:
             second = {k: sum(part.second[k] for _, part in parts) * scale**2 for k in names}
         unscale = loss_scale if grad_scale is None else grad_scale
         batch = {k: (torch.zeros_like(p) if p.grad is None else p.grad.detach() / unscale) for k, p in self._params.items()}
-        param_batch_sq = _tensors.sq_norms(batch, torch.zeros((), dtype=torch.float64))
+        if self._sharding is None:
+            param_batch_sq = _tensors.sq_norms(batch, torch.zeros((), dtype=torch.float64))
+        else:
+            param_batch_sq = global_sq_norms(batch)
         return PerExampleResult(
             sq_norms=torch.stack(list(sq.values())).sum(0),
             param_sq_norms=sq,
@@ -341,13 +361,13 @@ class PerExample:
         dtype = next(iter(params.values())).dtype if params else torch.float32
         rtol = 5e-2 if low_precision else 1e-5 if dtype == torch.float64 else 1e-3
         examples = sorted({0, result.n - 1})
+        if self._sharding is not None:  # as many backward passes on every rank (FSDP2 gathers in each)
+            examples = [0, result.n - 1]
         stash = {name: p.grad for name, p in params.items()}
         try:
-            for j in examples:
-                for p in params.values():
-                    p.grad = None
-                losses[j].backward(retain_graph=j != examples[-1])
-                want = {name: 0.0 if p.grad is None else float(p.grad.double().square().sum()) for name, p in params.items()}
+            for k, j in enumerate(examples):
+                got_grads = self._example_grads(losses[j], retain_graph=k < len(examples) - 1)
+                want = {name: 0.0 if g is None else float(g.double().square().sum()) for name, g in got_grads.items()}
                 total = sum(want.values())
                 for name, w in want.items():
                     got = float(result.param_sq_norms[name][j])
@@ -357,12 +377,24 @@ class PerExample:
             for name, p in params.items():
                 p.grad = stash[name]
 
+    def _example_grads(self, loss: Tensor, retain_graph: bool) -> dict[str, Tensor | None]:
+        """{name: ∇ loss} of one example's loss by autograd (``.grad`` is stashed by the caller);
+        under FSDP2, with respect to the unsharded parameters the forward used."""
+        params = self._params
+        if self._sharding is not None:
+            found = self._sharding.example_grads(loss, params, retain_graph)
+            return {name: found.get(name) for name in params}
+        for p in params.values():
+            p.grad = None
+        loss.backward(retain_graph=retain_graph)
+        return {name: p.grad for name, p in params.items()}
+
     def _grads_are_local(self) -> bool:
         """Whether ``.grad`` holds this process's own gradient: not in a process group of several
         workers, where DistributedDataParallel may average it during the backward pass, unless
         the backward is known to run under ``no_sync`` (set by DistributedPerExample)."""
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        return self.local_grads or not distributed or torch.distributed.get_world_size() == 1
+        return self.local_grads or self._sharding is not None or not distributed or torch.distributed.get_world_size() == 1
 
     def _direction(self, name: str, p: Tensor) -> tuple[Tensor, Tensor]:
         """(x (R,), y (C,)): a fixed random rank-one direction of parameter ``name`` seen as an
@@ -394,10 +426,16 @@ class PerExample:
         if not names:
             return
         params = self._params
-        grads = [fresh[k] if fresh[k] is not None else torch.zeros_like(params[k]) for k in names]
-        want = torch.stack([self._probe_grad(k, g) for k, g in zip(names, grads)])
+        if self._sharding is None:
+            grads = [fresh[k] if fresh[k] is not None else torch.zeros_like(params[k]) for k in names]
+            want = torch.stack([self._probe_grad(k, g) for k, g in zip(names, grads)])
+            grad_norms = torch.stack(torch._foreach_norm(grads)).to(want.dtype)
+        else:  # this rank's gradients, as its backward gave them to FSDP2
+            local = self._sharding.local_probes(names)
+            zero = per_param.probes[names[0]].new_zeros(())
+            want = torch.stack([zero if local[k] is None else local[k].to(zero.dtype) for k in names])
+            grad_norms = torch.stack(list(self._sharding.local_sq_norms(names, zero).values())).to(want.dtype).sqrt()
         got = torch.stack([per_param.probes[k].to(want.dtype) for k in names])
-        grad_norms = torch.stack(torch._foreach_norm(grads)).to(want.dtype)
         piece_norms = torch.stack([per_param.sq[k].sqrt().sum() for k in names]).to(want.dtype) / abs(scale)
         dtype = params[names[0]].dtype
         rtol = 5e-2 if low_precision else 1e-8 if dtype == torch.float64 else 1e-3
@@ -465,24 +503,34 @@ class PerExample:
         sum along its random direction is kept for :meth:`_check_pieces_add_up`.
         """
         found = self._records(n)
+        sharding = self._sharding
         probes: dict[str, Tensor] = {}  # the pieces' sums along a random direction, unscaled
         sq: dict[str, Tensor] = {}  # unscaled
         grads: dict[str, Tensor] = {}
         second: dict[str, Tensor] = {}
         for name, p in params.items():
             records_of_p = found.get(name)
+            shape = p.shape if sharding is None else sharding.local_shape(name)  # this rank's rows
+            like = p if sharding is None else p.to_local()
             if not records_of_p:  # no gradient reached it
-                sq[name] = p.new_zeros(n)
+                sq[name] = like.new_zeros(n)
                 if self.want_grads:
-                    grads[name] = p.new_zeros((n, *p.shape))
+                    grads[name] = like.new_zeros((n, *shape))
                 if self.want_second_moment:
-                    second[name] = torch.zeros_like(p)
+                    second[name] = torch.zeros_like(like) if sharding is None else sharding.second_moment(name, [], scale, p)
                 continue
             sq[name] = records.sq_norms(records_of_p, p.shape)
             if probe:
                 value = records.probe(records_of_p, p.shape, *self._direction(name, p))
                 if value is not None:
                     probes[name] = value
+            if sharding is not None:
+                if self.want_grads:
+                    mine = sharding.local_records(name, records_of_p)
+                    grads[name] = records.pieces(mine, shape) * scale if mine else like.new_zeros((n, *shape))
+                if self.want_second_moment:
+                    second[name] = sharding.second_moment(name, records_of_p, scale, p)
+                continue
             if self.want_grads:
                 grads[name] = records.pieces(records_of_p, p.shape) * scale
             if self.want_second_moment:

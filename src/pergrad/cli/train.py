@@ -34,6 +34,8 @@ _HELP = {
     "data_seed": "seed of the synthetic data and the training/validation split; -1: the same as --seed",
     "min_batch_size": "with --batch-size auto: the first and smallest batch size",
     "max_batch_size": "with --batch-size auto: the largest batch size",
+    "shard": "none, or fsdp: shard parameters, gradients and optimizer state over the workers (FSDP2), "
+    "checkpoints saved with torch.distributed.checkpoint (--fsdp for short)",
 }
 
 
@@ -55,6 +57,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="data-parallel workers on this machine, started with torchrun (default: 1); "
                         "gloo on CPU, NCCL on GPU. For several machines run "
                         "'torchrun --nproc_per_node N ... -m pergrad train ...' on each instead")  # fmt: skip
+    parser.add_argument("--fsdp", dest="shard", action="store_const", const="fsdp",
+                        help="the same as --shard fsdp")  # fmt: skip
     parser.add_argument("--max-restarts", type=int, default=0, metavar="R",
                         help="run under torchrun and restart all workers up to R times when one fails; "
                         "they resume from the last checkpoint (default: 0)")  # fmt: skip
@@ -102,11 +106,20 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc < 1 or args.max_restarts < 0:
         print("pergrad train: error: --nproc must be at least 1 and --max-restarts at least 0", file=sys.stderr)
         return 2
-    if (args.nproc > 1 or args.max_restarts > 0) and "TORCHELASTIC_RUN_ID" not in os.environ:
+    if (args.nproc > 1 or args.max_restarts > 0 or _sharded(args)) and "TORCHELASTIC_RUN_ID" not in os.environ:
         return _launch(args)
     if "WORLD_SIZE" in os.environ:  # a worker started by torchrun
         return _run_worker(args)
     return _train_and_report(args, rank=0)
+
+
+def _sharded(args: argparse.Namespace) -> bool:
+    """Whether the run shards its model (--fsdp, or a resumed --fsdp run): FSDP2 needs a process
+    group, so it runs under torchrun even with one worker."""
+    try:
+        return _run_config(args).shard == "fsdp"
+    except ConfigError:
+        return False  # reported by the run itself
 
 
 def _launch(args: argparse.Namespace) -> int:

@@ -103,7 +103,7 @@ def load_run(run_dir: str | Path) -> Run:
         checkpoint = load_checkpoint(path / "checkpoint.pt")
     except CheckpointError as err:
         raise ReportError(str(err)) from None
-    if not isinstance(checkpoint.get("model"), dict):
+    if not isinstance(checkpoint.get("model"), dict) and not isinstance(checkpoint.get("sharded"), str):
         raise ReportError(
             f"{path / 'checkpoint.pt'} has no model weights; rerun pergrad train to write it"
         )
@@ -157,8 +157,13 @@ def load_data_and_model(run: Run) -> tuple[Dataset, nn.Module]:
     except ConfigError as err:
         raise ReportError(f"{run.path / 'config.toml'}: {err}") from None
     try:
-        model.load_state_dict(run.checkpoint["model"])
-    except (RuntimeError, KeyError, TypeError) as err:
+        if "sharded" in run.checkpoint:  # a --fsdp run: its shards, read whole in this one process
+            from ..train.fsdp import load_whole_model  # torch.distributed.checkpoint only when needed
+
+            load_whole_model(run.path / run.checkpoint["sharded"], model)
+        else:
+            model.load_state_dict(run.checkpoint["model"])
+    except (RuntimeError, KeyError, TypeError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ReportError(
             f"the weights in {run.path / 'checkpoint.pt'} do not fit the model that config.toml "

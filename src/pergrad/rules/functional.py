@@ -126,7 +126,7 @@ class FunctionalRule(Rule):
 
     def _one_call(self, module: nn.Module, call: Call) -> dict[str, Tensor]:
         n = self.batch_size(module, call)
-        params = {k: p.detach() for k, p in self.parameters(module)}
+        params = {k: _gathered(p).detach() for k, p in self.parameters(module)}
         args, kwargs, args_b, kwargs_b = self.input_layout(module, call, n)
         reached = [k for k, g in enumerate(call.grad_outputs) if g is not None]
         out_b = [self.output_layout(module, call, k) for k in reached]
@@ -182,6 +182,12 @@ class FunctionalRule(Rule):
                 "per-example gradients cannot be recomputed exactly. Set its dropout to 0 or "
                 "call .eval() on it."
             ) from err
+
+
+def _gathered(p: Tensor) -> Tensor:
+    """The whole parameter: a DTensor of a fully_shard model, whose shards FSDP2 holds again after the
+    backward, all-gathered (collective; the torch.func path alone needs it); any other tensor itself."""
+    return p.full_tensor() if hasattr(p, "full_tensor") else p
 
 
 def _one_at_a_time(fn, in_dims, inputs, n: int) -> dict[str, Tensor]:

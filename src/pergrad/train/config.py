@@ -22,6 +22,7 @@ MODELS = ("mlp", "cnn", "transformer", "linear")
 DATASETS = ("digits", "linreg", "sequence")
 OPTIMIZERS = ("sgd", "adam")
 ORDERS = ("shuffled", "sorted")
+SHARDS = ("none", "fsdp")
 
 
 class ConfigError(ValueError):
@@ -59,6 +60,9 @@ class TrainConfig:
             gradients average to the gradient of the whole batch. With ``auto``, K micro-batches
             at ``max_batch_size`` and fewer below it (:meth:`micro_batches_per_worker`): a worker never holds
             more than max_batch_size / (W · K) examples at once.
+        shard: "none" (data-parallel workers each hold the whole model, DistributedDataParallel) or
+            "fsdp" (its parameters, gradients and optimizer state sharded over the workers with FSDP2's
+            ``fully_shard``, checkpoints saved with ``torch.distributed.checkpoint``).
         data_seed: seeds the synthetic datasets and the training/validation split; -1 (the
             default): ``seed``. Runs that share it and differ in ``seed`` see the same data.
     """
@@ -80,13 +84,15 @@ class TrainConfig:
     data_seed: int = -1
     min_batch_size: int = 16
     max_batch_size: int = 128
+    shard: str = "none"
 
     def __post_init__(self):
         self.validate()
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad value and what to use instead."""
-        for name, allowed in (("model", MODELS), ("dataset", DATASETS), ("optimizer", OPTIMIZERS), ("order", ORDERS)):
+        for name, allowed in (("model", MODELS), ("dataset", DATASETS), ("optimizer", OPTIMIZERS), ("order", ORDERS),
+                              ("shard", SHARDS)):  # fmt: skip
             value = getattr(self, name)
             if value not in allowed:
                 raise ConfigError(f"unknown {name} {value!r}: choose one of {', '.join(allowed)}")

@@ -36,6 +36,7 @@ from .._tensors import flatten
 from ..distributed import DistributedPerExample
 from ..stats import AdaptiveBatchSize, GradientAlignment, NoiseScale, ParamSNR, norm_quantiles
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from . import fsdp
 from .config import ConfigError, TrainConfig
 from .data import Dataset, load_dataset
 from .losses import per_example_accuracy, per_example_losses
@@ -181,8 +182,9 @@ def train(
     elif run.lead:
         _start(run, stream)
     # the models have no buffers, so the forward of DDP runs no collective and a worker may skip
-    # an empty micro-batch; the gradient is reduced by DistributedPerExample.step
-    ddp = DistributedDataParallel(run.model) if run.world > 1 else run.model
+    # an empty micro-batch; the gradient is reduced by DistributedPerExample.step (under FSDP2, by
+    # its own reduce-scatter in each backward)
+    ddp = DistributedDataParallel(run.model) if run.world > 1 and not run.sharded else run.model
     progress = _Progress.for_run(run, quiet, stream)
     n = run.order.num_examples
     board = TensorBoardLog(run.run_dir, run.step if state is not None else None) if tensorboard and run.lead else None
@@ -282,6 +284,11 @@ class _Run:
         return self.rank == 0
 
     @property
+    def sharded(self) -> bool:
+        """Whether the model is sharded with FSDP2 (``--fsdp`` in a process group)."""
+        return self.config.shard == "fsdp" and dist.is_initialized()
+
+    @property
     def batch_size(self) -> int:
         """B in force: the rule's for ``auto``, else the config's."""
         return self.config.batch_size if self.rule is None else self.rule.batch_size
@@ -300,6 +307,8 @@ def _setup(config: TrainConfig, resume: bool) -> tuple[_Run, dict | None]:
     dataset = load_dataset(config)
     device = _device()
     model = build_model(config, dataset).to(device)
+    if config.shard == "fsdp" and dist.is_initialized():
+        fsdp.shard_model(model)
     run = _Run(
         config=config,
         run_dir=run_dir,
@@ -338,8 +347,15 @@ def _restore(run: _Run, state: dict) -> None:
             f"{run.run_dir / 'checkpoint.pt'} was written by an older pergrad (its position is in batches, "
             "not examples): start a new run"
         )
-    run.model.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
+    if "sharded" in state:  # every rank reads its shards, on any number of workers
+        if not run.sharded:
+            raise CheckpointError(f"{run.run_dir} holds a sharded (--fsdp) checkpoint: resume it under torchrun with --fsdp")
+        fsdp.load_sharded(run.run_dir / state["sharded"], run.model, run.optimizer)
+    elif run.sharded:
+        raise CheckpointError(f"{run.run_dir} holds an unsharded checkpoint: resume it without --fsdp")
+    else:
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
     run.stats.load_state_dict(state)
     run.window = _Window(**state["window"])
     run.step, run.epoch, run.offset, run.examples = state["step"], state["epoch"], state["offset"], state["examples"]
@@ -372,6 +388,8 @@ def _step(run: _Run, ddp: nn.Module, dpe: DistributedPerExample, batch: torch.Te
     local, sq_norms = _backward_micro_batches(run, ddp, dpe, batch)
     merged = dpe.step(sums=local)  # p.grad: the global batch's mean gradient
     run.optimizer.step()
+    if run.sharded:
+        merged = fsdp.whole(merged)
     run.stats.update(merged)
     run.window.add(merged.sums, merged.n, distributed.all_gather_cat(sq_norms), run.dataset.task)
     run.step += 1
@@ -394,6 +412,8 @@ def _backward_micro_batches(
     micro_batches = run.config.micro_batches_per_worker(batch.numel())
     for idx in run.order.micro_batches(batch, run.rank, run.world, micro_batches):
         if idx.numel() == 0:  # a last, small batch may leave a worker without examples
+            if run.sharded:  # FSDP2's gathers and reduce-scatters need every rank
+                dpe.idle_backward(ddp, run.dataset.train_x[:0].to(run.device))
             continue
         x, y = run.dataset.train_x[idx].to(run.device), run.dataset.train_y[idx].to(run.device)
         with distributed.no_sync(ddp):
@@ -419,10 +439,12 @@ def _also_to(board: TensorBoardLog, run: _Run, on_row: Callable[[dict], None] | 
 
 
 def _log(run: _Run, progress: "_Progress", on_row: Callable[[dict], None] | None) -> None:
-    """Rank 0 appends a metrics row for the steps since the previous one and shows it."""
+    """Rank 0 appends a metrics row for the steps since the previous one and shows it (a sharded
+    model's validation forward runs on every rank)."""
+    validation = evaluate(run.model, run.dataset) if run.lead or run.sharded else None
     if not run.lead:
         return
-    row = _row(run)
+    row = _row(run, validation)
     run.metrics.append(row)
     progress.log(row)
     if on_row:
@@ -430,15 +452,20 @@ def _log(run: _Run, progress: "_Progress", on_row: Callable[[dict], None] | None
 
 
 def _checkpoint(run: _Run) -> None:
-    """Rank 0 saves everything needed to continue exactly from here."""
+    """Rank 0 saves everything needed to continue exactly from here; a sharded model's shards are
+    saved first by every rank (:mod:`pergrad.train.fsdp`), then ``checkpoint.pt`` names them."""
+    if run.sharded:
+        weights = {"sharded": fsdp.save_sharded(run.run_dir, f"{run.step}-{run.epoch}-{run.offset}", run.model, run.optimizer)}
+        fsdp.barrier()  # every rank's shards are written
+    elif run.lead:
+        weights = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict()}
     if not run.lead:
         return
     save_checkpoint(
         run.run_dir / "checkpoint.pt",
         {
             "config": run.config.to_dict(),
-            "model": run.model.state_dict(),
-            "optimizer": run.optimizer.state_dict(),
+            **weights,
             **run.stats.state_dict(),
             "window": run.window.__dict__.copy(),
             "step": run.step,
@@ -450,6 +477,8 @@ def _checkpoint(run: _Run) -> None:
             "rng": torch.get_rng_state(),
         },
     )
+    if run.sharded:
+        fsdp.prune_sharded(run.run_dir, weights["sharded"])
 
 
 def _open_run_dir(config: TrainConfig, resume: bool, lead: bool) -> tuple[Path, dict | None]:
@@ -479,10 +508,10 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def _row(run: _Run) -> dict:
-    """One metrics row: the window's means, validation, and the smoothed statistics."""
+def _row(run: _Run, validation: tuple[float, float | None]) -> dict:
+    """One metrics row: the window's means, ``validation`` (loss, accuracy), and the smoothed statistics."""
     window, stats = run.window, run.stats
-    val_loss, val_accuracy = evaluate(run.model, run.dataset)
+    val_loss, val_accuracy = validation
     estimate = stats.noise.estimate(INTERVAL_LEVEL)  # one read-out of the smoothed sums for the whole row
     norms = torch.tensor(window.norms, dtype=torch.float64)
     quantiles = norm_quantiles(norms, QUANTILES)
