@@ -114,7 +114,7 @@ class PerExample:
         verify: bool | str | int = "first",
     ):
         periodic = isinstance(verify, int) and not isinstance(verify, bool) and verify >= 1
-        if verify not in (True, False, "first") and not periodic:
+        if not (verify is True or verify is False or verify == "first" or periodic):
             raise ValueError(f"verify must be True, False, 'first' or a number of backwards k >= 1, got {verify!r}.")
         self.model = model
         self.want_grads = grads
@@ -359,7 +359,7 @@ class PerExample:
         For each j in ``examples``: ‖∇ℓⱼ‖² per parameter in ``result`` against autograd's gradient
         of ``loss_of(j)``, example j's own loss recomputed alone (0-dim, with its graph), with
         the capture paused and ``.grad`` stashed and restored; the comparison and tolerance of
-        :meth:`backward`'s check (:func:`pergrad.verify.first_mismatch`).
+        :meth:`backward`'s check (:func:`pergrad.verify.worst_mismatch`).
 
         Args:
             result: from :meth:`result`.
@@ -379,7 +379,7 @@ class PerExample:
             for j in examples:
                 want = _verify.single_example_sq_norms(params, loss_of(j))
                 got = {name: float(result.param_sq_norms[name][j]) for name in want}
-                bad = _verify.first_mismatch(got, want, rtol, up_to_factor=up_to_factor)
+                bad = _verify.worst_mismatch(got, want, rtol, up_to_factor=up_to_factor)
                 if bad is not None:
                     raise VerificationError(self._mismatch(bad[0], j, bad[1], bad[2]))
 
@@ -404,7 +404,7 @@ class PerExample:
         """Compare ‖∇ℓⱼ‖² per parameter with autograd's, for j in ``examples``, through the
         retained graph (``.grad`` is stashed and restored; plain ``backward`` so that
         reentrant activation checkpointing works too), with the tolerance of
-        :func:`pergrad.verify.tolerance` and the comparison of :func:`pergrad.verify.first_mismatch`.
+        :func:`pergrad.verify.tolerance` and the comparison of :func:`pergrad.verify.worst_mismatch`.
 
         Raises:
             VerificationError: naming the parameter, its module and the module's path.
@@ -415,7 +415,7 @@ class PerExample:
         for j in examples:
             want = _verify.single_example_sq_norms(params, losses[j], retain_graph=j != examples[-1])
             got = {name: float(result.param_sq_norms[name][j]) for name in want}
-            bad = _verify.first_mismatch(got, want, rtol)
+            bad = _verify.worst_mismatch(got, want, rtol)
             if bad is not None:
                 raise VerificationError(self._mismatch(bad[0], j, bad[1], bad[2]))
 

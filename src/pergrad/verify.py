@@ -1,6 +1,6 @@
 """The check of per-example results against autograd on single examples, and when it runs.
 
-- :func:`tolerance` and :func:`first_mismatch`: the one comparison of per-parameter squared norms
+- :func:`tolerance` and :func:`worst_mismatch`: the one comparison of per-parameter squared norms
   ‖∇ℓⱼ‖² with autograd's, used by :meth:`PerExample.backward` (through the retained graph) and
   by the framework callbacks (:class:`StepCheck`, through a recomputed single-example loss).
 - :func:`checks_of`: what has been checked of a model, kept once per model and settings (not
@@ -22,7 +22,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 if TYPE_CHECKING:
     from .per_example import PerExample, PerExampleResult
 
-__all__ = ["ModelChecks", "StepCheck", "checks_of", "example_of", "first_mismatch", "fingerprint", "tolerance"]
+__all__ = ["ModelChecks", "StepCheck", "checks_of", "example_of", "worst_mismatch", "fingerprint", "tolerance"]
 
 
 def tolerance(dtype: torch.dtype, low_precision: bool) -> float:
@@ -32,14 +32,17 @@ def tolerance(dtype: torch.dtype, low_precision: bool) -> float:
     return 5e-2 if low_precision else 1e-5 if dtype == torch.float64 else 1e-3
 
 
-def first_mismatch(
+def worst_mismatch(
     got: dict[str, float], want: dict[str, float], rtol: float, *, up_to_factor: bool = False
 ) -> tuple[str, float, float] | None:
-    """The first parameter whose ‖∇ℓⱼ‖² disagrees with autograd's, as (name, got, want), or None.
+    """The parameter whose ‖∇ℓⱼ‖² disagrees most with autograd's, as (name, got, want), or None
+    where all agree.
 
     A value agrees when ``|got − want| ≤ rtol·(max(got, want) + 10⁻³·Σ want)``: relative to the
     larger of the two, with a floor of 10⁻³ of the example's total squared norm (a gradient that
-    vanishes up to rounding, as a key bias's under softmax).
+    vanishes up to rounding, as a key bias's under softmax). Of those that do not, the one with
+    the largest ``|got − want| / (max(got, want) + 10⁻³·Σ want)`` is named (with a fitted factor
+    every parameter moves a little when one is wrong; the wrong one moves most).
 
     Args:
         got: {parameter name: pergrad's ‖∇ℓⱼ‖²} of one example j.
@@ -59,11 +62,14 @@ def first_mismatch(
             return name, got[name], want[name]
         want = {name: c * w for name, w in want.items()}
     total = sum(want.values())
+    worst, worst_error = None, rtol
     for name, w in want.items():
         g = got[name]
-        if abs(g - w) > rtol * (max(g, w) + 1e-3 * total):
-            return name, g, w
-    return None
+        size = max(g, w) + 1e-3 * total
+        error = abs(g - w) / size if size > 0 else 0.0
+        if error > worst_error:
+            worst, worst_error = (name, g, w), error
+    return worst
 
 
 def single_example_sq_norms(params: dict[str, nn.Parameter], loss: Tensor, *, retain_graph: bool = False) -> dict[str, float]:
@@ -183,7 +189,8 @@ class Schedule:
     """
 
     def __init__(self, verify: bool | str | int):
-        ok = verify in ("first", True, False) or (isinstance(verify, int) and not isinstance(verify, bool) and verify >= 1)
+        periodic = isinstance(verify, int) and not isinstance(verify, bool) and verify >= 1
+        ok = verify is True or verify is False or verify == "first" or periodic
         if not ok:
             raise ValueError(f"verify must be 'first', True, False or a number of steps k >= 1, got {verify!r}.")
         self.verify = verify
