@@ -289,3 +289,28 @@ def test_example_of_slices_every_tensor_of_a_nested_batch():
     one = example_of(batch, 2, 3)
     assert one["x"].tolist() == [[4, 5]] and one["parts"][0].tolist() == [2] and one["parts"][1:] == ["text", None]
     assert one["k"] == 7
+
+
+class HalvedRule(RolledRule):
+    """Half of every piece, in the right examples: the pieces no longer add up."""
+
+    def records(self, module, calls):
+        rolled = super().records(module, calls)
+        return {k: [Dense(0.5 * r.pieces.roll(-1, 0)) for r in recs] for k, recs in rolled.items()}
+
+
+def test_watched_sums_of_a_framework_backward_catch_pieces_that_do_not_add_up(monkeypatch):
+    monkeypatch.setitem(_registry._RULES, RolledLinear, HalvedRule())
+    model = nn.Sequential(RolledLinear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    with PerExample(model, verify=False) as pe:
+        for watch in (False, True):
+            model.zero_grad(set_to_none=True)
+            pe.watch_sums(watch)
+            for xs in x.chunk(2):  # two micro-batches, as a framework accumulates
+                (model(xs).square().sum(1).mean() / 2).backward()
+            if watch:
+                with pytest.raises(pergrad.VerificationError, match=r"'0.weight' .* do not add up"):
+                    pe.result("mean")
+            else:
+                pe.result("mean")  # unwatched: the wrong number, as before
