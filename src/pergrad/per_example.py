@@ -284,13 +284,11 @@ class PerExample:
 
         Raises:
             CaptureError: no backward was measured since the last result.
+            VerificationError: after :meth:`watch_sums`, pieces that do not add up.
 
         The first-backward check against autograd needs per-example losses, so it runs in
         :meth:`backward` only, not here; see :meth:`watch_sums` and :meth:`check_result` for the
         checks of backward passes run by someone else.
-
-        Raises (also):
-            VerificationError: after :meth:`watch_sums`, pieces that do not add up.
         """
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}.")
@@ -347,9 +345,9 @@ class PerExample:
         self._watch_handles, self._watched, self._low_precision = [], None, False
         if not on:
             return
-        self._watched = {name: torch.zeros_like(p) for name, p in self._params.items()}
+        self._watched = {name: torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for name, p in self._params.items()}
         for name, p in self._params.items():
-            self._watch_handles.append(p.register_hook(_adder(self._watched[name])))
+            self._watch_handles.append(p.register_hook(_tensors.adder(self._watched[name])))
 
     def check_result(
         self, result: PerExampleResult, loss_of: Callable[[int], Tensor], examples: list[int], *, up_to_factor: bool = False
@@ -618,15 +616,6 @@ def _check_losses(losses: Tensor, reduction: str) -> int:
             "gradients enabled (not under torch.no_grad(), not .detach()ed)."
         )
     return losses.shape[0]
-
-
-def _adder(total: Tensor):
-    """A gradient hook adding each backward's gradient of a parameter into ``total``."""
-
-    def add(grad: Tensor) -> None:
-        total.add_(grad.detach())
-
-    return add
 
 
 def _scale_of(scaler) -> Tensor | float:

@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from .._tensors import adder
 from ..distributed import StepResult
 from ..per_example import PerExample
 from ..train.metrics import Column
@@ -109,7 +110,7 @@ class PergradCallback(TrainerCallback):
             for name, p in model.named_parameters():
                 if p.requires_grad:
                     self._summed[name] = torch.zeros_like(p, dtype=torch.float64)
-                    self._handles.append(p.register_hook(_adder(self._summed[name])))
+                    self._handles.append(p.register_hook(adder(self._summed[name])))
         if self.run_dir is not None and state.is_world_process_zero:
             self._run = RunDirectory(self.run_dir, {
                 "framework": "transformers", "beta": self.beta,
@@ -188,15 +189,6 @@ class PergradCallback(TrainerCallback):
         for handle in self._handles:
             handle.remove()
         self._handles, self._summed = [], {}
-
-
-def _adder(total: torch.Tensor):
-    """A gradient hook adding each backward's gradient of a parameter into ``total`` (float64)."""
-
-    def add(grad: torch.Tensor) -> None:
-        total.add_(grad.detach())
-
-    return add
 
 
 def _unclipped(step: StepResult, workers: int) -> StepResult:
