@@ -280,7 +280,9 @@ def test_the_comparison_up_to_a_factor_still_sees_a_wrong_share():
     assert worst_mismatch({"a": 2.0, "b": 6.0}, want, 1e-5, up_to_factor=True) is None
     assert worst_mismatch({"a": 2.0, "b": 6.0}, want, 1e-5) is not None
     assert worst_mismatch({"a": 3.0, "b": 1.0}, want, 1e-5, up_to_factor=True)[0] == "a"
-    assert worst_mismatch({"a": 1.0, "b": 2.0}, want, 1e-5)[0] == "b"  # the worst, not the first
+    three, got = {"a": 1.0, "b": 1.0, "c": 1.0}, {"a": 1.1, "b": 1.0, "c": 4.0}
+    assert worst_mismatch(got, three, 1e-5)[0] == "a"  # exact: the first
+    assert worst_mismatch(got, three, 1e-5, up_to_factor=True)[0] == "b"  # fitted (c = 6.1/3): the worst
     assert worst_mismatch({"a": 0.0, "b": 0.0}, want, 1e-5, up_to_factor=True) is not None
 
 

@@ -22,7 +22,18 @@ from torch.utils.weak import WeakIdKeyDictionary
 if TYPE_CHECKING:
     from .per_example import PerExample, PerExampleResult
 
-__all__ = ["ModelChecks", "StepCheck", "checks_of", "example_of", "worst_mismatch", "fingerprint", "tolerance"]
+__all__ = [
+    "ModelChecks",
+    "Schedule",
+    "StepCheck",
+    "checks_of",
+    "example_of",
+    "examples_in",
+    "fingerprint",
+    "single_example_sq_norms",
+    "tolerance",
+    "worst_mismatch",
+]
 
 
 def tolerance(dtype: torch.dtype, low_precision: bool) -> float:
@@ -35,14 +46,14 @@ def tolerance(dtype: torch.dtype, low_precision: bool) -> float:
 def worst_mismatch(
     got: dict[str, float], want: dict[str, float], rtol: float, *, up_to_factor: bool = False
 ) -> tuple[str, float, float] | None:
-    """The parameter whose ‖∇ℓⱼ‖² disagrees most with autograd's, as (name, got, want), or None
-    where all agree.
+    """A parameter whose ‖∇ℓⱼ‖² disagrees with autograd's, as (name, got, want), or None where all
+    agree: the first in parameter order, or, with ``up_to_factor``, the one that disagrees most.
 
     A value agrees when ``|got − want| ≤ rtol·(max(got, want) + 10⁻³·Σ want)``: relative to the
     larger of the two, with a floor of 10⁻³ of the example's total squared norm (a gradient that
-    vanishes up to rounding, as a key bias's under softmax). Of those that do not, the one with
-    the largest ``|got − want| / (max(got, want) + 10⁻³·Σ want)`` is named (with a fitted factor
-    every parameter moves a little when one is wrong; the wrong one moves most).
+    vanishes up to rounding, as a key bias's under softmax). With a fitted factor every
+    parameter moves a little when one is wrong, so the one with the largest
+    ``|got − want| / (max(got, want) + 10⁻³·Σ want)`` is named: the wrong one moves most.
 
     Args:
         got: {parameter name: pergrad's ‖∇ℓⱼ‖²} of one example j.
@@ -69,6 +80,8 @@ def worst_mismatch(
         error = abs(g - w) / size if size > 0 else 0.0
         if error > worst_error:
             worst, worst_error = (name, g, w), error
+            if not up_to_factor:
+                break
     return worst
 
 
@@ -100,7 +113,9 @@ class ModelChecks:
     backwards: int = 0
 
 
-# model -> {fingerprint: ModelChecks}; weak, so that a model's entry goes with the model
+# model -> {fingerprint: ModelChecks}. Keyed by the model object, weakly: an entry goes with its model,
+# and holds no reference to the model or its modules (the fingerprint keeps their ids and classes
+# only, and an id cannot be reused while the model that holds the module is alive).
 _CHECKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _KEPT_PER_MODEL = 8  # fingerprints kept per model (the oldest dropped first)
 
