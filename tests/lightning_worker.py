@@ -34,11 +34,15 @@ class Classifier(pl.LightningModule):
         self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # micro-batches, in order
         self.weights: list[dict[str, torch.Tensor]] = []  # at each step's start
 
-    def training_step(self, batch, batch_idx):
+    def on_train_batch_start(self, batch, batch_idx):
+        # recorded here, not in training_step, which PergradCallback's check runs again on single examples
         x, y = batch
         if batch_idx % self.accumulate == 0:
             self.weights.append({k: v.detach().clone() for k, v in self.named_parameters()})
         self.seen.append((x.detach().clone(), y.detach().clone()))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
         return F.cross_entropy(self.net(x), y)
 
     def configure_optimizers(self):
@@ -55,10 +59,12 @@ def data() -> TensorDataset:
 
 
 def fit(out: Path, *, accumulate: int = 1, batch_size: int = 4, precision="64-true", strategy="auto",
-        devices=1, beta: float = 0.9) -> tuple[Classifier, PergradCallback, pl.Trainer]:  # fmt: skip
-    """Fit 1 epoch on ``data()`` without shuffling; the callback writes ``out/run``."""
-    module = Classifier(accumulate)
-    callback = PergradCallback(beta=beta, run_dir=out / "run")
+        devices=1, beta: float = 0.9, module: Classifier | None = None,
+        **options) -> tuple[Classifier, PergradCallback, pl.Trainer]:  # fmt: skip
+    """Fit 1 epoch on ``data()`` without shuffling (``module``, default a new ``Classifier``); the
+    callback (``options`` passed to it) writes ``out/run``."""
+    module = Classifier(accumulate) if module is None else module
+    callback = PergradCallback(beta=beta, run_dir=out / "run", **options)
     trainer = pl.Trainer(
         max_epochs=1, accelerator="cpu", devices=devices, strategy=strategy, precision=precision,
         accumulate_grad_batches=accumulate, callbacks=[callback], logger=False,

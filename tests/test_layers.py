@@ -1,6 +1,6 @@
 """The layering, read from the source with ``ast``: the library never imports the application.
 
-Library (bottom to top): errors, _atomic, _json, _tensors < rules < capture, sharded < per_example < stats <
+Library (bottom to top): errors, _atomic, _json, _tensors, axes < rules < capture, sharded < per_example, verify < stats <
 distributed < checks. Applications: train < integrations < report < cli (the callbacks write
 the trainer's metrics.csv schema). A module imports only
 from its own layer or below (docs: shared/DESIGN.md); lazy imports inside functions count too.
@@ -18,7 +18,7 @@ LAYERS = [
     ("errors", "_atomic", "_json", "_tensors", "axes"),
     ("rules",),
     ("capture", "sharded"),
-    ("per_example",),
+    ("per_example", "verify"),
     ("stats",),
     ("distributed",),
     ("checks",),

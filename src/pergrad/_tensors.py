@@ -1,4 +1,4 @@
-"""Flattening and squared norms of named tensors (parameters, gradients), written once.
+"""Flattening and squared norms of named tensors (parameters, gradients), and a gradient adder, written once.
 
 Index letters: n examples, D the total number of entries of the tensors taken together.
 """
@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
-__all__ = ["flatten", "sq_norms"]
+__all__ = ["adder", "flatten", "sq_norms"]
 
 
 def flatten(tensors: Iterable[Tensor], per_example: bool = False) -> Tensor:
@@ -35,3 +35,13 @@ def sq_norms(tensors: Mapping[str, Tensor | None], zero: Tensor | None) -> dict[
     norms = torch._foreach_norm([tensors[name] for name in present]) if present else []
     squared = dict(zip(present, torch.stack(norms).square().unbind() if present else []))
     return {name: squared.get(name, zero) for name in tensors}
+
+
+def adder(total: Tensor):
+    """A gradient hook (``p.register_hook``) adding each backward's gradient of a parameter into
+    ``total``: what the backward computed, before any clipping or averaging over workers."""
+
+    def add(grad: Tensor) -> None:
+        total.add_(grad.detach())
+
+    return add

@@ -10,11 +10,12 @@ pieces ``P_j`` (``∇L = Σ_j P_j``); the gradient of example j's own loss is th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
-from . import _tensors
+from . import _tensors, verify as _verify
 from .capture import Capture, rule_of_calls
 from .errors import CaptureError, VerificationError
 from .rules import Keep, records
@@ -25,8 +26,9 @@ __all__ = ["PerExample", "PerExampleResult"]
 _REDUCTIONS = ("mean", "sum")
 
 #: The check that every parameter's pieces add up to autograd's gradient runs on the first
-#: backward, on every verified one, and on every this-many-th (about 15% of a small MLP's step
-#: on CPU, so not on every one).
+#: backward of a model (with given settings, see :func:`pergrad.verify.checks_of`), on every
+#: verified one, and on every this-many-th (about 15% of a small MLP's step on CPU, so not on
+#: every one).
 CHECK_SUMS_EVERY = 100
 
 
@@ -84,9 +86,15 @@ class PerExample:
             :attr:`paths`); "fallback": torch.func for such modules; "error": raise.
         verify: check per-example results against autograd's gradient of single examples'
             own losses (examples 0 and n−1, per parameter; it costs two more backward passes
-            through the retained graph): "first" (default) on the first backward only,
-            True on every backward, False never. A mismatch raises
+            through the retained graph): "first" (default) on the model's first backward only,
+            True on every backward, an int k ≥ 1 on the first and then one example (a
+            different one each time) on every k-th backward, False never. A mismatch raises
             :class:`~pergrad.errors.VerificationError` naming the module and its path.
+            "First" is per model, not per ``PerExample``: attaching again to a model already
+            verified with the same modules, parameters and settings (``grads``,
+            ``second_moment``, ``on_unsupported``, the layout) does not check again, so that ``with
+            PerExample(model)`` around every step costs no check after the first
+            (:func:`pergrad.verify.checks_of`); a model whose modules changed is checked again.
         batch_first: whether the model's inputs hold their examples along their first axis
             (default); False for the second, PyTorch's sequence-first layout (t, n, …).
         example_axes: {module path: axis} where a module's inputs hold their examples, for a
@@ -110,17 +118,17 @@ class PerExample:
         grads: bool = False,
         second_moment: bool = False,
         on_unsupported: str = "auto",
-        verify: bool | str = "first",
+        verify: bool | str | int = "first",
         batch_first: bool = True,
         example_axes: dict[str, int] | None = None,
     ):
-        if verify not in (True, False, "first"):
-            raise ValueError(f"verify must be True, False or 'first', got {verify!r}.")
+        periodic = isinstance(verify, int) and not isinstance(verify, bool) and verify >= 1
+        if not (verify is True or verify is False or verify == "first" or periodic):
+            raise ValueError(f"verify must be True, False, 'first' or a number of backwards k >= 1, got {verify!r}.")
         self.model = model
         self.want_grads = grads
         self.want_second_moment = second_moment
         self.verify = verify
-        self._verified = False
         self._directions: dict[str, tuple[Tensor, Tensor]] = {}
         #: the rows each rank holds of a model sharded with fully_shard (None for any other model);
         #: its hooks go first, to see the parameters the forward uses before the capture's swap them
@@ -131,10 +139,16 @@ class PerExample:
             self._sharding.check_targets(self._capture.targets)
         self._capture.keep = Keep(grads=grads, second=second_moment)
         self._params = dict(self._capture.parameters())
+        rules = tuple({id(t.rule): t.rule for t in self._capture.targets}.values())
+        axes = tuple(sorted((example_axes or {}).items()))
+        key = _verify.fingerprint(model, rules, (on_unsupported, grads, second_moment, batch_first, axes))
+        self._checks = _verify.checks_of(model, key)  # shared by every PerExample of this model and key
+        self._watched: dict[str, Tensor] | None = None  # see watch_sums
+        self._watch_handles: list = []
+        self._low_precision = False  # a gathered backward saw float16/bfloat16 gradients
         self._gathered: list[tuple[int, _PerParameter]] = []  # backwards run by someone else
         #: whether ``.grad`` is this worker's own gradient even in a process group (no_sync)
         self.local_grads = False
-        self._backwards = 0  # backward passes run by this object
         self._capture.on_external_backward = self._gather
 
     def __enter__(self) -> "PerExample":
@@ -145,6 +159,7 @@ class PerExample:
 
     def remove(self) -> None:
         """Remove every hook and saved tensor."""
+        self.watch_sums(False)
         self._capture.remove()
         if self._sharding is not None:
             self._sharding.remove()
@@ -185,7 +200,9 @@ class PerExample:
         n = _check_losses(losses, reduction)
         capture = self._capture
         capture.check_before_backward(n)
-        verify = self.verify is True or (self.verify == "first" and not self._verified)
+        checks = self._checks
+        examples = self._examples_to_verify(n)
+        verify = bool(examples)
 
         reduced = losses.mean() if reduction == "mean" else losses.sum()
         if verify or losses.device.type == "cpu":
@@ -195,7 +212,7 @@ class PerExample:
             reduced = scaler.scale(reduced)
             loss_scale = _scale_of(scaler)
         params = self._params
-        check_sums = (verify or self._backwards % CHECK_SUMS_EVERY == 0) and self._grads_are_local()
+        check_sums = (verify or checks.backwards % CHECK_SUMS_EVERY == 0) and self._grads_are_local()
         sharding = self._sharding
         earlier = {name: p.grad for name, p in params.items()}
         for p in params.values():
@@ -223,7 +240,6 @@ class PerExample:
             param_batch_sq = {k: v / loss_scale**2 for k, v in param_batch_sq.items()}
         batch_sq = torch.stack(list(param_batch_sq.values())).sum()
         scale = (float(n) if reduction == "mean" else 1.0) / loss_scale
-        self._backwards += 1
         low_precision = check_sums and capture.saw_low_precision()
         try:
             with torch.no_grad(), capture.paused():
@@ -250,12 +266,22 @@ class PerExample:
         if verify:
             capture.own_backward = True
             try:
-                self._check_against_autograd(losses, result, low_precision)
+                self._check_against_autograd(losses, result, low_precision, examples)
             finally:
                 capture.own_backward = False
                 capture.clear()  # calls of a checkpointed forward recomputed by those backwards
-            self._verified = True
+            checks.verified = True
+        checks.backwards += 1  # counted once its checks passed: a backward that raised leaves them due
         return result
+
+    def _examples_to_verify(self, n: int) -> list[int]:
+        """The examples this backward checks against autograd (see ``verify``): 0 and n−1, one, or none."""
+        checks, verify = self._checks, self.verify
+        if verify is True or (verify is not False and not checks.verified):
+            return sorted({0, n - 1})
+        if verify in (False, "first") or checks.backwards % verify:
+            return []
+        return [(checks.backwards // verify) % n]
 
     def result(self, reduction: str = "mean", *, loss_scale: float = 1.0, grad_scale: float | None = None) -> PerExampleResult:
         """What the backward passes run by someone else since the last call measured.
@@ -284,9 +310,11 @@ class PerExample:
 
         Raises:
             CaptureError: no backward was measured since the last result.
+            VerificationError: after :meth:`watch_sums`, pieces that do not add up.
 
         The first-backward check against autograd needs per-example losses, so it runs in
-        :meth:`backward` only, not here.
+        :meth:`backward` only, not here; see :meth:`watch_sums` and :meth:`check_result` for the
+        checks of backward passes run by someone else.
         """
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}.")
@@ -296,6 +324,11 @@ class PerExample:
                 "loss.backward() with PerExample attached (its hooks live until remove()) first."
             )
         parts, self._gathered = self._gathered, []
+        if self._watched is not None:
+            watched, low_precision = self._watched, self._low_precision
+            self.watch_sums(False)
+            with torch.no_grad():
+                self._check_pieces_add_up(_PerParameter.merged([part for _, part in parts]), watched, 1.0, low_precision)
         accounted = frozenset().union(*(part.accounted for _, part in parts))
         unseen = [k for k, p in self._params.items() if k not in accounted and p.grad is not None]
         self._check_accounted([k for k in unseen if bool(self._params[k].grad.any())], accounted)
@@ -330,6 +363,53 @@ class PerExample:
         self._gathered.clear()
         self._capture.clear()
 
+    def watch_sums(self, on: bool = True) -> None:
+        """Make the next :meth:`result` check that the gathered pieces add up to the gradients
+        of the backward passes gathered (:meth:`_check_pieces_add_up`, which :meth:`backward`
+        runs itself): from now until that result, a gradient hook on every parameter adds up what
+        each backward computes, before any clipping or averaging over workers. ``on=False``
+        stops it."""
+        for handle in self._watch_handles:
+            handle.remove()
+        self._watch_handles, self._watched, self._low_precision = [], None, False
+        if not on:
+            return
+        self._watched = {name: torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for name, p in self._params.items()}
+        for name, p in self._params.items():
+            self._watch_handles.append(p.register_hook(_tensors.adder(self._watched[name])))
+
+    def check_result(
+        self, result: PerExampleResult, loss_of: Callable[[int], Tensor], examples: list[int], *, up_to_factor: bool = False
+    ) -> None:
+        """Compare a result of backward passes run by someone else with autograd on single examples.
+
+        For each j in ``examples``: ‖∇ℓⱼ‖² per parameter in ``result`` against autograd's gradient
+        of ``loss_of(j)``, example j's own loss recomputed alone (0-dim, with its graph), with
+        the capture paused and ``.grad`` stashed and restored; the comparison and tolerance of
+        :meth:`backward`'s check (:func:`pergrad.verify.worst_mismatch`).
+
+        Args:
+            result: from :meth:`result`.
+            loss_of: example j's loss, computed by the caller (a framework's loss on a batch
+                of one).
+            examples: indices into the result's examples.
+            up_to_factor: compare up to one positive factor per example, where ``loss_of``'s
+                scale relative to the result's per-example loss is not known.
+
+        Raises:
+            VerificationError: naming the parameter, its module and the module's path.
+        """
+        params = self._params
+        dtype = next(iter(params.values())).dtype if params else torch.float32
+        rtol = _verify.tolerance(dtype, self._low_precision or dtype in (torch.float16, torch.bfloat16))
+        with self._capture.paused():
+            for j in examples:
+                want = _verify.single_example_sq_norms(params, loss_of(j))
+                got = {name: float(result.param_sq_norms[name][j]) for name in want}
+                bad = _verify.worst_mismatch(got, want, rtol, up_to_factor=up_to_factor)
+                if bad is not None:
+                    raise VerificationError(self._mismatch(bad[0], j, bad[1], bad[2]))
+
     def _gather(self) -> None:
         """At the end of a backward run by someone else: its examples' pieces, kept for
         :meth:`result` (pieces of whatever loss was backpropagated: scale 1)."""
@@ -338,41 +418,38 @@ class PerExample:
         if n is None:
             return
         capture.check_before_backward(n)
+        watching = self._watched is not None
+        if watching:
+            self._low_precision = self._low_precision or capture.saw_low_precision()
         try:
             with torch.no_grad(), capture.paused():
-                self._gathered.append((n, self._per_parameter(n, 1.0, self._params)))
+                self._gathered.append((n, self._per_parameter(n, 1.0, self._params, probe=watching)))
         finally:
             capture.clear()
 
-    def _check_against_autograd(self, losses: Tensor, result: PerExampleResult, low_precision: bool) -> None:
-        """Compare ‖∇ℓⱼ‖² per parameter with autograd's, for j = 0 and n−1, through the
+    def _check_against_autograd(self, losses: Tensor, result: PerExampleResult, low_precision: bool, examples: list[int]) -> None:
+        """Compare ‖∇ℓⱼ‖² per parameter with autograd's, for j in ``examples``, through the
         retained graph (``.grad`` is stashed and restored; plain ``backward`` so that
-        reentrant activation checkpointing works too).
-
-        Tolerance: relative 1e-5 in float64 (models that round inside to float32 on purpose,
-        as Llama's softmax, differ by about 1e-7), 1e-3 in float32, 5e-2 where the forward ran in
-        float16/bfloat16, of the larger of the two values plus a floor of that times 1e-3 of
-        the example's total squared norm.
+        reentrant activation checkpointing works too), with the tolerance of
+        :func:`pergrad.verify.tolerance` and the comparison of :func:`pergrad.verify.worst_mismatch`.
 
         Raises:
             VerificationError: naming the parameter, its module and the module's path.
         """
         params = self._params
         dtype = next(iter(params.values())).dtype if params else torch.float32
-        rtol = 5e-2 if low_precision else 1e-5 if dtype == torch.float64 else 1e-3
-        examples = sorted({0, result.n - 1})
+        rtol = _verify.tolerance(dtype, low_precision)
         if self._sharding is not None:  # as many backward passes on every rank (FSDP2 gathers in each)
-            examples = [0, result.n - 1]
+            examples = [examples[0], examples[-1]]
         stash = {name: p.grad for name, p in params.items()}
         try:
             for k, j in enumerate(examples):
-                got_grads = self._example_grads(losses[j], retain_graph=k < len(examples) - 1)
-                want = {name: 0.0 if g is None else float(g.double().square().sum()) for name, g in got_grads.items()}
-                total = sum(want.values())
-                for name, w in want.items():
-                    got = float(result.param_sq_norms[name][j])
-                    if abs(got - w) > rtol * (max(got, w) + 1e-3 * total):
-                        raise VerificationError(self._mismatch(name, j, got, w))
+                grads = self._example_grads(losses[j], retain_graph=k < len(examples) - 1)
+                want = {name: 0.0 if g is None else float(g.double().square().sum()) for name, g in grads.items()}
+                got = {name: float(result.param_sq_norms[name][j]) for name in want}
+                bad = _verify.worst_mismatch(got, want, rtol)
+                if bad is not None:
+                    raise VerificationError(self._mismatch(bad[0], j, bad[1], bad[2]))
         finally:
             for name, p in params.items():
                 p.grad = stash[name]
@@ -570,6 +647,15 @@ class _PerParameter:
     second: dict[str, Tensor] = field(default_factory=dict)
     accounted: frozenset[str] = frozenset()  # the parameters that had records
     probes: dict[str, Tensor] = field(default_factory=dict)  # see PerExample._check_pieces_add_up
+
+    @staticmethod
+    def merged(parts: list["_PerParameter"]) -> "_PerParameter":
+        """The squared norms and probes of several backwards' parts (scale 1) as one, for
+        :meth:`PerExample._check_pieces_add_up`: norms concatenated, probes added."""
+        names = list(parts[0].sq)
+        sq = {k: torch.cat([part.sq[k] for part in parts]) for k in names}
+        probes = {k: sum(part.probes[k] for part in parts) for k in parts[0].probes if all(k in part.probes for part in parts)}
+        return _PerParameter(stacked=torch.stack(list(sq.values())), sq=sq, probes=probes)
 
 
 def _check_losses(losses: Tensor, reduction: str) -> int:

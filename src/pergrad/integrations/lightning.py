@@ -15,6 +15,18 @@ Logged with ``pl_module.log`` at every optimizer step (so they reach
 ``pergrad/grad_sq_norm``, ``pergrad/norm_q10``, ``_q50``, ``_q90``, ``_max`` (per-example
 gradient norms of the step's global batch) and ``pergrad/snr/<parameter>``.
 
+The first measured step is checked before anything is logged (``verify``): examples 0 and n−1
+of the step's batch are run alone through ``training_step`` (with ``self.log`` silenced, under
+the trainer's precision context), their gradients taken by autograd, and compared per parameter
+with the step's per-example results, up to one positive factor per example (a
+``training_step`` may average over tokens, or micro-batches may differ in size: a scale pergrad
+cannot know), while the pieces of the step's backward passes must add up exactly to the
+gradients those passes computed. A mismatch raises :class:`~pergrad.errors.VerificationError`
+and stops the fit. The check step runs with dropout off (see :class:`pergrad.verify.StepCheck`),
+calls ``training_step`` twice more (its side effects other than logging happen again), and needs
+every tensor of the batch to hold the step's examples along its first axis; else pass
+``verify=False``.
+
 Example::
 
     trainer = lightning.Trainer(max_epochs=3, callbacks=[PergradCallback(run_dir="runs/lit")])
@@ -31,6 +43,7 @@ import torch
 
 from ..per_example import PerExample
 from ..train.metrics import Column
+from ..verify import Schedule, StepCheck
 from ._step import RunDirectory, StepStatistics
 
 __all__ = ["PergradCallback"]
@@ -45,19 +58,25 @@ class PergradCallback(pl.Callback):
             ``log_every`` steps) for ``pergrad report RUN_DIR``; None for none.
         log_every: optimizer steps between rows of ``run_dir``'s ``metrics.csv``.
         on_unsupported: as for :class:`~pergrad.PerExample`.
+        verify: which optimizer steps are checked against autograd on single examples before
+            their statistics are logged: "first" (default, examples 0 and n−1 of the first
+            step), True (every step), an int k (the first step, then one example every k
+            steps), False (none). See :class:`pergrad.verify.Schedule`.
 
     Attributes:
         statistics: the :class:`~pergrad.integrations._step.StepStatistics` kept so far.
     """
 
     def __init__(self, beta: float = 0.95, *, run_dir: str | Path | None = None, log_every: int = 1,
-                 on_unsupported: str = "auto"):  # fmt: skip
+                 on_unsupported: str = "auto", verify: bool | str | int = "first"):  # fmt: skip
         if log_every < 1:
             raise ValueError(f"log_every must be at least 1, got {log_every}.")
         self.beta = beta
         self.run_dir = run_dir
         self.log_every = log_every
         self.on_unsupported = on_unsupported
+        self.schedule = Schedule(verify)
+        self._check: StepCheck | None = None  # of the step in progress
         self.statistics = StepStatistics(beta)
         self._pe: PerExample | None = None
         self._run: RunDirectory | None = None
@@ -73,6 +92,14 @@ class PergradCallback(pl.Callback):
                 "precision": str(trainer.precision),
             })  # fmt: skip
 
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        step = self.statistics.steps
+        if self._check is None and self.schedule.due(step):
+            self._check = StepCheck(self._pe, pl_module, lambda n: self.schedule.examples(step, n))
+        if self._check is not None:
+            self._check.dropout_off()
+            self._check.add(batch)
+
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         # the micro-batch's mean loss / accumulate_grad_batches (times the GradScaler's scale)
         self._losses += torch.tensor([float(loss.detach()) / _loss_scale(trainer), 0.0], dtype=torch.float64)
@@ -80,6 +107,9 @@ class PergradCallback(pl.Callback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         # under 16-mixed Lightning has unscaled .grad before this hook: grad_scale 1
         result = self._pe.result("mean", loss_scale=_loss_scale(trainer), grad_scale=1.0)
+        check, self._check = self._check, None
+        if check is not None:
+            check.finish(result, lambda batch: _single_loss(trainer, pl_module, batch))
         self._losses[1] = 1.0  # one step of this worker
         step = self.statistics.update(result, sums=self._losses)
         self._losses.zero_()
@@ -96,6 +126,9 @@ class PergradCallback(pl.Callback):
 
     def teardown_hooks(self) -> None:
         """Remove pergrad's hooks from the module (done at the end of fitting)."""
+        if self._check is not None:
+            self._check.cancel()
+            self._check = None
         if self._pe is not None:
             self._pe.remove()
             self._pe = None
@@ -115,6 +148,28 @@ class PergradCallback(pl.Callback):
             Column.LOSS: loss_sum / count if count else None,
             **self.statistics.values(),
         })  # fmt: skip
+
+
+def _single_loss(trainer: pl.Trainer, pl_module: pl.LightningModule, batch) -> torch.Tensor:
+    """``training_step``'s loss on a batch of one example, under the trainer's precision context,
+    with ``self.log`` and ``self.log_dict`` silenced."""
+
+    def silent(*args, **kwargs) -> None:
+        return None
+
+    pl_module.__dict__.update(log=silent, log_dict=silent)
+    try:
+        with trainer.precision_plugin.train_step_context():
+            out = pl_module.training_step(batch, 0)
+    finally:
+        del pl_module.__dict__["log"], pl_module.__dict__["log_dict"]
+    loss = out.get("loss") if isinstance(out, dict) else out
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        raise ValueError(
+            f"training_step returned {type(out).__name__} on one example, not a loss (a 0-dim tensor, or a dict "
+            "with 'loss'): the check against single examples needs it. Pass verify=False to PergradCallback."
+        )
+    return loss
 
 
 def _loss_scale(trainer: pl.Trainer) -> float:

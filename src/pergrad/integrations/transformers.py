@@ -17,6 +17,20 @@ The callback therefore also sums each parameter's gradient of every backward of 
 c from ``.grad`` = c·ḡ: c = ‖.grad‖² / ⟨.grad, ḡ⟩ with ⟨.grad, ḡ⟩ = (1/W) Σ_w ⟨.grad, ḡ_w⟩ added
 over the W workers in the statistics' one ``all_reduce``.
 
+The first step is checked before anything is logged (``verify``): the callback records the
+model's inputs of the step's forwards (a forward pre-hook), runs the model on examples 0 and
+n−1 of them alone (``num_items_in_batch`` left out, so the model's loss averages over that
+example's tokens), takes autograd's gradient of the returned ``loss`` and compares it per
+parameter with the step's per-example results up to one positive factor per example (example
+j's loss here is its summed token loss over the step's token count: a scale pergrad cannot
+know), while the pieces of the step's backward passes must add up exactly to the gradients those
+passes computed (recorded before clipping). A mismatch raises
+:class:`~pergrad.errors.VerificationError` and stops training. The checked step runs with
+dropout off (see :class:`pergrad.verify.StepCheck`). The reference is the model's own loss
+(``outputs.loss``) on the step's inputs: a Trainer whose ``compute_loss`` computes another loss
+needs ``verify=False``, as does a batch with a tensor that does not hold the step's examples
+along its first axis.
+
 The metrics (``pergrad/b_simple`` and the others of :mod:`pergrad.integrations.lightning`) are
 added to every training log, so they reach ``trainer.state.log_history`` and the ``report_to``
 integrations: add the callback with :meth:`PergradCallback.attach`, which puts it before them.
@@ -37,9 +51,11 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from .._tensors import adder
 from ..distributed import StepResult
 from ..per_example import PerExample
 from ..train.metrics import Column
+from ..verify import Schedule, StepCheck
 from ._step import RunDirectory, StepStatistics
 
 __all__ = ["PergradCallback"]
@@ -53,13 +69,21 @@ class PergradCallback(TrainerCallback):
         run_dir: also write ``config.toml`` and ``metrics.csv`` there (main process, a row at
             every training log) for ``pergrad report RUN_DIR``; None for none.
         on_unsupported: as for :class:`~pergrad.PerExample`.
+        verify: which optimizer steps are checked against autograd on single examples before
+            their statistics are added: "first" (default, examples 0 and n−1 of the first
+            step), True (every step), an int k (the first step, then one example every k
+            steps), False (none). See :class:`pergrad.verify.Schedule`.
 
     Attributes:
         statistics: the :class:`~pergrad.integrations._step.StepStatistics` kept so far.
     """
 
-    def __init__(self, beta: float = 0.95, *, run_dir: str | Path | None = None, on_unsupported: str = "auto"):
+    def __init__(self, beta: float = 0.95, *, run_dir: str | Path | None = None, on_unsupported: str = "auto",
+                 verify: bool | str | int = "first"):  # fmt: skip
         self.beta = beta
+        self.schedule = Schedule(verify)
+        self._check: StepCheck | None = None  # of the step in progress
+        self._model = None
         self.run_dir = run_dir
         self.on_unsupported = on_unsupported
         self.statistics = StepStatistics(beta)
@@ -79,11 +103,14 @@ class PergradCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._pe = PerExample(model, second_moment=True, on_unsupported=self.on_unsupported, verify=False)
+        self._model = model
+        if self.schedule.verify is not False:
+            self._handles.append(model.register_forward_pre_hook(self._record_inputs, with_kwargs=True))
         if args.max_grad_norm and args.max_grad_norm > 0:
             for name, p in model.named_parameters():
                 if p.requires_grad:
                     self._summed[name] = torch.zeros_like(p, dtype=torch.float64)
-                    self._handles.append(p.register_hook(_adder(self._summed[name])))
+                    self._handles.append(p.register_hook(adder(self._summed[name])))
         if self.run_dir is not None and state.is_world_process_zero:
             self._run = RunDirectory(self.run_dir, {
                 "framework": "transformers", "beta": self.beta,
@@ -91,15 +118,30 @@ class PergradCallback(TrainerCallback):
                 "max_grad_norm": float(args.max_grad_norm or 0.0),
             })  # fmt: skip
 
+    def on_step_begin(self, args, state, control, **kwargs):
+        step = self.statistics.steps
+        if self._check is None and self.schedule.due(step):
+            self._check = StepCheck(self._pe, self._model, lambda n: self.schedule.examples(step, n))
+
+    def _record_inputs(self, module, args, kwargs):
+        """Before each forward of a checked step (after the Trainer's ``model.train()``): dropout
+        off, and the inputs kept, without ``num_items_in_batch``."""
+        if self._check is not None and torch.is_grad_enabled():
+            self._check.dropout_off()
+            self._check.add((args, {k: v for k, v in kwargs.items() if k != "num_items_in_batch"}))
+
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         scaler = getattr(optimizer, "scaler", None)
         loss_scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
         # accelerate unscales .grad when the Trainer measures (and clips) its norm, before this
         result = self._pe.result("mean", loss_scale=loss_scale, grad_scale=1.0)
+        dot = sum(float((result.batch_grads[k].double() * s).sum()) for k, s in self._summed.items())
+        check, self._check = self._check, None
+        if check is not None:  # its backward passes add to self._summed, read above
+            check.finish(result, self._single_loss)
         if not self._summed:
             step = self.statistics.merge(result)
         else:
-            dot = sum(float((result.batch_grads[k].double() * s).sum()) for k, s in self._summed.items())
             step = _unclipped(self.statistics.merge(result, torch.tensor([dot / loss_scale])), args.world_size)
             for s in self._summed.values():
                 s.zero_()
@@ -124,22 +166,29 @@ class PergradCallback(TrainerCallback):
                 **self.statistics.values(),
             })  # fmt: skip
 
+    def _single_loss(self, inputs) -> torch.Tensor:
+        """The model's own loss on one example's inputs (``outputs.loss``)."""
+        args, kwargs = inputs
+        out = self._model(*args, **kwargs)
+        loss = out.get("loss") if isinstance(out, dict) else getattr(out, "loss", None)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            raise ValueError(
+                "the model returned no loss on one example's inputs (its labels are passed elsewhere, as with "
+                "compute_loss_func or label smoothing): the check against single examples needs it. Pass "
+                "verify=False to PergradCallback."
+            )
+        return loss
+
     def on_train_end(self, args, state, control, **kwargs):
+        if self._check is not None:
+            self._check.cancel()
+            self._check = None
         if self._pe is not None:
             self._pe.remove()
             self._pe = None
         for handle in self._handles:
             handle.remove()
         self._handles, self._summed = [], {}
-
-
-def _adder(total: torch.Tensor):
-    """A gradient hook adding each backward's gradient of a parameter into ``total`` (float64)."""
-
-    def add(grad: torch.Tensor) -> None:
-        total.add_(grad.detach())
-
-    return add
 
 
 def _unclipped(step: StepResult, workers: int) -> StepResult:

@@ -1,0 +1,130 @@
+"""What ``with PerExample(model)`` around every step costs, and what the single-example check costs.
+
+The README's pattern hooks the model anew at every step::
+
+    with pergrad.PerExample(model) as pe:
+        result = pe.backward(losses)
+
+The check against autograd runs once per model and settings (``pergrad.verify.checks_of``), so
+after the first step this costs the hooking and unhooking only. The script times, per workload,
+in rounds that rotate the order of the methods:
+
+- ``plain``: ``losses.mean().backward()``;
+- ``attached``: one ``PerExample`` attached before the timer, ``pe.backward`` per step (the model
+  already verified);
+- ``with``: a new ``PerExample`` around every step (the README's pattern);
+- ``check 2``: ``verify=True``, the check of examples 0 and n−1 on every step: what the first
+  step of a model costs;
+- ``check 1``: ``verify=1``, one example checked on every step: what each checked step of the
+  periodic check ``verify=k`` costs (amortised over k steps: (check 1 − attached) / k).
+
+It prints the median time per step and the median ratios, per round, to ``attached`` and to
+``plain`` (``--threads``, default 2). Usage::
+
+    PYTHONPATH=src .venv/bin/python benchmarks/attach_per_step.py            # MLP and Llama
+    PYTHONPATH=src .venv/bin/python benchmarks/attach_per_step.py --rounds 5 --only mlp
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import pergrad  # noqa: E402
+from workloads import Workload, llama, mlp  # noqa: E402
+
+METHODS = ("plain", "attached", "with", "check 2", "check 1")
+VERIFY = {"attached": "first", "check 2": True, "check 1": 1}
+
+
+def plain_step(w: Workload) -> None:
+    w.model.zero_grad(set_to_none=True)
+    w.loss_fn(w.model(w.x), w.y).mean().backward()
+
+
+def pergrad_step(w: Workload, pe: pergrad.PerExample) -> None:
+    w.model.zero_grad(set_to_none=True)
+    pe.backward(w.loss_fn(w.model(w.x), w.y), reduction="mean")
+
+
+def timed(w: Workload, method: str, steps: int) -> float:
+    """Seconds per step over ``steps`` consecutive steps of ``method``."""
+    if method == "plain":
+        start = time.perf_counter()
+        for _ in range(steps):
+            plain_step(w)
+        return (time.perf_counter() - start) / steps
+    if method == "with":
+        start = time.perf_counter()
+        for _ in range(steps):
+            with pergrad.PerExample(w.model) as pe:
+                pergrad_step(w, pe)
+        return (time.perf_counter() - start) / steps
+    pe = pergrad.PerExample(w.model, verify=VERIFY[method])
+    try:
+        start = time.perf_counter()
+        for _ in range(steps):
+            pergrad_step(w, pe)
+        return (time.perf_counter() - start) / steps
+    finally:
+        pe.remove()
+
+
+def measure(w: Workload, rounds: int, warmup: int, target: float) -> dict[str, list[float]]:
+    """{method: [seconds per step, one per round]}."""
+    with pergrad.PerExample(w.model) as pe:  # the model's first step: verified here, before timing
+        pergrad_step(w, pe)
+    one = timed(w, "plain", 3)
+    steps = max(1, round(target / one))
+    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    gc.disable()
+    try:
+        for r in range(warmup + rounds):
+            order = METHODS[r % len(METHODS):] + METHODS[: r % len(METHODS)]
+            for method in order:
+                t = timed(w, method, steps)
+                if r >= warmup:
+                    times[method].append(t)
+    finally:
+        gc.enable()
+    return times
+
+
+def table(w: Workload, times: dict[str, list[float]]) -> str:
+    rows = [f"### {w.name}", "", "| method | ms per step | × attached | × plain |", "|---|---|---|---|"]
+    for m in METHODS:
+        ms = statistics.median(times[m]) * 1e3
+        vs_attached = statistics.median(a / b for a, b in zip(times[m], times["attached"]))
+        vs_plain = statistics.median(a / b for a, b in zip(times[m], times["plain"]))
+        rows.append(f"| {m} | {ms:.2f} | {vs_attached:.3f} | {vs_plain:.3f} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--target-ms", type=float, default=100.0, help="length of one measurement")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", choices=["mlp", "llama"])
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    makers = {"mlp": mlp, "llama": llama}
+    for key, make in makers.items():
+        if args.only and key != args.only:
+            continue
+        w = make()
+        print(table(w, measure(w, args.rounds, args.warmup, args.target_ms / 1e3)), "\n", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
