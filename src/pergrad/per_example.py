@@ -162,8 +162,9 @@ class PerExample:
                 or not finite (checked on CPU every step; on CUDA, where reading the check back
                 would wait for the device, on the steps ``verify`` checks).
             CaptureError / ExampleCouplingError: see :meth:`Capture.check_before_backward`.
-            All are raised before anything is written into ``.grad``.
             VerificationError: see ``verify``.
+
+        All but VerificationError are raised before anything is written into ``.grad``.
         """
         n = _check_losses(losses, reduction)
         capture = self._capture

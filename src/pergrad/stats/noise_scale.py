@@ -349,7 +349,8 @@ def b_simple_ratio(trace_sigma: Tensor | float, grad_sq_norm: Tensor | float) ->
     the ratio is inf where |G|² ≤ 0 (noise dominates the signal).
 
     Args:
-        trace_sigma, grad_sq_norm: floats or float64 tensors of one shape.
+        trace_sigma: a float or float64 tensor.
+        grad_sq_norm: a float or float64 tensor of the same shape.
 
     Returns:
         A float64 tensor of that shape.
