@@ -388,7 +388,7 @@ class PerExample:
             return
         params = self._params
         grads = [fresh[k] if fresh[k] is not None else torch.zeros_like(params[k]) for k in names]
-        want = torch.stack([self._probe_grad(k, g) for k, g in zip(names, grads)])
+        want = torch.stack([self._probe_grad(k, g) for k, g in zip(names, grads, strict=True)])
         got = torch.stack([per_param.probes[k].to(want.dtype) for k in names])
         grad_norms = torch.stack(torch._foreach_norm(grads)).to(want.dtype)
         piece_norms = torch.stack([per_param.sq[k].sqrt().sum() for k in names]).to(want.dtype) / abs(scale)
@@ -483,7 +483,7 @@ class PerExample:
         stacked = torch.stack([sq[name] for name in params]) * scale**2  # (P, n)
         return _PerParameter(
             stacked=stacked,
-            sq=dict(zip(params, stacked.unbind())),
+            sq=dict(zip(params, stacked.unbind(), strict=True)),
             grads=grads,
             second=second,
             accounted=frozenset(found),

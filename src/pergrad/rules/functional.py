@@ -97,7 +97,7 @@ class FunctionalRule(Rule):
         reached = [k for k, g in enumerate(call.grad_outputs) if g is not None]
         out_b = [self.output_layout(module, k) for k in reached]
         cotangents = tuple(call.grad_outputs[k] for k in reached)
-        for k, c, b in zip(reached, cotangents, out_b):
+        for k, c, b in zip(reached, cotangents, out_b, strict=True):
             if c.dim() <= b.dim or c.shape[b.dim] != n:
                 raise CaptureError(
                     f"{type(module).__name__}'s output {k} has shape {tuple(c.shape)}, with no axis of the "
@@ -110,7 +110,7 @@ class FunctionalRule(Rule):
             return x.unsqueeze(b.dim) if b is not None and b.keep else x
 
         def one_example(args_j, kwargs_j, cotangents_j):
-            args_1 = tuple(restore(a, b) for a, b in zip(args_j, args_b))
+            args_1 = tuple(restore(a, b) for a, b in zip(args_j, args_b, strict=True))
             kwargs_1 = {k: restore(v, kwargs_b[k]) for k, v in kwargs_j.items()}
 
             def forward(p):
@@ -118,7 +118,7 @@ class FunctionalRule(Rule):
                 return tuple(outputs[k] for k in reached)
 
             _, pullback = vjp(forward, params)
-            return pullback(tuple(restore(c, b) for c, b in zip(cotangents_j, out_b)))[0]
+            return pullback(tuple(restore(c, b) for c, b in zip(cotangents_j, out_b, strict=True)))[0]
 
         in_dims = (
             tuple(_axis(b) for b in args_b),
