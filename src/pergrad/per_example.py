@@ -374,7 +374,8 @@ class PerExample:
         computed, along the fixed random direction x yᵀ of :meth:`_direction`: ``|xᵀ(Σⱼ P_j)y −
         xᵀ(∇L)y| ≤ rtol·(s + 10⁻³·max s)`` with ``s = ‖∇L‖ + Σⱼ ‖P_j‖`` of the parameter and the
         largest over parameters (a floor for gradients that vanish up to rounding, as a key bias's
-        under softmax), rtol 1e-8 in float64, 1e-3 in float32, 5e-2 under float16/bfloat16 autocast. It costs about one more pass over the gradients and one read
+        under softmax), rtol 1e-8 in float64, 1e-3 in float32, 5e-2 under float16/bfloat16 autocast.
+        It costs about one more pass over the gradients and one read
         on the host, on the steps :data:`CHECK_SUMS_EVERY` says, and catches a use of a parameter
         that no rule or traced operation saw, and pieces that do not sum to the gradient,
         whatever ``verify`` says. (Parameters whose pieces were reduced in the backward pass sum

@@ -135,7 +135,8 @@ def summary_section(run: Run, n_train: int, n_val: int, advice: BatchSizeAdvice)
 def _batch_size_text(config: TrainConfig) -> str:
     if not config.auto:
         return str(config.batch_size)
-    return f"auto ({config.min_batch_size}–{config.max_batch_size}; the learning rate is the one at {config.min_batch_size})"
+    bounds = f"{config.min_batch_size}–{config.max_batch_size}"
+    return f"auto ({bounds}; the learning rate is the one at {config.min_batch_size})"
 
 
 def assumptions_section(
