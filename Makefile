@@ -43,7 +43,7 @@ lint: $(STAMP)
 
 # rewrite src/ to the formatter's layout and apply ruff's automatic fixes
 format: $(STAMP)
-	$(VENV)/bin/ruff check --fix src
+	$(VENV)/bin/ruff check --fix-only src
 	$(VENV)/bin/ruff format src
 
 docs: $(STAMP)
