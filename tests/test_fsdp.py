@@ -123,3 +123,16 @@ def test_mixed_precision_within_autocast_tolerance(ranks):
 def test_torch_func_on_a_sharded_unit_is_refused(ranks):
     message = ranks[0]["fallback_root"]
     assert "FSDPTinyLM at '<model>'" in message and "fully_shard" in message
+
+
+@pytest.mark.slow
+def test_the_docs_example_runs_under_torchrun():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).parent.parent / "examples" / "fsdp_noise_scale.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(example)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "B_simple" in done.stdout

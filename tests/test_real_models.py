@@ -3,7 +3,7 @@ configs, float64, against an independent reference: an unhooked copy of the mode
 example at a time, differentiated by autograd.
 
 timm is not here: it requires torchvision, whose only wheel on PyPI for torch 2.13.0 is the CUDA
-build, which does not load beside the CPU torch (see README, "Your model"). The patterns timm
+build, which does not load beside the CPU torch (see docs/your-model.md). The patterns timm
 models use (class tokens and position tables on the model itself, layer scale, a LayerNorm
 subclass that permutes) are covered by the transformers ViT/ConvNeXt below and by the pattern
 cases in test_model_patterns.py.

@@ -33,7 +33,7 @@ def sq_norms(tensors: Mapping[str, Tensor | None], zero: Tensor | None) -> dict[
     tensor is), with one multi-tensor norm kernel for all of them; computed in each tensor's dtype."""
     present = [name for name, t in tensors.items() if t is not None]
     norms = torch._foreach_norm([tensors[name] for name in present]) if present else []
-    squared = dict(zip(present, torch.stack(norms).square().unbind() if present else []))
+    squared = dict(zip(present, torch.stack(norms).square().unbind() if present else [], strict=True))
     return {name: squared.get(name, zero) for name in tensors}
 
 

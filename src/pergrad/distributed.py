@@ -140,8 +140,9 @@ class DistributedPerExample:
             (``ddp.module``), so that parameter names carry no ``module.`` prefix.
         second_moment: also merge Σⱼ gⱼ² per parameter (for :class:`~pergrad.ParamSNR`).
         group: the process group (default: the world).
-        on_unsupported, verify: as for :class:`~pergrad.PerExample` (each micro-batch's
-            backward runs under ``no_sync``, so the first one's check is local to the worker).
+        on_unsupported: as for :class:`~pergrad.PerExample`.
+        verify: as for :class:`~pergrad.PerExample` (each micro-batch's backward runs under
+            ``no_sync``, so the first one's check is local to the worker).
     """
 
     def __init__(

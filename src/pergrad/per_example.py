@@ -194,8 +194,9 @@ class PerExample:
                 or not finite (checked on CPU every step; on CUDA, where reading the check back
                 would wait for the device, on the steps ``verify`` checks).
             CaptureError / ExampleCouplingError: see :meth:`Capture.check_before_backward`.
-            All are raised before anything is written into ``.grad``.
             VerificationError: see ``verify``.
+
+        All but VerificationError are raised before anything is written into ``.grad``.
         """
         n = _check_losses(losses, reduction)
         capture = self._capture
@@ -371,9 +372,10 @@ class PerExample:
         stops it."""
         for handle in self._watch_handles:
             handle.remove()
-        self._watch_handles, self._watched, self._low_precision = [], None, False
+        self._watch_handles, self._watched = [], None
         if not on:
-            return
+            return  # (the low-precision flag stays for check_result on the result just read)
+        self._low_precision = False
         self._watched = {name: torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for name, p in self._params.items()}
         for name, p in self._params.items():
             self._watch_handles.append(p.register_hook(_tensors.adder(self._watched[name])))
@@ -490,7 +492,8 @@ class PerExample:
         computed, along the fixed random direction x yᵀ of :meth:`_direction`: ``|xᵀ(Σⱼ P_j)y −
         xᵀ(∇L)y| ≤ rtol·(s + 10⁻³·max s)`` with ``s = ‖∇L‖ + Σⱼ ‖P_j‖`` of the parameter and the
         largest over parameters (a floor for gradients that vanish up to rounding, as a key bias's
-        under softmax), rtol 1e-8 in float64, 1e-3 in float32, 5e-2 under float16/bfloat16 autocast. It costs about one more pass over the gradients and one read
+        under softmax), rtol 1e-8 in float64, 1e-3 in float32, 5e-2 under float16/bfloat16 autocast.
+        It costs about one more pass over the gradients and one read
         on the host, on the steps :data:`CHECK_SUMS_EVERY` says, and catches a use of a parameter
         that no rule or traced operation saw, and pieces that do not sum to the gradient,
         whatever ``verify`` says. (Parameters whose pieces were reduced in the backward pass sum
@@ -505,7 +508,7 @@ class PerExample:
         params = self._params
         if self._sharding is None:
             grads = [fresh[k] if fresh[k] is not None else torch.zeros_like(params[k]) for k in names]
-            want = torch.stack([self._probe_grad(k, g) for k, g in zip(names, grads)])
+            want = torch.stack([self._probe_grad(k, g) for k, g in zip(names, grads, strict=True)])
             grad_norms = torch.stack(torch._foreach_norm(grads)).to(want.dtype)
         else:  # this rank's gradients, as its backward gave them to FSDP2
             local = self._sharding.local_probes(names)
@@ -615,7 +618,7 @@ class PerExample:
         stacked = torch.stack([sq[name] for name in params]) * scale**2  # (P, n)
         return _PerParameter(
             stacked=stacked,
-            sq=dict(zip(params, stacked.unbind())),
+            sq=dict(zip(params, stacked.unbind(), strict=True)),
             grads=grads,
             second=second,
             accounted=frozenset(found),

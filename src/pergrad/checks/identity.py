@@ -157,7 +157,7 @@ def _losses(model: nn.Module, x: Tensor, y: Tensor, loss_fn) -> Tensor:
 def _grads(model: nn.Module, params: dict[str, Tensor], loss: Tensor) -> dict[str, Tensor]:
     """{name: p.shape} autograd's gradient of a scalar loss; zeros for parameters it does not reach."""
     grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-    return {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(params.items(), grads)}
+    return {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(params.items(), grads, strict=True)}
 
 
 def _independent_grads(model, params, x, y, loss_fn) -> dict[str, Tensor]:

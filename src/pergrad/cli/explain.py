@@ -187,7 +187,7 @@ def format_report(batch: BatchGradients, index: Tensor, seed: int) -> str:
         rule,
         *(
             row(f"∇ℓ  example #{i}", f"{loss:.5f}", grad)
-            for i, loss, grad in zip(index.tolist(), batch.losses.tolist(), batch.per_example)
+            for i, loss, grad in zip(index.tolist(), batch.losses.tolist(), batch.per_example, strict=True)
         ),
         rule,
         row("(1/B) Σ ∇ℓᵢ", f"{batch.losses.mean().item():.5f}", average),

@@ -88,7 +88,7 @@ class StepStatistics:
         }
         if self.norms.numel():
             quantiles = norm_quantiles(self.norms, [q for _, q in Column.NORM_QUANTILES])
-            row.update({Column.norm(label): float(v) for (label, _), v in zip(Column.NORM_QUANTILES, quantiles)})
+            row.update({Column.norm(label): float(v) for (label, _), v in zip(Column.NORM_QUANTILES, quantiles, strict=True)})
             row[Column.NORM_MAX] = float(self.norms.max())
         row.update({Column.snr(name): v for name, v in self.snr.layer_snr().items()})
         return {k: None if math.isnan(float(v)) else float(v) for k, v in row.items()}

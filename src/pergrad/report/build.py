@@ -98,7 +98,7 @@ def build_report(run_dir: str | Path) -> Path:
             sections.unbiasedness_section(check, batch_size),
         ]
     data = {"pergrad_version": __version__}
-    for (section_id, _), (_, numbers) in zip(sections.SECTIONS, parts):
+    for (section_id, _), (_, numbers) in zip(sections.SECTIONS, parts, strict=True):
         data[section_id] = numbers
     data["unbiasedness"]["subset"] = subset.tolist() if check.subsampled else None
 

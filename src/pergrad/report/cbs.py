@@ -129,9 +129,15 @@ def _numbers(cbs: dict) -> list[tuple[str, str]]:
     truth = cbs.get("ground_truth")
     if truth:
         rows += [
-            (f"B_noise in closed form at the target (step {truth['steps_to_target']})", number(truth["b_noise_at_target"])),
+            (
+                f"B_noise in closed form at the target (step {truth['steps_to_target']})",
+                number(truth["b_noise_at_target"]),
+            ),
             ("B_noise in closed form, median over the run up to the target", number(truth["b_noise_median_to_target"])),
-            ("B_crit / B_noise (median up to the target)", number(_safe_ratio(cbs["b_crit"], truth["b_noise_median_to_target"]))),
+            (
+                "B_crit / B_noise (median up to the target)",
+                number(_safe_ratio(cbs["b_crit"], truth["b_noise_median_to_target"])),
+            ),
         ]  # fmt: skip
     return rows
 

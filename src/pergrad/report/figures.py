@@ -82,7 +82,7 @@ def curves_figure(metrics: Metrics) -> Figure:
     panels = [(Column.LOSS, Column.VAL_LOSS, "loss")]
     if with_accuracy:
         panels.append((Column.ACCURACY, Column.VAL_ACCURACY, "accuracy"))
-    for ax, (train, val, label) in zip(axes, panels):
+    for ax, (train, val, label) in zip(axes, panels, strict=True):
         for name, color, text, style in (
             (train, TRAIN, "training (mean over each log window)", dict(lw=1.8)),
             (val, VAL, "validation", dict(lw=1.6, marker="o", markersize=3)),
@@ -131,7 +131,7 @@ def noise_scale_figure(
     if batch_sizes is None:
         ax.axhline(advice.batch_size, color=VAL, lw=1.6, ls="--", label=f"batch size B = {advice.batch_size}")
     else:
-        starts, sizes = zip(*batch_sizes)
+        starts, sizes = zip(*batch_sizes, strict=True)
         ax.step([*starts, steps[-1]], [*sizes, sizes[-1]], where="post", color=VAL, lw=1.6, ls="--",
                 label=f"batch size B (auto, {len(sizes) - 1} changes)")  # fmt: skip
         if len(sizes) > 1:
@@ -158,7 +158,7 @@ def snr_figure(metrics: Metrics, batch_size: int) -> Figure:
     if lines:
         ax = axes[0]
         steps = metrics.column(Column.STEP)
-        for name, color in zip(names, colors):
+        for name, color in zip(names, colors, strict=True):
             values = metrics.column(Column.snr(name))
             ok = np.isfinite(values) & (values > 0)
             ax.plot(steps[ok], values[ok], color=color, lw=1.4, label=name)
@@ -200,7 +200,7 @@ def norms_figure(norms: np.ndarray, quantiles: dict[str, float], logged: dict[st
     else:
         bins = 50
     ax.hist(positive if log else norms, bins=bins, color=TRAIN, alpha=0.8, edgecolor="white", lw=0.4)
-    for (label, value), color in zip(quantiles.items(), (ACCENT, VAL, "#7048e8")):
+    for (label, value), color in zip(quantiles.items(), (ACCENT, VAL, "#7048e8"), strict=False):
         ax.axvline(value, color=color, lw=1.6, label=f"{label} at θ = {value:.3g}")
         if label in logged and logged[label] is not None and math.isfinite(logged[label]):
             ax.axvline(logged[label], color=color, lw=1.2, ls=":",

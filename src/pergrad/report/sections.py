@@ -69,7 +69,7 @@ _FILES = (
 def summary_section(run: Run, n_train: int, n_val: int, advice: BatchSizeAdvice) -> tuple[Raw, dict]:
     """Key results, the config, and where the files are."""
     m = run.metrics
-    final = {name: dict(zip(("value", "step"), m.last(name))) for name in
+    final = {name: dict(zip(("value", "step"), m.last(name), strict=True)) for name in
              (Column.LOSS, Column.ACCURACY, Column.VAL_LOSS, Column.VAL_ACCURACY)}  # fmt: skip
     stats = [
         ("final training loss", final[Column.LOSS]),
@@ -135,7 +135,8 @@ def summary_section(run: Run, n_train: int, n_val: int, advice: BatchSizeAdvice)
 def _batch_size_text(config: TrainConfig) -> str:
     if not config.auto:
         return str(config.batch_size)
-    return f"auto ({config.min_batch_size}–{config.max_batch_size}; the learning rate is the one at {config.min_batch_size})"
+    bounds = f"{config.min_batch_size}–{config.max_batch_size}"
+    return f"auto ({bounds}; the learning rate is the one at {config.min_batch_size})"
 
 
 def assumptions_section(
@@ -510,7 +511,7 @@ def unbiasedness_section(check: UnbiasednessCheck, run_batch_size: int) -> tuple
     table_rows = [
         (r.batch_size, f"{number(r.measured)} ± {number(r.std_error, 2)}", number(r.predicted),
          f"{r.ratio:.3f}", f"{zv:+.1f}", number(r.mean_rel_error, 3), number(r.chance_rel_error, 3))
-        for r, zv in zip(rows, z)
+        for r, zv in zip(rows, z, strict=True)
     ]  # fmt: skip
     convergence_rows = [
         (c.draws, number(c.rel_error, 3), number(c.chance_rel_error, 3)) for c in check.convergence
@@ -551,7 +552,7 @@ def unbiasedness_section(check: UnbiasednessCheck, run_batch_size: int) -> tuple
             {"batch_size": r.batch_size, "measured": r.measured, "std_error": r.std_error,
              "predicted": r.predicted, "ratio": r.ratio, "z": zv,
              "mean_rel_error": r.mean_rel_error, "chance_rel_error": r.chance_rel_error}
-            for r, zv in zip(rows, z)
+            for r, zv in zip(rows, z, strict=True)
         ],  # fmt: skip
         "convergence_batch_size": check.convergence_batch_size,
         "convergence": [

@@ -12,6 +12,7 @@ __all__ = [
     "Dense",
     "FALLBACK",
     "FunctionalRule",
+    "Keep",
     "Layout",
     "Outer",
     "Record",

@@ -40,7 +40,7 @@ _ARG_NAMES = ("query", "key", "value", "key_padding_mask", "need_weights", "attn
 def _arguments(call: Call) -> dict:
     """The call's arguments, all by keyword."""
     kwargs = dict(call.kwargs)
-    kwargs.update(zip(_ARG_NAMES, call.args))
+    kwargs.update(zip(_ARG_NAMES, call.args, strict=False))
     return kwargs
 
 
@@ -163,7 +163,7 @@ class MultiheadAttentionRule(FunctionalRule):
         (n, t, ·), batch-first), so that their gradients come from the model's own backward
         pass and nothing is recomputed. Other calls run the module's own forward."""
         kw = dict(kwargs)
-        kw.update(zip(_ARG_NAMES, args))
+        kw.update(zip(_ARG_NAMES, args, strict=False))
         own = type(module).forward
         query = kw.get("query")
         if (

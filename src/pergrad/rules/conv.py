@@ -30,7 +30,7 @@ def _explicit_padding(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
         return x
     if module.padding == "same":
         pads = []
-        for d, k in zip(reversed(module.dilation), reversed(module.kernel_size)):
+        for d, k in zip(reversed(module.dilation), reversed(module.kernel_size), strict=True):
             total = d * (k - 1)
             pads += [total // 2, total - total // 2]
     else:
@@ -47,7 +47,7 @@ def unfold(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
     x = _explicit_padding(module, x)
     dims = len(module.kernel_size)
     n, c = x.shape[:2]
-    for axis, (k, s, d) in enumerate(zip(module.kernel_size, module.stride, module.dilation)):
+    for axis, (k, s, d) in enumerate(zip(module.kernel_size, module.stride, module.dilation, strict=True)):
         # a new trailing axis of length span; then keep every d-th entry of it
         x = x.unfold(2 + axis, d * (k - 1) + 1, s)[..., ::d]
     # x: (n, c, *out, *kernel) -> (n, c, *kernel, *out)
@@ -61,7 +61,7 @@ def output_positions(module: nn.modules.conv._ConvNd, spatial: tuple[int, ...]) 
         return math.prod(spatial)
     padding = (0,) * len(spatial) if module.padding == "valid" else module.padding
     t = 1
-    for size, k, s, d, p in zip(spatial, module.kernel_size, module.stride, module.dilation, padding):
+    for size, k, s, d, p in zip(spatial, module.kernel_size, module.stride, module.dilation, padding, strict=True):
         t *= max(0, (size + 2 * p - d * (k - 1) - 1) // s + 1)
     return t
 
@@ -76,7 +76,7 @@ def _backward_padding(module: nn.modules.conv._ConvNd, x: Tensor) -> tuple[Tenso
     if module.padding == "valid":
         return x, [0] * dims
     if module.padding == "same":
-        totals = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
+        totals = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size, strict=True)]
         if any(total % 2 for total in totals):
             return _explicit_padding(module, x), [0] * dims
         return x, [total // 2 for total in totals]

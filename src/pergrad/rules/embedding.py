@@ -110,6 +110,6 @@ class EmbeddingBagRule(Rule):
 def _bag_arguments(call: Call) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """(input, offsets, per_sample_weights) of an EmbeddingBag call."""
     names = ("input", "offsets", "per_sample_weights")
-    values = dict(zip(names, call.args)) | {k: v for k, v in call.kwargs.items() if k in names}
+    values = dict(zip(names, call.args, strict=False)) | {k: v for k, v in call.kwargs.items() if k in names}
     return values["input"], values.get("offsets"), values.get("per_sample_weights")
 

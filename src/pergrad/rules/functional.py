@@ -133,9 +133,9 @@ class FunctionalRule(Rule):
         layout = call.layout or Layout.examples_first(call)
         cotangents = tuple(
             as_batched(call.grad_outputs[k], layout.outputs[k])[0] if b.rows else call.grad_outputs[k]
-            for k, b in zip(reached, out_b)
+            for k, b in zip(reached, out_b, strict=True)
         )
-        for k, c, b in zip(reached, cotangents, out_b):
+        for k, c, b in zip(reached, cotangents, out_b, strict=True):
             if c.dim() <= b.dim or c.shape[b.dim] != n:
                 raise CaptureError(
                     f"{type(module).__name__}'s output {k} has shape {tuple(c.shape)}, with no axis of the "
@@ -148,7 +148,7 @@ class FunctionalRule(Rule):
             return x if b is None else b.restore(x)
 
         def one_example(args_j, kwargs_j, cotangents_j):
-            args_1 = tuple(restore(a, b) for a, b in zip(args_j, args_b))
+            args_1 = tuple(restore(a, b) for a, b in zip(args_j, args_b, strict=True))
             kwargs_1 = {k: restore(v, kwargs_b[k]) for k, v in kwargs_j.items()}
 
             def forward(p):
@@ -156,7 +156,7 @@ class FunctionalRule(Rule):
                 return tuple(outputs[k] for k in reached)
 
             _, pullback = vjp(forward, params)
-            return pullback(tuple(restore(c, b) for c, b in zip(cotangents_j, out_b)))[0]
+            return pullback(tuple(restore(c, b) for c, b in zip(cotangents_j, out_b, strict=True)))[0]
 
         in_dims = (
             tuple(_axis(b) for b in args_b),

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 from torch import Tensor
@@ -119,7 +118,7 @@ class Reduced:
         return self.sq.shape[0]
 
 
-Record = Union[Outer, Rows, Dense, Reduced]
+Record = Outer | Rows | Dense | Reduced
 
 #: Entries of materialised pieces built at once where a form has to be materialised to be
 #: combined (cross terms of unlike records, second moments of several records).

@@ -58,7 +58,7 @@ class _States(NamedTuple):
 def _arguments(call: Call) -> dict:
     """The call's arguments, all by keyword (``input``, ``hx``)."""
     kwargs = dict(call.kwargs)
-    kwargs.update(zip(_ARG_NAMES, call.args))
+    kwargs.update(zip(_ARG_NAMES, call.args, strict=False))
     return kwargs
 
 

@@ -135,7 +135,7 @@ class NoiseState(NamedTuple):
             raise ValueError(
                 f"cannot merge states of {tuple(self.weight.shape)} and {tuple(other.weight.shape)} coordinates."
             )
-        return NoiseState(*(a + b for a, b in zip(self, other)))
+        return NoiseState(*(a + b for a, b in zip(self, other, strict=True)))
 
     def finalize(self, level: float = 0.95) -> NoiseEstimate:
         """Smoothed means, B_simple and its Fieller interval at confidence ``level``, per coordinate."""
@@ -277,7 +277,7 @@ class NoiseScale:
     def param_estimates(self, level: float = 0.95) -> dict[str, NoiseEstimate]:
         """{parameter name: NoiseEstimate}: the per-layer noise scale, from ``update(result)``."""
         estimates = self._finalize(level)
-        return dict(zip(self.names or (), estimates[1:]))
+        return dict(zip(self.names or (), estimates[1:], strict=True))
 
     @property
     def trace_sigma(self) -> float:
@@ -349,7 +349,8 @@ def b_simple_ratio(trace_sigma: Tensor | float, grad_sq_norm: Tensor | float) ->
     the ratio is inf where |G|² ≤ 0 (noise dominates the signal).
 
     Args:
-        trace_sigma, grad_sq_norm: floats or float64 tensors of one shape.
+        trace_sigma: a float or float64 tensor.
+        grad_sq_norm: a float or float64 tensor of the same shape.
 
     Returns:
         A float64 tensor of that shape.

@@ -140,7 +140,8 @@ class SNRState(NamedTuple):
             second_moment: {name: p.shape} Σⱼ gⱼ² over the batch's n examples.
             mean_grads: {name: p.shape} ḡ = (1/n) Σⱼ gⱼ, the batch's mean gradient.
             n: the number of examples, ≥ 2.
-            beta, population_size: as for :meth:`update`.
+            beta: as for :meth:`update`.
+            population_size: as for :meth:`update`.
 
         Raises:
             ValueError: n < 2, or parameters differ from earlier batches.

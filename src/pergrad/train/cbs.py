@@ -186,7 +186,7 @@ def branch_critical_batch(batch_sizes, losses, tolerance: float) -> tuple[float,
     """
     base = losses[0]
     best = batch_sizes[0]
-    for b, loss in zip(batch_sizes[1:], losses[1:]):
+    for b, loss in zip(batch_sizes[1:], losses[1:], strict=True):
         if not (math.isfinite(loss) and loss <= (1 + tolerance) * base):
             return float(best), True
         best = b

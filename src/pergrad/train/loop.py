@@ -530,7 +530,7 @@ def _row(run: _Run, validation: tuple[float, float | None]) -> dict:
         Column.B_SIMPLE_HIGH: _finite_or_none(estimate.upper),
         Column.TRACE_SIGMA: _finite_or_none(estimate.trace_sigma),
         Column.GRAD_SQ_NORM: _finite_or_none(estimate.grad_sq_norm),
-        **{Column.norm(label): float(v) for (label, _), v in zip(Column.NORM_QUANTILES, quantiles)},
+        **{Column.norm(label): float(v) for (label, _), v in zip(Column.NORM_QUANTILES, quantiles, strict=True)},
         Column.NORM_MAX: float(norms.max()),
     }
     row.update({Column.snr(name): _finite_or_none(v) for name, v in stats.snr.layer_snr().items()})

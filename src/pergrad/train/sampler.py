@@ -124,6 +124,6 @@ def sizes_by_step(changes: Sequence[tuple[int, int]]) -> Iterator[int]:
         changes: (first step, B) at the start and at each change, by increasing step; the
             first at step 0 (a checkpoint's ``batch_sizes``).
     """
-    for (start, size), (end, _) in zip(changes, changes[1:]):
+    for (start, size), (end, _) in zip(changes, changes[1:], strict=False):
         yield from itertools.repeat(size, end - start)
     yield from itertools.repeat(changes[-1][1])

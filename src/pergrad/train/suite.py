@@ -56,7 +56,8 @@ def sampling_warning(config: TrainConfig, dataset: Dataset) -> str | None:
     report = sampling_report(config, dataset)
     if report.passed:
         return None
-    return f"warning: batch order '{config.order}' fails the sampling check (p = {report.p_value:.2g}). {report.explanation}"
+    failed = f"batch order '{config.order}' fails the sampling check (p = {report.p_value:.2g})"
+    return f"warning: {failed}. {report.explanation}"
 
 
 def run_checks(config: TrainConfig) -> list[CheckRow]:
