@@ -178,5 +178,7 @@ def test_sweep_jobs_cross_two_targets_and_cbs_measures_b_crit_at_both(tmp_path, 
         if hard["reached"]:
             assert easy["reached"] and easy["steps"] <= hard["steps"]
     assert "B_P" in capsys.readouterr().out
+    assert summary["quick_check"] == cbs.QUICK_CHECK  # a quick run says how far quick was from the full sweep
+    assert "This is a --quick measurement" in (out / "report.html").read_text()
     data = json.loads((out / "report_data.json").read_text())["cbs"]
     assert len(data["at_targets"]) == 2 and data["b_precond"] == summary["b_precond"]
