@@ -13,7 +13,8 @@ Logged with ``pl_module.log`` at every optimizer step (so they reach
 ``trainer.callback_metrics`` and every logger): ``pergrad/b_simple`` (with
 ``pergrad/b_simple_low`` and ``_high``, its 95% interval), ``pergrad/trace_sigma``,
 ``pergrad/grad_sq_norm``, ``pergrad/norm_q10``, ``_q50``, ``_q90``, ``_max`` (per-example
-gradient norms of the step's global batch) and ``pergrad/snr/<parameter>``.
+gradient norms of the step's global batch) and ``pergrad/snr/<parameter>``; under Adam or AdamW
+also ``pergrad/b_precond`` (with ``_low``, ``_high``), the noise scale B_P in Adam's metric.
 
 The first measured step is checked before anything is logged (``verify``): examples 0 and n−1
 of the step's batch are run alone through ``training_step`` (with ``self.log`` silenced, under
@@ -111,6 +112,7 @@ class PergradCallback(pl.Callback):
         if check is not None:
             check.finish(result, lambda batch: _single_loss(trainer, pl_module, batch))
         self._losses[1] = 1.0  # one step of this worker
+        self.statistics.follow_optimizer(optimizer, pl_module)
         step = self.statistics.update(result, sums=self._losses)
         self._losses.zero_()
         self._window += step.sums
