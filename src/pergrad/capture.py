@@ -190,7 +190,10 @@ class Capture:
     def _start_hook(self, declared: int | None):
         """Before a call of a hooked module: where none runs, a forward pass starts; its inputs
         (those not already followed from an earlier call) hold their examples along the
-        declared axis. A module with a declared axis has its inputs marked there, always."""
+        declared axis, n of them as the first tensor input has there: an input with another
+        number of rows there (an attention mask (t, t) of a sequence-first model) has none, and
+        one row is a batch of one that broadcasts. A module with a declared axis has its inputs
+        marked there, always."""
 
         def hook(module, args, kwargs):
             if not self._capturing():
@@ -200,13 +203,13 @@ class Capture:
                 axes.new_forward()
             if starting or declared is not None:
                 axis = self.input_axis if declared is None else declared
-                first = None
-                for x in _input_tensors(args, kwargs):
-                    if x.dim() > axis and (declared is not None or axis_of(x) is None):
+                fresh = [x for x in _input_tensors(args, kwargs) if declared is not None or axis_of(x) is None]
+                first = next((x for x in _input_tensors(args, kwargs) if x.dim() > axis), None)
+                n = None if first is None else first.shape[axis]
+                for x in fresh:  # an input without n (or 1) rows there has no example axis: a mask (t, t)
+                    if x.dim() > axis and x.shape[axis] in (n, 1):
                         mark(x, Axis(axis))
-                    if first is None and isinstance(axis_of(x), Axis):
-                        first = x
-                if first is not None and (starting or self.n_forward is None):
+                if first is not None and isinstance(axis_of(first), Axis) and (starting or self.n_forward is None):
                     self.n_forward = axis_of(first).examples(first)
             if starting:
                 self._entry = module
