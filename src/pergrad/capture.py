@@ -111,38 +111,7 @@ class Capture:
         unknown = sorted(set(example_axes or {}) - set(modules))
         if unknown:
             raise ValueError(f"example_axes names {unknown}, not modules of the model; paths are those of model.named_modules().")
-        names = {id(p): name for name, p in model.named_parameters()}
-        self.targets: list[Target] = []
-        covered_prefixes: list[str] = []
-        for path, module in model.named_modules():
-            if any(path.startswith(prefix) for prefix in covered_prefixes):
-                continue
-            rule = rule_for(module)
-            own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-            if rule is None and own:
-                if on_unsupported == "error":
-                    raise UnsupportedModuleError(
-                        f"{type(module).__name__} at '{path or '<model>'}' has trainable "
-                        f"parameters {own} and no per-example rule. Register one with "
-                        f"pergrad.register_rule({type(module).__name__}, rule), leave "
-                        "on_unsupported at 'auto' to compute it from its operations, or freeze "
-                        "those parameters (requires_grad_(False))."
-                    )
-                rule = DIRECT if on_unsupported == "auto" else FALLBACK
-            if rule is None:
-                continue
-            if rule.covers_submodules:
-                covered_prefixes.append(f"{path}." if path else "")
-            params = {local: names[id(p)] for local, p in rule.parameters(module)}
-            if params:
-                ids = frozenset(id(p) for _, p in rule.parameters(module))
-                self.targets.append(Target(path, module, rule, params, [], param_ids=ids))
-        counts: dict[str, int] = {}
-        for t in self.targets:
-            for name in t.param_names.values():
-                counts[name] = counts.get(name, 0) + 1
-        for t in self.targets:  # a parameter several modules use: its records meet others'
-            t.shared = any(counts[name] > 1 for name in t.param_names.values())
+        self.targets = _targets(model, on_unsupported)
         self.keep = Keep(grads=False, second=False)
         self.n_forward: int | None = None  # examples of the forward pass in progress
         self.input_axis = 0 if batch_first else 1
@@ -154,11 +123,19 @@ class Capture:
         self._entry: nn.Module | None = None  # the hooked module whose call started the forward pass in progress
         self._tracker: Tracker | None = None
         self._lingering: list[tuple[DirectMode, Target]] = []  # modes kept past their module's call
-        self._handles = []
         self._running: list[Target] = []  # the targets whose forward is running, innermost last
-        # a forward pass may start at the model, at every module that holds a target (the targets
-        # too), and at those with declared axes; one pre-hook and one hook per module
-        declared = {id(modules[path]): axis for path, axis in (example_axes or {}).items()}
+        self._handles = self._attach(model, modules, example_axes or {})
+        self._exposing = [t for t in self.targets if type(t.rule).exposing_forward is not Rule.exposing_forward]
+        for t in self._exposing:
+            _EXPOSING[id(t.module)] = (self, t)
+            t.module.forward = types.MethodType(_exposing_forward, t.module)
+
+    def _attach(self, model: nn.Module, modules: dict[str, nn.Module], example_axes: dict[str, int]) -> list:
+        """Register the hooks: a forward pass may start at the model, at every module that holds
+        a target (the targets too), and at those with declared axes; one pre-hook and one hook
+        per module."""
+        handles: list = []
+        declared = {id(modules[path]): axis for path, axis in example_axes.items()}
         holders = {id(model)} | set(declared)
         for t in self.targets:
             holders.update(id(modules[p]) for p in _ancestors(t.path))
@@ -167,17 +144,14 @@ class Capture:
             t, axis = targets.get(id(module)), declared.get(id(module))
             if t is not None:
                 # after the module's other pre-hooks (FSDP2's gathers its parameters; a cast input is the input)
-                self._handles.append(module.register_forward_pre_hook(self._pre_hook(t, axis), with_kwargs=True))
-                self._handles.append(
+                handles.append(module.register_forward_pre_hook(self._pre_hook(t, axis), with_kwargs=True))
+                handles.append(
                     module.register_forward_hook(self._forward_hook(t), with_kwargs=True, always_call=True)
                 )
             elif id(module) in holders:
-                self._handles.append(module.register_forward_pre_hook(self._start_hook(axis), with_kwargs=True, prepend=True))
-                self._handles.append(module.register_forward_hook(self._end_hook, always_call=True))
-        self._exposing = [t for t in self.targets if type(t.rule).exposing_forward is not Rule.exposing_forward]
-        for t in self._exposing:
-            _EXPOSING[id(t.module)] = (self, t)
-            t.module.forward = types.MethodType(_exposing_forward, t.module)
+                handles.append(module.register_forward_pre_hook(self._start_hook(axis), with_kwargs=True, prepend=True))
+                handles.append(module.register_forward_hook(self._end_hook, always_call=True))
+        return handles
 
     @property
     def paths(self) -> dict[str, str]:
@@ -526,6 +500,48 @@ class Capture:
                 if id(p) not in seen:
                     seen.add(id(p))
                     yield t.param_names[local], p
+
+
+def _targets(model: nn.Module, on_unsupported: str) -> list[Target]:
+    """The modules whose trainable parameters a rule computes, outermost first; a module
+    without a rule is computed by its operations ("auto") or by torch.func ("fallback").
+
+    Raises:
+        UnsupportedModuleError: a module with trainable parameters and no rule, under "error".
+    """
+    names = {id(p): name for name, p in model.named_parameters()}
+    targets: list[Target] = []
+    covered_prefixes: list[str] = []
+    for path, module in model.named_modules():
+        if any(path.startswith(prefix) for prefix in covered_prefixes):
+            continue
+        rule = rule_for(module)
+        own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        if rule is None and own:
+            if on_unsupported == "error":
+                raise UnsupportedModuleError(
+                    f"{type(module).__name__} at '{path or '<model>'}' has trainable "
+                    f"parameters {own} and no per-example rule. Register one with "
+                    f"pergrad.register_rule({type(module).__name__}, rule), leave "
+                    "on_unsupported at 'auto' to compute it from its operations, or freeze "
+                    "those parameters (requires_grad_(False))."
+                )
+            rule = DIRECT if on_unsupported == "auto" else FALLBACK
+        if rule is None:
+            continue
+        if rule.covers_submodules:
+            covered_prefixes.append(f"{path}." if path else "")
+        params = {local: names[id(p)] for local, p in rule.parameters(module)}
+        if params:
+            ids = frozenset(id(p) for _, p in rule.parameters(module))
+            targets.append(Target(path, module, rule, params, [], param_ids=ids))
+    counts: dict[str, int] = {}
+    for t in targets:
+        for name in t.param_names.values():
+            counts[name] = counts.get(name, 0) + 1
+    for t in targets:  # a parameter several modules use: its records meet others'
+        t.shared = any(counts[name] > 1 for name in t.param_names.values())
+    return targets
 
 
 def rule_of_calls(target: Target, calls: list[Call]) -> Rule:
