@@ -72,6 +72,23 @@ class Target:
         return self.last_path or "direct"
 
 
+def _untracked(hook: Callable) -> Callable:
+    """``hook`` run with torch functions dispatched straight to torch: pergrad's own operations
+    (reading shapes, detaching, registering gradient hooks) are not followed by the forward
+    pass's :class:`~pergrad.axes.Tracker` nor watched by a direct mode, which would cost a Python
+    call each and learn nothing; a tensor a hook hands back to the forward pass is marked
+    explicitly."""
+
+    @functools.wraps(hook)
+    def untracked(*args, **kwargs):
+        if torch.compiler.is_compiling():  # traced by dynamo, which handles the modes itself
+            return hook(*args, **kwargs)
+        with torch._C.DisableTorchFunction():
+            return hook(*args, **kwargs)
+
+    return untracked
+
+
 def _detached(x: Any) -> Any:
     return x.detach() if isinstance(x, Tensor) else x
 
@@ -159,10 +176,10 @@ class Capture:
         for t in self.targets:
             self._handles.append(t.module.register_forward_pre_hook(self._enter_hook(t), prepend=True))
             if type(t.rule).grads_in_backward is not Rule.grads_in_backward:
-                self._handles.append(t.module.register_forward_pre_hook(self._detach_hook(t)))
-            self._handles.append(t.module.register_forward_pre_hook(self._direct_hook(t), with_kwargs=True))
+                self._handles.append(t.module.register_forward_pre_hook(_untracked(self._detach_hook(t))))
+            self._handles.append(t.module.register_forward_pre_hook(_untracked(self._direct_hook(t)), with_kwargs=True))
             self._handles.append(
-                t.module.register_forward_hook(self._forward_hook(t), with_kwargs=True, always_call=True)
+                t.module.register_forward_hook(_untracked(self._forward_hook(t)), with_kwargs=True, always_call=True)
             )
         # where a forward pass may start: the model, every module that holds a target, and
         # those with declared axes (registered last: their pre-hook runs first, their hook last)
@@ -173,8 +190,9 @@ class Capture:
         for path, module in modules.items():
             if id(module) in holders:
                 axis = declared.get(id(module))
-                self._handles.append(module.register_forward_pre_hook(self._start_hook(axis), with_kwargs=True, prepend=True))
-                self._handles.append(module.register_forward_hook(self._end_hook, always_call=True))
+                start = _untracked(self._start_hook(axis))
+                self._handles.append(module.register_forward_pre_hook(start, with_kwargs=True, prepend=True))
+                self._handles.append(module.register_forward_hook(_untracked(self._end_hook), always_call=True))
         self._exposing = [t for t in self.targets if type(t.rule).exposing_forward is not Rule.exposing_forward]
         for t in self._exposing:
             _EXPOSING[id(t.module)] = (self, t)
