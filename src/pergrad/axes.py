@@ -505,7 +505,7 @@ def _embedding(func, args, kwargs, out) -> State:
     return axis_of(index)
 
 
-def _embedding_bag(func, args, kwargs, out) -> State:
+def _embedding_bag(func, args, kwargs, out) -> State | list[State]:
     """Bags are examples: the rows of a 2-D input, or, for a flat input, the bags its offsets
     cut out of it (the layer's own definition), in order."""
     index = args[0]
@@ -776,7 +776,7 @@ def _table() -> dict:
     add(["batch_norm"], _batch_norm)
     for d in (1, 2, 3):
         pools = [f"{p}_pool{d}d" for p in ("max", "avg", "adaptive_max", "adaptive_avg", "lp")]
-        add(pools + [f"{p}_pool{d}d_with_indices" for p in ("max", "adaptive_max")], _trailing(lambda x, a, k, d=d: d))
+        add(pools + [f"{p}_pool{d}d_with_indices" for p in ("max", "adaptive_max")], _trailing(_last(d)))
     add(["interpolate", "upsample", "upsample_nearest", "upsample_bilinear"], _trailing(lambda x, a, k: x.dim() - 2))
     add(["pixel_shuffle", "pixel_unshuffle"], _trailing(lambda x, a, k: 3))
     add(["one_hot"], _same_rank_plus)
@@ -785,6 +785,11 @@ def _table() -> dict:
         if f is not None:
             table[f] = _recurrent
     return table
+
+
+def _last(count: int) -> Callable:
+    """For :func:`_trailing`: a fixed number of trailing axes."""
+    return lambda x, args, kwargs: count
 
 
 def _same_rank_plus(func, args, kwargs, out) -> State:

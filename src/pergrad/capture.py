@@ -206,8 +206,9 @@ class Capture:
             for x in fresh:  # an input without n (or 1) rows there has no example axis: a mask (t, t)
                 if x.dim() > axis and x.shape[axis] in (n, 1):
                     mark(x, Axis(axis))
-            if first is not None and isinstance(axis_of(first), Axis) and (starting or self.n_forward is None):
-                self.n_forward = axis_of(first).examples(first)
+            state = axis_of(first)
+            if isinstance(state, Axis) and (starting or self.n_forward is None):
+                self.n_forward = state.examples(first)
         if starting:
             self._entry = module
             self._tracker = Tracker()
