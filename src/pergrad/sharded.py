@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from .rules import records
 from .rules.records import Dense, Outer, Record, Reduced, Rows
 
-__all__ = ["Sharding", "global_sq_norms", "is_sharded", "local", "shard_records"]
+__all__ = ["Sharding", "global_sq_norms", "is_sharded", "local", "shard_records", "sum_over_ranks"]
 
 try:  # torch.distributed.tensor is absent from builds without distributed support
     from torch.distributed.tensor import DTensor, Shard
@@ -263,11 +263,19 @@ def global_sq_norms(tensors: dict[str, Tensor | None]) -> dict[str, Tensor]:
     parts = [torch.zeros((), dtype=torch.float64) if t is None else local(t).detach().double().square().sum().cpu() for t in tensors.values()]
     flat = torch.stack(parts) if parts else torch.zeros(0, dtype=torch.float64)
     if sharded:
-        group = sharded[0].device_mesh.get_group()
-        if dist.get_backend(group) == "nccl":
-            flat = flat.to(torch.device("cuda", torch.cuda.current_device()))
-        dist.all_reduce(flat, group=group)
-    return dict(zip(names, flat.cpu().unbind()))
+        flat = sum_over_ranks(flat, sharded[0])
+    return dict(zip(names, flat.unbind()))
+
+
+def sum_over_ranks(values: Tensor, like: Tensor) -> Tensor:
+    """``values`` (any shape, float64) added over the ranks of ``like``'s mesh (``like`` a DTensor) in
+    one ``all_reduce``, returned on CPU. Collective."""
+    group = like.device_mesh.get_group()
+    flat = values.detach().to("cpu", torch.float64)
+    if dist.get_backend(group) == "nccl":
+        flat = flat.to(torch.device("cuda", torch.cuda.current_device()))
+    dist.all_reduce(flat, group=group)
+    return flat.cpu()
 
 
 def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:

@@ -1,0 +1,38 @@
+"""The callbacks under FSDP2 (``fully_shard``) on 2 gloo processes (CPU), float64: Lightning's
+``ModelParallelStrategy`` and the Hugging Face Trainer on a model that transformers sharded at load
+time (``from_pretrained(..., distributed_config=DistributedConfig(fsdp_size=2))``). Each run's logged
+statistics (B_simple with its interval, tr Σ, |G|², norm quantiles, SNR per parameter) are compared,
+step by step, with pergrad by hand in one unsharded process on each step's global batch at the
+weights the step started from (tests/test_integration_lightning.py and
+tests/test_integration_transformers.py, which compare their DDP runs with the same references).
+
+accelerate's FSDP2 plugin (``fsdp_config={"fsdp_version": 2}``) is not among them: accelerate turns
+FSDP on for GPU-like devices only, and on CPU the Trainer runs DDP instead (see docs/frameworks.md).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pergrad.train.metrics import Column, read_metrics
+
+from test_integration_lightning import assert_rows_match, by_hand, micro_batches_by_step
+from workers import run_two_workers
+
+pytestmark = pytest.mark.slow
+
+
+def test_lightning_model_parallel_strategy_logs_the_statistics_of_one_process(tmp_path):
+    ranks = run_two_workers("lightning_fsdp_worker.py", tmp_path, "false")
+    for w0, w1 in zip(ranks[0]["weights"], ranks[1]["weights"]):
+        assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    steps = [s0 + s1 for s0, s1 in zip(*(micro_batches_by_step(r["seen"], 2) for r in ranks))]
+    expected = by_hand(ranks[0]["weights"], steps)
+    assert len(expected) == 2 and expected[0][Column.BATCH_SIZE] == 16  # 2 ranks x 2 micro-batches x 4
+    rows = read_metrics(tmp_path / "run" / "metrics.csv")
+    assert_rows_match(rows, expected, rel=1e-10)
+    logged = json.loads((tmp_path / "metrics.json").read_text())  # through pl_module.log (float32)
+    assert logged["pergrad/b_simple"] == pytest.approx(rows[-1][Column.B_SIMPLE], rel=1e-6)
