@@ -1,8 +1,11 @@
 """One worker of a 2-process Lightning fit under ``ModelParallelStrategy`` (FSDP2, gloo on CPU) with
-pergrad's callback (``torchrun --nproc-per-node 2 tests/lightning_fsdp_worker.py OUT [VERIFY]``), for
-tests/test_integration_lightning.py: the module of tests/lightning_worker.py with each Linear and the
-root sharded by ``fully_shard`` in ``configure_model``; it saves the micro-batches it trained on, the
-whole weights at each step's start and (rank 0) the logged metrics."""
+pergrad's callback (``torchrun --nproc-per-node 2 tests/lightning_fsdp_worker.py OUT [MODE]``), for
+tests/test_fsdp_callbacks.py: the module of tests/lightning_worker.py with each Linear and the root
+sharded by ``fully_shard`` in ``configure_model``; it saves the micro-batches it trained on, the whole
+weights at each step's start and (rank 0) the logged metrics. MODE: "first" (default) or "false", the
+callback's ``verify``; "rolled" or "halved", the first Linear given a wrong rule of tests/test_verify.py
+(pieces given to the wrong examples; pieces that do not add up), when each rank saves the
+VerificationError's message instead."""
 
 from __future__ import annotations
 
@@ -15,7 +18,9 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 
+import pergrad
 from lightning_worker import Classifier, fit
+from pergrad.rules import _registry
 
 
 class ShardedClassifier(Classifier):
@@ -41,12 +46,36 @@ class ShardedClassifier(Classifier):
         return super().training_step((x.double(), y), batch_idx)
 
 
+def wrong_rule(out: Path, rule) -> None:
+    """Fit with the first Linear under ``rule``; save the error each rank raised."""
+    from test_verify import RolledLinear
+
+    _registry._RULES[RolledLinear] = rule
+    module = ShardedClassifier(2)
+    first = RolledLinear(module.net[0].in_features, module.net[0].out_features)
+    first.load_state_dict(module.net[0].state_dict())
+    module.net[0] = first
+    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    try:
+        fit(out, accumulate=2, strategy=strategy, devices=2, precision="32-true", module=module)
+        error = None
+    except pergrad.VerificationError as e:
+        error = str(e)
+    rank = module.global_rank
+    torch.save({"error": error, "steps": module.trainer.global_step}, out / f"rank{rank}.pt")
+
+
 if __name__ == "__main__":
     out = Path(sys.argv[1])
-    verify = {"first": "first", "false": False}[sys.argv[2] if len(sys.argv) > 2 else "first"]
+    mode = sys.argv[2] if len(sys.argv) > 2 else "first"
+    if mode in ("rolled", "halved"):
+        from test_verify import HalvedRule, RolledRule
+
+        wrong_rule(out, RolledRule() if mode == "rolled" else HalvedRule())
+        sys.exit()
     strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
     module, callback, trainer = fit(out, accumulate=2, strategy=strategy, devices=2, precision="32-true",
-                                    module=ShardedClassifier(2), verify=verify)  # fmt: skip
+                                    module=ShardedClassifier(2), verify="first" if mode == "first" else False)  # fmt: skip
     rank = trainer.global_rank
     torch.save({"seen": module.seen, "weights": module.weights}, out / f"rank{rank}.pt")
     if rank == 0:

@@ -13,6 +13,7 @@ FSDP on for GPU-like devices only, and on CPU the Trainer runs DDP instead (see 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_lightning_model_parallel_strategy_logs_the_statistics_of_one_process(tmp_path):
-    ranks = run_two_workers("lightning_fsdp_worker.py", tmp_path, "false")
+    ranks = run_two_workers("lightning_fsdp_worker.py", tmp_path)
     for w0, w1 in zip(ranks[0]["weights"], ranks[1]["weights"]):
         assert all(torch.equal(w0[k], w1[k]) for k in w0)
     steps = [s0 + s1 for s0, s1 in zip(*(micro_batches_by_step(r["seen"], 2) for r in ranks))]
@@ -36,3 +37,18 @@ def test_lightning_model_parallel_strategy_logs_the_statistics_of_one_process(tm
     assert_rows_match(rows, expected, rel=1e-10)
     logged = json.loads((tmp_path / "metrics.json").read_text())  # through pl_module.log (float32)
     assert logged["pergrad/b_simple"] == pytest.approx(rows[-1][Column.B_SIMPLE], rel=1e-6)
+
+
+@pytest.mark.parametrize(("mode", "message"), [
+    ("rolled", r"per-example gradient of 'net\.0\.(weight|bias)' \(FSDPRolledLinear at 'net\.0', rule RolledRule\) is wrong"),
+    ("halved", r"the per-example pieces of 'net\.0\.(weight|bias)' .* do not add up"),
+])  # fmt: skip
+def test_lightning_model_parallel_strategy_checks_the_first_step(tmp_path, mode, message):
+    """The callback's first-step check under FSDP2, on every rank: a rule that gives each example its
+    neighbour's gradient fails the single-example check; one whose pieces do not add up fails the
+    sums check (gradients of the rank's loss read before the reduce-scatter)."""
+    ranks = run_two_workers("lightning_fsdp_worker.py", tmp_path, mode)
+    for rank in ranks:
+        assert rank["error"] is not None and re.search(message, rank["error"]), rank["error"]
+        assert rank["steps"] == 0
+    assert not (tmp_path / "run" / "metrics.csv").exists()

@@ -113,6 +113,7 @@ class Sharding:
         self._local: dict[str, tuple[Tensor, Tensor | None]] = {}  # name -> (‖g‖², xᵀ g y) of the backward
         self.recording = False
         self.probing = False
+        self._adding = False  # watching backward passes run by someone else: add their gradients up
         owners: dict[int, str] = {id(p): name for name, p in params.items()}
         self._handles = []
         for module in model.modules():
@@ -185,7 +186,9 @@ class Sharding:
                 x, y = self._direction(name, g)
                 probe = x @ g.detach().to(x.dtype).reshape(x.shape[0], -1) @ y
             before = self._local.get(name)
-            if before is not None:  # a second gradient of one parameter in one backward (not for a leaf)
+            if before is not None and self._adding:  # another backward pass of the step
+                sq, probe = before[0] + sq, probe + before[1]
+            elif before is not None:  # a second gradient of one parameter in one backward (not for a leaf)
                 raise RuntimeError(f"pergrad internal error: two gradients of '{name}' in one backward pass.")
             self._local[name] = (sq, probe)
 
@@ -199,6 +202,15 @@ class Sharding:
 
     def end_backward(self) -> None:
         self.recording = False
+
+    def watch(self, on: bool) -> None:
+        """From now (``on``) until ``watch(False)``: add up the gradients of this rank's loss in every
+        backward pass, run by someone else (a framework's micro-batches), as ‖∇L‖² (a sum over the
+        passes) and the sums check's projection xᵀ (Σ ∇L) y. ``watch(False)`` stops adding and keeps
+        them for :meth:`local_probes` and :meth:`local_sq_norms`."""
+        if on:
+            self._local = {}
+        self.recording = self.probing = self._adding = on
 
     def local_sq_norms(self, names, like: Tensor) -> dict[str, Tensor]:
         """{name: ‖∇L‖²} of this rank's own loss L in the last backward (0 where none reached it)."""
