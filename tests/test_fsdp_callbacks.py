@@ -21,6 +21,8 @@ import torch
 from pergrad.train.metrics import Column, read_metrics
 
 from test_integration_lightning import assert_rows_match, by_hand, micro_batches_by_step
+from test_integration_transformers import REL as HF_REL
+from test_integration_transformers import _by_hand as hf_by_hand
 from workers import run_two_workers
 
 pytestmark = pytest.mark.slow
@@ -52,3 +54,15 @@ def test_lightning_model_parallel_strategy_checks_the_first_step(tmp_path, mode,
         assert rank["error"] is not None and re.search(message, rank["error"]), rank["error"]
         assert rank["steps"] == 0
     assert not (tmp_path / "run" / "metrics.csv").exists()
+
+
+def test_transformers_trainer_on_a_model_sharded_at_load_time_logs_the_statistics_of_one_process(tmp_path):
+    ranks = run_two_workers("hf_fsdp_worker.py", tmp_path)
+    by_rank = [[r["seen"][i : i + 2] for i in range(0, len(r["seen"]), 2)] for r in ranks]
+    steps = [a + b for a, b in zip(*by_rank)]  # the global batch: both ranks' micro-batches
+    expected = hf_by_hand(ranks[0]["weights"], steps)
+    logs = [h for h in json.loads((tmp_path / "log_history.json").read_text()) if "loss" in h]
+    assert len(logs) == len(expected) == 3
+    for step, (log, want) in enumerate(zip(logs, expected)):
+        for key, value in want.items():
+            assert log["pergrad/" + key] == pytest.approx(value, rel=HF_REL, abs=1e-7), f"step {step + 1}, {key}"

@@ -54,6 +54,7 @@ from transformers import TrainerCallback
 from .._tensors import adder
 from ..distributed import StepResult
 from ..per_example import PerExample
+from ..sharded import is_sharded
 from ..train.metrics import Column
 from ..verify import Schedule, StepCheck
 from ._step import RunDirectory, StepStatistics
@@ -102,6 +103,13 @@ class PergradCallback(TrainerCallback):
         return callback
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if args.max_grad_norm and args.max_grad_norm > 0 and any(is_sharded(p) for p in model.parameters()):
+            raise ValueError(
+                f"PergradCallback with max_grad_norm={args.max_grad_norm} on a model sharded with FSDP2: the Trainer "
+                "clips .grad before any callback sees it, and under FSDP2 the callback cannot read the gradient "
+                "before clipping (its hooks on .grad see no gradient of a sharded parameter), so the statistics "
+                "would be those of the clipped gradient. Pass max_grad_norm=0 to TrainingArguments."
+            )
         self._pe = PerExample(model, second_moment=True, on_unsupported=self.on_unsupported, verify=False)
         self._model = model
         if self.schedule.verify is not False:
