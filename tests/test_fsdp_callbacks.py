@@ -18,6 +18,7 @@ import re
 import pytest
 import torch
 
+from pergrad.distributed import _check_equal_batches
 from pergrad.train.metrics import Column, read_metrics
 
 from test_integration_lightning import assert_rows_match, by_hand, micro_batches_by_step
@@ -25,9 +26,7 @@ from test_integration_transformers import REL as HF_REL
 from test_integration_transformers import _by_hand as hf_by_hand
 from workers import run_two_workers
 
-pytestmark = pytest.mark.slow
-
-
+@pytest.mark.slow
 def test_lightning_model_parallel_strategy_logs_the_statistics_of_one_process(tmp_path):
     ranks = run_two_workers("lightning_fsdp_worker.py", tmp_path)
     for w0, w1 in zip(ranks[0]["weights"], ranks[1]["weights"]):
@@ -41,6 +40,7 @@ def test_lightning_model_parallel_strategy_logs_the_statistics_of_one_process(tm
     assert logged["pergrad/b_simple"] == pytest.approx(rows[-1][Column.B_SIMPLE], rel=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("mode", "message"), [
     ("rolled", r"per-example gradient of 'net\.0\.(weight|bias)' \(FSDPRolledLinear at 'net\.0', rule RolledRule\) is wrong"),
     ("halved", r"the per-example pieces of 'net\.0\.(weight|bias)' .* do not add up"),
@@ -56,6 +56,7 @@ def test_lightning_model_parallel_strategy_checks_the_first_step(tmp_path, mode,
     assert not (tmp_path / "run" / "metrics.csv").exists()
 
 
+@pytest.mark.slow
 def test_transformers_trainer_on_a_model_sharded_at_load_time_logs_the_statistics_of_one_process(tmp_path):
     ranks = run_two_workers("hf_fsdp_worker.py", tmp_path)
     by_rank = [[r["seen"][i : i + 2] for i in range(0, len(r["seen"]), 2)] for r in ranks]
@@ -63,6 +64,13 @@ def test_transformers_trainer_on_a_model_sharded_at_load_time_logs_the_statistic
     expected = hf_by_hand(ranks[0]["weights"], steps)
     logs = [h for h in json.loads((tmp_path / "log_history.json").read_text()) if "loss" in h]
     assert len(logs) == len(expected) == 3
+    assert all(log["grad_norm"] > 0.05 for log in logs)  # every step clipped: the statistics are of ḡ before it
     for step, (log, want) in enumerate(zip(logs, expected)):
         for key, value in want.items():
             assert log["pergrad/" + key] == pytest.approx(value, rel=HF_REL, abs=1e-7), f"step {step + 1}, {key}"
+
+
+def test_merge_result_refuses_workers_with_batches_of_different_sizes():
+    _check_equal_batches(12, 2 * 6.0**2, 2)  # 6 and 6
+    with pytest.raises(ValueError, match=r"the 2 workers' batches of this step differ in size \(12 examples in all, not 6 each\)"):
+        _check_equal_batches(12, 5.0**2 + 7.0**2, 2)  # 5 and 7
