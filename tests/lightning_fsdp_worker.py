@@ -74,8 +74,9 @@ if __name__ == "__main__":
         wrong_rule(out, RolledRule() if mode == "rolled" else HalvedRule())
         sys.exit()
     strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    verify = "first" if mode == "first" else False
     module, callback, trainer = fit(out, accumulate=2, strategy=strategy, devices=2, precision="32-true",
-                                    module=ShardedClassifier(2), verify="first" if mode == "first" else False)  # fmt: skip
+                                    module=ShardedClassifier(2), verify=verify)  # fmt: skip
     rank = trainer.global_rank
     torch.save({"seen": module.seen, "weights": module.weights}, out / f"rank{rank}.pt")
     if rank == 0:

@@ -436,7 +436,8 @@ class PerExample:
         if self._sharding is None:
             return _verify.single_example_sq_norms(self._params, loss)
         found = self._sharding.example_grads(loss, self._params, retain_graph=False)
-        return {name: 0.0 if found.get(name) is None else float(found[name].double().square().sum()) for name in self._params}
+        grads = {name: found.get(name) for name in self._params}
+        return {name: 0.0 if g is None else float(g.double().square().sum()) for name, g in grads.items()}
 
     def _gather(self) -> None:
         """At the end of a backward run by someone else: its examples' pieces, kept for
