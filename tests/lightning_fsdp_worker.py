@@ -5,7 +5,8 @@ sharded by ``fully_shard`` in ``configure_model``; it saves the micro-batches it
 weights at each step's start and (rank 0) the logged metrics. MODE: "first" (default) or "false", the
 callback's ``verify``; "rolled" or "halved", the first Linear given a wrong rule of tests/test_verify.py
 (pieces given to the wrong examples; pieces that do not add up), when each rank saves the
-VerificationError's message instead."""
+VerificationError's message instead; "adam" trains with Adam (B_P logged), "adam-ddp" the same module
+unsharded under the DDP strategy."""
 
 from __future__ import annotations
 
@@ -38,12 +39,24 @@ class ShardedClassifier(Classifier):
     def on_train_batch_start(self, batch, batch_idx):
         x, y = batch
         if batch_idx % self.accumulate == 0:  # whole weights: a gather on every rank
-            self.weights.append({k: v.detach().full_tensor() for k, v in self.named_parameters()})
+            whole = {k: v.detach() for k, v in self.named_parameters()}
+            self.weights.append({k: v.full_tensor() if hasattr(v, "full_tensor") else v.clone()
+                                 for k, v in whole.items()})  # fmt: skip
         self.seen.append((x.detach().clone(), y.detach().clone()))
 
     def training_step(self, batch, batch_idx):
         x, y = batch
         return super().training_step((x.double(), y), batch_idx)
+
+
+class AdamClassifier(ShardedClassifier):
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+
+class AdamDDP(AdamClassifier):
+    def configure_model(self):
+        self.double()
 
 
 def wrong_rule(out: Path, rule) -> None:
@@ -74,9 +87,12 @@ if __name__ == "__main__":
         wrong_rule(out, RolledRule() if mode == "rolled" else HalvedRule())
         sys.exit()
     strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
-    verify = "first" if mode == "first" else False
+    module = {"adam": AdamClassifier, "adam-ddp": AdamDDP}.get(mode, ShardedClassifier)(2)
+    if mode == "adam-ddp":
+        strategy = "ddp"
+    verify = False if mode == "false" else "first"
     module, callback, trainer = fit(out, accumulate=2, strategy=strategy, devices=2, precision="32-true",
-                                    module=ShardedClassifier(2), verify=verify)  # fmt: skip
+                                    module=module, verify=verify)  # fmt: skip
     rank = trainer.global_rank
     torch.save({"seen": module.seen, "weights": module.weights}, out / f"rank{rank}.pt")
     if rank == 0:

@@ -40,6 +40,20 @@ def test_lightning_model_parallel_strategy_logs_the_statistics_of_one_process(tm
     assert logged["pergrad/b_simple"] == pytest.approx(rows[-1][Column.B_SIMPLE], rel=1e-6)
 
 
+@pytest.mark.slow
+def test_lightning_model_parallel_strategy_logs_adams_noise_scale_as_ddp_does(tmp_path):
+    """Under Adam, B_P = tr(PΣ)/GᵀPG with Adam's P, sharded like the parameters, equals the DDP run's."""
+    run_two_workers("lightning_fsdp_worker.py", tmp_path / "fsdp", "adam")
+    run_two_workers("lightning_fsdp_worker.py", tmp_path / "ddp", "adam-ddp")
+    sharded, ddp = (read_metrics(tmp_path / kind / "run" / "metrics.csv") for kind in ("fsdp", "ddp"))
+    assert len(sharded) == len(ddp) == 2
+    assert ddp[0][Column.B_PRECOND] is None and ddp[1][Column.B_PRECOND] is not None  # no Adam state at step 1
+    for got, want in zip(sharded, ddp, strict=True):
+        for key, value in want.items():
+            if isinstance(value, float):
+                assert got[key] == pytest.approx(value, rel=1e-10, abs=1e-12), key
+
+
 ROLLED = r"per-example gradient of 'net\.0\.(weight|bias)' \(FSDPRolledLinear at 'net\.0', rule RolledRule\) is wrong"
 HALVED = r"the per-example pieces of 'net\.0\.(weight|bias)' .* do not add up"
 

@@ -24,6 +24,7 @@ from ..distributed import StepResult, merge_result
 from ..per_example import PerExampleResult
 from ..sharded import is_sharded, local, sum_over_ranks
 from ..stats import NoiseScale, ParamSNR, SNRState, adam_preconditioner, norm_quantiles
+from ..stats.batch import per_example_estimate, weighted_sq_norms
 from ..train.config import _toml_value
 from ..train.metrics import Column, MetricsLog
 
@@ -87,10 +88,10 @@ class StepStatistics:
         leaves them as they were."""
         if step.n >= 2:
             self.noise.update_estimate(step.estimate(), step.names)
+            sharded = next((g for g in step.mean_grads.values() if is_sharded(g)), None)
             weights = None if self.precond is None else self.precond.preconditioner()
             if weights is not None:
-                self.precond.update_estimate(step.estimate(preconditioner=weights), step.names)
-            sharded = next((g for g in step.mean_grads.values() if is_sharded(g)), None)
+                self.precond.update_estimate(_preconditioned_estimate(step, weights, sharded), step.names)
             if sharded is None:
                 self.snr.update_sums(step.second_moment, step.mean_grads, step.n)
             else:  # FSDP2: the SNR's sums kept in this rank's rows; its layer sums added over the ranks now
@@ -125,6 +126,19 @@ class StepStatistics:
     def metrics(self) -> dict[str, float]:
         """:meth:`values` named ``pergrad/<column>`` for a framework's loggers, without the unknown ones."""
         return {PREFIX + k: v for k, v in self.values().items() if v is not None}
+
+
+def _preconditioned_estimate(step: StepResult, weights: dict[str, torch.Tensor], like: torch.Tensor | None):
+    """``step.estimate(preconditioner=weights)``; for a sharded model (``like`` one of its DTensors),
+    from each rank's rows of the second moments, mean gradient and P (Adam's state is sharded like
+    the parameters), the weighted sums added over the ranks in one ``all_reduce`` (collective)."""
+    if like is None:
+        return step.estimate(preconditioner=weights)
+    rows = {k: local(w) for k, w in weights.items()}
+    second = {k: local(m) for k, m in step.second_moment.items()}
+    mean_sq, batch_sq = weighted_sq_norms(second, {k: local(g) for k, g in step.mean_grads.items()}, step.n, rows)
+    total = sum_over_ranks(torch.stack([mean_sq.cpu(), batch_sq.cpu()]), like)
+    return per_example_estimate(total[0], total[1], step.n)
 
 
 def _layer_snr_over_ranks(state: SNRState, like: torch.Tensor) -> dict[str, float]:
