@@ -63,7 +63,8 @@ class Recorder(T_.TrainerCallback):
         self.weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})
 
 
-def train(tmp_path, accumulate: int, batch_size: int, max_grad_norm: float, **extra):
+def train(tmp_path, accumulate: int, batch_size: int, max_grad_norm: float, model=None, **extra):
+    """Train 3 steps of ``model`` (default ``_model()``) with the callback writing ``tmp_path/run``."""
     seen = []
 
     def collate(rows):
@@ -79,7 +80,8 @@ def train(tmp_path, accumulate: int, batch_size: int, max_grad_norm: float, **ex
         use_cpu=True, disable_tqdm=True, seed=0, dataloader_num_workers=0, **extra,
     )  # fmt: skip
     recorder = Recorder()
-    trainer = T_.Trainer(model=_model(), args=args, train_dataset=_dataset(), data_collator=collate, callbacks=[recorder])
+    model = _model() if model is None else model
+    trainer = T_.Trainer(model=model, args=args, train_dataset=_dataset(), data_collator=collate, callbacks=[recorder])
     callback = PergradCallback.attach(trainer, beta=BETA, run_dir=tmp_path / "run")
     trainer.train()
     return trainer, callback, recorder.weights, seen

@@ -316,12 +316,19 @@ def merge_result(
         sums: (k,) numbers of your own to add over workers in the same ``all_reduce``, or None.
         group: the process group (default: the world; one process without one).
 
+    Every worker must hold as many examples of the step: ``.grad`` is then the mean of the
+    workers' mean gradients, which is the global batch's, and under FSDP2 each rank's second
+    moments, reduce-scattered as each backward ends, carry the one scale (its batch size) that
+    ``result`` applies after the merge. The sizes are checked in the same ``all_reduce`` (Σ_w n_w²
+    against (Σ_w n_w)² / W).
+
     Returns:
         A :class:`StepResult` over the B examples of all workers; ``micro_batches`` is 0 (the
         micro-batch gradients were not seen apart, so there is no two-batch estimate).
 
     Raises:
-        ValueError: ``result`` is not of ``reduction="mean"`` (a framework's mean loss).
+        ValueError: ``result`` is not of ``reduction="mean"`` (a framework's mean loss); the
+            workers' batches of this step differ in size (raised on every rank).
     """
     if result.reduction != "mean":
         raise ValueError(
@@ -333,14 +340,33 @@ def merge_result(
     sq_sums = torch.stack([result.sq_norms.sum(), *per_param]).detach().to("cpu", torch.float64)
     head = torch.tensor([result.n, 0.0, 0.0, 0.0], dtype=torch.float64)
     params = {name: result.batch_grads[name] for name in names}
+    mine = torch.zeros(0, dtype=torch.float64) if sums is None else sums.detach().reshape(-1).to("cpu", torch.float64)
+    extra = torch.cat([mine, torch.tensor([float(result.n) ** 2], dtype=torch.float64)])  # then Σ_w n_w²
     second = result.second_moment
     if any(is_sharded(g) for g in params.values()):  # FSDP2: second moments reduce-scattered already
-        merged = _merge_sums(head, sq_sums, sums, None, params, group)
-        return _sharded_step_result(merged, {name: g.detach() for name, g in params.items()}, second)
-    if second is not None:
-        second = {name: second[name].detach().to("cpu", torch.float64) for name in names}
-    merged = _merge_sums(head, sq_sums, sums, second, params, group)
-    return merged.step_result({name: g.detach() for name, g in params.items()})
+        merged = _merge_sums(head, sq_sums, extra, None, params, group)
+        step = _sharded_step_result(merged, {name: g.detach() for name, g in params.items()}, second)
+    else:
+        if second is not None:
+            second = {name: second[name].detach().to("cpu", torch.float64) for name in names}
+        merged = _merge_sums(head, sq_sums, extra, second, params, group)
+        step = merged.step_result({name: g.detach() for name, g in params.items()})
+    _check_equal_batches(step.n, float(step.sums[-1]), _world(group))
+    return replace(step, sums=step.sums[:-1])
+
+
+def _check_equal_batches(total: int, sq_sizes: float, world: int) -> None:
+    """Raise unless the W workers' batch sizes n_w, with Σ n_w = ``total`` and Σ n_w² = ``sq_sizes``,
+    are all equal (W Σ n_w² = (Σ n_w)² exactly then, and only then)."""
+    if world * sq_sizes == float(total) ** 2:
+        return
+    raise ValueError(
+        f"the {world} workers' batches of this step differ in size ({total} examples in all, not {total / world:g} "
+        "each): the framework averages the workers' mean gradients, which is the global batch's mean gradient only "
+        "when every worker has as many examples (and, under FSDP2, each rank's second moments are summed over the "
+        "ranks before its batch size scales them). Give every worker batches of one size: the frameworks' "
+        "distributed samplers pad the data to an equal split, and drop_last=True drops an uneven last batch."
+    )
 
 
 def _sharded_step_result(merged: "_MergedSums", mean_grads: dict[str, Tensor], second: dict[str, Tensor] | None) -> StepResult:

@@ -369,13 +369,19 @@ class PerExample:
         of the backward passes gathered (:meth:`_check_pieces_add_up`, which :meth:`backward`
         runs itself): from now until that result, a gradient hook on every parameter adds up what
         each backward computes, before any clipping or averaging over workers. ``on=False``
-        stops it."""
+        stops it. Under FSDP2 the hooks on the unsharded parameters read each backward's gradient
+        of this rank's loss (:meth:`Sharding.watch`), before the reduce-scatter."""
         for handle in self._watch_handles:
             handle.remove()
         self._watch_handles, self._watched = [], None
+        if self._sharding is not None:
+            self._sharding.watch(on)
         if not on:
             return  # (the low-precision flag stays for check_result on the result just read)
         self._low_precision = False
+        if self._sharding is not None:  # read from the Sharding by _check_pieces_add_up
+            self._watched = {}
+            return
         self._watched = {name: torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for name, p in self._params.items()}
         for name, p in self._params.items():
             self._watch_handles.append(p.register_hook(_tensors.adder(self._watched[name])))
@@ -400,17 +406,38 @@ class PerExample:
 
         Raises:
             VerificationError: naming the parameter, its module and the module's path.
+
+        Under FSDP2 it is collective: autograd's gradient is taken with respect to the unsharded
+        parameters the recomputed forward used (``torch.autograd.grad``, :meth:`Sharding.example_grads`),
+        and every rank checks two examples (the first and last of ``examples``), so that FSDP2's
+        gathers meet on every rank.
         """
         params = self._params
         dtype = next(iter(params.values())).dtype if params else torch.float32
         rtol = _verify.tolerance(dtype, self._low_precision or dtype in (torch.float16, torch.bfloat16))
-        with self._capture.paused():
-            for j in examples:
-                want = _verify.single_example_sq_norms(params, loss_of(j))
-                got = {name: float(result.param_sq_norms[name][j]) for name in want}
-                bad = _verify.worst_mismatch(got, want, rtol, up_to_factor=up_to_factor)
-                if bad is not None:
-                    raise VerificationError(self._mismatch(bad[0], j, bad[1], bad[2]))
+        if self._sharding is not None:
+            examples = [examples[0], examples[-1]]
+        stash = {name: p.grad for name, p in params.items()}
+        try:
+            with self._capture.paused():
+                for j in examples:
+                    want = self._single_example_sq_norms(loss_of(j))
+                    got = {name: float(result.param_sq_norms[name][j]) for name in want}
+                    bad = _verify.worst_mismatch(got, want, rtol, up_to_factor=up_to_factor)
+                    if bad is not None:
+                        raise VerificationError(self._mismatch(bad[0], j, bad[1], bad[2]))
+        finally:
+            for name, p in params.items():
+                p.grad = stash[name]
+
+    def _single_example_sq_norms(self, loss: Tensor) -> dict[str, float]:
+        """{name: ‖∇ loss‖²} by autograd, ``.grad`` left as it was; under FSDP2 with respect to the
+        unsharded parameters (``.grad`` untouched), else through ``loss.backward``."""
+        if self._sharding is None:
+            return _verify.single_example_sq_norms(self._params, loss)
+        found = self._sharding.example_grads(loss, self._params, retain_graph=False)
+        grads = {name: found.get(name) for name in self._params}
+        return {name: 0.0 if g is None else float(g.double().square().sum()) for name, g in grads.items()}
 
     def _gather(self) -> None:
         """At the end of a backward run by someone else: its examples' pieces, kept for

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from .rules import records
 from .rules.records import Dense, Outer, Record, Reduced, Rows
 
-__all__ = ["Sharding", "global_sq_norms", "is_sharded", "local", "shard_records"]
+__all__ = ["Sharding", "global_sq_norms", "is_sharded", "local", "shard_records", "sum_over_ranks"]
 
 try:  # torch.distributed.tensor is absent from builds without distributed support
     from torch.distributed.tensor import DTensor, Shard
@@ -108,11 +108,17 @@ class Sharding:
         self.rank = mesh.get_local_rank()
         self.rows = {name: _rows_of(p, self.rank, self.world) for name, p in params.items()}
         self._direction = direction
-        self._live: dict[str, Tensor] = {}  # unsharded parameters of the latest forward
-        self._grad_hooks: dict[str, tuple[int, object]] = {}  # name -> (id of the hooked tensor, handle)
-        self._local: dict[str, tuple[Tensor, Tensor | None]] = {}  # name -> (‖g‖², xᵀ g y) of the backward
+        # name -> {id of an owning module: the unsharded parameter it used in the latest forward}: one
+        # tensor for most, but a parameter shared by two modules (an embedding tied to the head) may be
+        # given to each as a tensor of its own, whose gradients add up
+        self._live: dict[str, dict[int, Tensor]] = {}
+        self._grad_hooks: dict[str, dict[int, object]] = {}  # name -> {id of the hooked tensor: handle}
+        # name -> (‖g‖², xᵀ g y, g summed over the parameter's tensors where it has several) of the backward
+        self._local: dict[str, tuple[Tensor, Tensor | None, Tensor | None]] = {}
+        self._fired: set[tuple[str, int]] = set()  # (name, id of the tensor) whose gradient the backward gave
         self.recording = False
         self.probing = False
+        self._adding = False  # watching backward passes run by someone else: add their gradients up
         owners: dict[int, str] = {id(p): name for name, p in params.items()}
         self._handles = []
         for module in model.modules():
@@ -154,8 +160,9 @@ class Sharding:
         """Remove the hooks."""
         for h in self._handles:
             h.remove()
-        for _, h in self._grad_hooks.values():
-            h.remove()
+        for hooks in self._grad_hooks.values():
+            for h in hooks.values():
+                h.remove()
         self._handles.clear()
         self._grad_hooks.clear()
         self._live.clear()
@@ -166,39 +173,65 @@ class Sharding:
                 p = mod._parameters.get(local_name)
                 if not isinstance(p, nn.Parameter) or is_sharded(p) or not p.requires_grad:
                     continue  # the shards before FSDP2 gathers them, or a rule's recomputation (torch.func)
-                self._live[name] = p
-                known = self._grad_hooks.get(name)
-                if known is None or known[0] != id(p):
-                    if known is not None:
-                        known[1].remove()
-                    self._grad_hooks[name] = (id(p), p.register_hook(self._grad_hook(name)))
+                live = self._live.setdefault(name, {})
+                live[id(mod)] = p
+                current = {id(q): q for q in live.values()}
+                hooks = self._grad_hooks.setdefault(name, {})
+                for key in [key for key in hooks if key not in current]:  # tensors of an earlier forward
+                    hooks.pop(key).remove()
+                for key, q in current.items():
+                    if key not in hooks:
+                        hooks[key] = q.register_hook(self._grad_hook(name, key))
 
         return hook
 
-    def _grad_hook(self, name: str):
+    def _tensors(self, name: str) -> list[Tensor]:
+        """The distinct unsharded tensors of parameter ``name`` in the latest forward."""
+        return list({id(q): q for q in self._live.get(name, {}).values()}.values())
+
+    def _grad_hook(self, name: str, key: int):
         def hook(g: Tensor) -> None:
             if not self.recording:
                 return
-            sq = g.detach().double().square().sum()
+            if (name, key) in self._fired and not self._adding:  # (not for a leaf)
+                raise RuntimeError(f"pergrad internal error: two gradients of '{name}' in one backward pass.")
+            self._fired.add((name, key))
             probe = None
             if self.probing:
                 x, y = self._direction(name, g)
                 probe = x @ g.detach().to(x.dtype).reshape(x.shape[0], -1) @ y
-            before = self._local.get(name)
-            if before is not None:  # a second gradient of one parameter in one backward (not for a leaf)
-                raise RuntimeError(f"pergrad internal error: two gradients of '{name}' in one backward pass.")
-            self._local[name] = (sq, probe)
+            sq, before, summed = self._local.get(name, (None, None, None))
+            if len(self._tensors(name)) > 1 and not self._adding:  # one parameter, several tensors: ‖Σ g‖²
+                summed = g.detach().double() if summed is None else summed + g.detach().double()
+                sq = summed.square().sum()
+            else:  # (watching a framework's passes, Σ ‖g‖²: the sums check's scale only)
+                sq = g.detach().double().square().sum() + (0.0 if sq is None else sq)
+            if before is not None:
+                probe = before if probe is None else probe + before
+            self._local[name] = (sq, probe, summed)
 
         return hook
 
     def begin_backward(self, probe: bool) -> None:
         """Before a backward pass whose local gradients the engine reads."""
         self._local = {}
+        self._fired = set()
         self.recording = True
         self.probing = probe
 
     def end_backward(self) -> None:
         self.recording = False
+        self._local = {name: (sq, probe, None) for name, (sq, probe, _) in self._local.items()}  # sums freed
+
+    def watch(self, on: bool) -> None:
+        """From now (``on``) until ``watch(False)``: add up the gradients of this rank's loss in every
+        backward pass, run by someone else (a framework's micro-batches), as ‖∇L‖² (a sum over the
+        passes) and the sums check's projection xᵀ (Σ ∇L) y. ``watch(False)`` stops adding and keeps
+        them for :meth:`local_probes` and :meth:`local_sq_norms`."""
+        if on:
+            self._local = {}
+            self._fired = set()
+        self.recording = self.probing = self._adding = on
 
     def local_sq_norms(self, names, like: Tensor) -> dict[str, Tensor]:
         """{name: ‖∇L‖²} of this rank's own loss L in the last backward (0 where none reached it)."""
@@ -214,11 +247,14 @@ class Sharding:
         """{name: ∇ loss} with respect to the unsharded parameters the forward used (full shape, this
         rank's), by ``torch.autograd.grad``: ``.grad`` untouched. Collective (FSDP2 gathers the
         parameters again for the pass): every rank calls it as often as the others."""
-        names = [name for name in names if name in self._live]
-        found = torch.autograd.grad(
-            loss, [self._live[name] for name in names], retain_graph=retain_graph, allow_unused=True
-        )
-        return dict(zip(names, found))
+        tensors = {name: self._tensors(name) for name in names if self._live.get(name)}
+        flat = [q for qs in tensors.values() for q in qs]
+        found = iter(torch.autograd.grad(loss, flat, retain_graph=retain_graph, allow_unused=True))
+        grads: dict[str, Tensor | None] = {}
+        for name, qs in tensors.items():
+            parts = [g for g in (next(found) for _ in qs) if g is not None]
+            grads[name] = sum(parts[1:], parts[0]) if parts else None
+        return grads
 
     # --- shapes and records ----------------------------------------------------------------------
 
@@ -263,11 +299,19 @@ def global_sq_norms(tensors: dict[str, Tensor | None]) -> dict[str, Tensor]:
     parts = [torch.zeros((), dtype=torch.float64) if t is None else local(t).detach().double().square().sum().cpu() for t in tensors.values()]
     flat = torch.stack(parts) if parts else torch.zeros(0, dtype=torch.float64)
     if sharded:
-        group = sharded[0].device_mesh.get_group()
-        if dist.get_backend(group) == "nccl":
-            flat = flat.to(torch.device("cuda", torch.cuda.current_device()))
-        dist.all_reduce(flat, group=group)
-    return dict(zip(names, flat.cpu().unbind()))
+        flat = sum_over_ranks(flat, sharded[0])
+    return dict(zip(names, flat.unbind()))
+
+
+def sum_over_ranks(values: Tensor, like: Tensor) -> Tensor:
+    """``values`` (any shape, float64) added over the ranks of ``like``'s mesh (``like`` a DTensor) in
+    one ``all_reduce``, returned on CPU. Collective."""
+    group = like.device_mesh.get_group()
+    flat = values.detach().to("cpu", torch.float64)
+    if dist.get_backend(group) == "nccl":
+        flat = flat.to(torch.device("cuda", torch.cuda.current_device()))
+    dist.all_reduce(flat, group=group)
+    return flat.cpu()
 
 
 def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:

@@ -22,7 +22,9 @@ from .. import distributed
 from .._atomic import write_atomic
 from ..distributed import StepResult, merge_result
 from ..per_example import PerExampleResult
-from ..stats import NoiseScale, ParamSNR, adam_preconditioner, norm_quantiles
+from ..sharded import is_sharded, local, sum_over_ranks
+from ..stats import NoiseScale, ParamSNR, SNRState, adam_preconditioner, norm_quantiles
+from ..stats.batch import per_example_estimate, weighted_sq_norms
 from ..train.config import _toml_value
 from ..train.metrics import Column, MetricsLog
 
@@ -47,6 +49,7 @@ class StepStatistics:
         self.group = group
         self.norms = torch.zeros(0, dtype=torch.float64)
         self.steps = 0
+        self._sharded_snr: dict[str, float] | None = None  # the layer SNRs of a sharded model's steps
 
     def update(self, result: PerExampleResult, sums: torch.Tensor | None = None) -> StepResult:
         """:meth:`merge` one optimizer step, then :meth:`add` it."""
@@ -85,10 +88,16 @@ class StepStatistics:
         leaves them as they were."""
         if step.n >= 2:
             self.noise.update_estimate(step.estimate(), step.names)
+            sharded = next((g for g in step.mean_grads.values() if is_sharded(g)), None)
             weights = None if self.precond is None else self.precond.preconditioner()
             if weights is not None:
-                self.precond.update_estimate(step.estimate(preconditioner=weights), step.names)
-            self.snr.update_sums(step.second_moment, step.mean_grads, step.n)
+                self.precond.update_estimate(_preconditioned_estimate(step, weights, sharded), step.names)
+            if sharded is None:
+                self.snr.update_sums(step.second_moment, step.mean_grads, step.n)
+            else:  # FSDP2: the SNR's sums kept in this rank's rows; its layer sums added over the ranks now
+                second = {k: local(v) for k, v in step.second_moment.items()}
+                self.snr.update_sums(second, {k: local(g) for k, g in step.mean_grads.items()}, step.n)
+                self._sharded_snr = _layer_snr_over_ranks(self.snr.state, sharded)
         self.steps += 1
 
     def values(self) -> dict[str, float | None]:
@@ -110,12 +119,37 @@ class StepStatistics:
             quantiles = norm_quantiles(self.norms, [q for _, q in Column.NORM_QUANTILES])
             row.update({Column.norm(label): float(v) for (label, _), v in zip(Column.NORM_QUANTILES, quantiles, strict=True)})
             row[Column.NORM_MAX] = float(self.norms.max())
-        row.update({Column.snr(name): v for name, v in self.snr.layer_snr().items()})
+        snr = self.snr.layer_snr() if self._sharded_snr is None else self._sharded_snr
+        row.update({Column.snr(name): v for name, v in snr.items()})
         return {k: None if math.isnan(float(v)) else float(v) for k, v in row.items()}
 
     def metrics(self) -> dict[str, float]:
         """:meth:`values` named ``pergrad/<column>`` for a framework's loggers, without the unknown ones."""
         return {PREFIX + k: v for k, v in self.values().items() if v is not None}
+
+
+def _preconditioned_estimate(step: StepResult, weights: dict[str, torch.Tensor], like: torch.Tensor | None):
+    """``step.estimate(preconditioner=weights)``; for a sharded model (``like`` one of its DTensors),
+    from each rank's rows of the second moments, mean gradient and P (Adam's state is sharded like
+    the parameters), the weighted sums added over the ranks in one ``all_reduce`` (collective)."""
+    if like is None:
+        return step.estimate(preconditioner=weights)
+    rows = {k: local(w) for k, w in weights.items()}
+    second = {k: local(m) for k, m in step.second_moment.items()}
+    mean_sq, batch_sq = weighted_sq_norms(second, {k: local(g) for k, g in step.mean_grads.items()}, step.n, rows)
+    total = sum_over_ranks(torch.stack([mean_sq.cpu(), batch_sq.cpu()]), like)
+    return per_example_estimate(total[0], total[1], step.n)
+
+
+def _layer_snr_over_ranks(state: SNRState, like: torch.Tensor) -> dict[str, float]:
+    """{name: |G_p|² / tr Σ_p} of an SNR state whose elementwise sums are this rank's rows of each
+    parameter: the sums over the rows added over the ranks of ``like``'s mesh in one ``all_reduce``
+    (collective), so that :meth:`StepStatistics.values` needs no collective (rank 0 alone writes rows)."""
+    names = list(state.signal)
+    sums = torch.stack([torch.stack([state.signal[k].sum(), state.noise[k].sum()]) for k in names])  # (P, 2)
+    total = sum_over_ranks(sums, like)
+    whole = SNRState({k: total[i, 0] for i, k in enumerate(names)}, {k: total[i, 1] for i, k in enumerate(names)})
+    return {name: e.snr for name, e in whole.finalize().items()}
 
 
 class RunDirectory:

@@ -15,7 +15,11 @@ Gradient clipping (``max_grad_norm``, on by default) runs before any callback se
 The callback therefore also sums each parameter's gradient of every backward of the step
 (ḡ_w on worker w, before clipping and before DDP averages it), and recovers the clipping factor
 c from ``.grad`` = c·ḡ: c = ‖.grad‖² / ⟨.grad, ḡ⟩ with ⟨.grad, ḡ⟩ = (1/W) Σ_w ⟨.grad, ḡ_w⟩ added
-over the W workers in the statistics' one ``all_reduce``.
+over the W workers in the statistics' one ``all_reduce``. Under FSDP2 (a model whose parameters are
+DTensors, as ``from_pretrained(..., distributed_config=DistributedConfig(fsdp_size=W))`` loads it)
+no gradient hook sees a sharded parameter's gradient; instead, as each backward pass ends (after
+FSDP2's reduce-scatter), the callback copies this rank's rows of ``.grad``: after the step's last
+micro-batch they are the rows of ḡ before clipping, and ⟨.grad, ḡ⟩ is the sum over the ranks' rows.
 
 The first step is checked before anything is logged (``verify``): the callback records the
 model's inputs of the step's forwards (a forward pre-hook), runs the model on examples 0 and
@@ -45,6 +49,7 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -54,6 +59,7 @@ from transformers import TrainerCallback
 from .._tensors import adder
 from ..distributed import StepResult
 from ..per_example import PerExample
+from ..sharded import is_sharded, local
 from ..train.metrics import Column
 from ..verify import Schedule, StepCheck
 from ._step import RunDirectory, StepStatistics
@@ -90,6 +96,8 @@ class PergradCallback(TrainerCallback):
         self._pe: PerExample | None = None
         self._run: RunDirectory | None = None
         self._summed: dict[str, torch.Tensor] = {}  # ḡ_w × loss scale, while clipping is on
+        self._sharded = False  # FSDP2: self._summed holds this rank's rows of ḡ × loss scale instead
+        self._snapshot_queued = False
         self._handles: list = []
         self._batch_size = 0
 
@@ -106,11 +114,15 @@ class PergradCallback(TrainerCallback):
         self._model = model
         if self.schedule.verify is not False:
             self._handles.append(model.register_forward_pre_hook(self._record_inputs, with_kwargs=True))
+        self._sharded = any(is_sharded(p) for p in model.parameters())
         if args.max_grad_norm and args.max_grad_norm > 0:
             for name, p in model.named_parameters():
                 if p.requires_grad:
-                    self._summed[name] = torch.zeros_like(p, dtype=torch.float64)
-                    self._handles.append(p.register_hook(adder(self._summed[name])))
+                    self._summed[name] = torch.zeros_like(local(p), dtype=torch.float64)
+                    if not self._sharded:
+                        self._handles.append(p.register_hook(adder(self._summed[name])))
+            if self._sharded:  # after FSDP2's own forward hook, so that its reduce-scatters end first
+                self._handles.append(model.register_forward_hook(self._hook_outputs))
         if self.run_dir is not None and state.is_world_process_zero:
             self._run = RunDirectory(self.run_dir, {
                 "framework": "transformers", "beta": self.beta,
@@ -135,19 +147,46 @@ class PergradCallback(TrainerCallback):
         loss_scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
         # accelerate unscales .grad when the Trainer measures (and clips) its norm, before this
         result = self._pe.result("mean", loss_scale=loss_scale, grad_scale=1.0)
-        dot = sum(float((result.batch_grads[k].double() * s).sum()) for k, s in self._summed.items())
+        dot = sum(float((local(result.batch_grads[k]).double() * s).sum()) for k, s in self._summed.items())
         check, self._check = self._check, None
         if check is not None:  # its backward passes add to self._summed, read above
             check.finish(result, self._single_loss)
         if not self._summed:
             step = self.statistics.merge(result)
         else:
-            step = _unclipped(self.statistics.merge(result, torch.tensor([dot / loss_scale])), args.world_size)
+            workers = 1 if self._sharded else args.world_size  # sharded: Σ over the ranks' rows is ⟨.grad, ḡ⟩
+            step = _unclipped(self.statistics.merge(result, torch.tensor([dot / loss_scale])), workers)
             for s in self._summed.values():
                 s.zero_()
         self.statistics.follow_optimizer(optimizer, self._pe.model)
         self.statistics.add(step)
         self._batch_size = step.n
+
+    def _hook_outputs(self, module, args, output) -> None:
+        """After each forward of a sharded model with clipping on: at the end of its backward,
+        :meth:`_snapshot_grads` (queued by the first output gradient, behind FSDP2's own end of backward,
+        which its hooks on the same outputs, registered first, queued before)."""
+        if torch.is_grad_enabled():
+            for t in _tensors_in(output):
+                if t.requires_grad:
+                    t.register_hook(self._queue_snapshot)
+
+    def _queue_snapshot(self, grad: torch.Tensor) -> None:
+        if not self._snapshot_queued:
+            self._snapshot_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._snapshot_grads)
+
+    def _snapshot_grads(self) -> None:
+        """This rank's rows of ``.grad`` as a backward pass ends, FSDP2's reduce-scatter done: after the
+        step's last micro-batch, the rows of the mean gradient before the Trainer clips it."""
+        self._snapshot_queued = False
+        for name, p in self._model.named_parameters():
+            if name not in self._summed:
+                continue
+            if p.grad is None:
+                self._summed[name].zero_()
+            else:
+                self._summed[name].copy_(local(p.grad))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or "loss" not in logs or self.statistics.steps == 0:
@@ -190,6 +229,14 @@ class PergradCallback(TrainerCallback):
         for handle in self._handles:
             handle.remove()
         self._handles, self._summed = [], {}
+
+
+def _tensors_in(output) -> list[torch.Tensor]:
+    """The tensors of a model's output: a tensor, or those in a mapping (a ``ModelOutput``), tuple or list."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    items = output.values() if isinstance(output, Mapping) else output if isinstance(output, (tuple, list)) else ()
+    return [t for item in items for t in _tensors_in(item)]
 
 
 def _unclipped(step: StepResult, workers: int) -> StepResult:
