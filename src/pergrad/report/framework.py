@@ -18,6 +18,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from .. import __version__
+from ..stats.smoothing import describe_smoothing
 from ..train.metrics import Column
 from . import figures, sections
 from ._format import number
@@ -60,7 +61,7 @@ def framework_report(run_dir: Path, settings: dict) -> tuple[str, dict]:
         parts = {
             "summary": _summary(run_dir, settings, metrics),
             "curves": sections.curves_section(metrics),
-            "noise-scale": sections.noise_scale_section(metrics, advice),
+            "noise-scale": sections.noise_scale_section(metrics, advice, smoothing=_smoothing(settings)),
             "snr": sections.snr_section(metrics, batch_size),
             "norms": _logged_norms(metrics),
         }
@@ -76,6 +77,14 @@ def framework_report(run_dir: Path, settings: dict) -> tuple[str, dict]:
         footer=sections.footer(run_dir, __version__),
     )
     return html, data
+
+
+def _smoothing(settings: dict) -> str | None:
+    """How the callback smoothed its statistics, from its settings (None where they lack β)."""
+    beta = settings.get("beta")
+    if not isinstance(beta, (int, float)):
+        return None
+    return describe_smoothing(float(beta), int(settings.get("measure_every", 1)))
 
 
 def _summary(run_dir: Path, settings: dict, metrics: Metrics) -> tuple[Raw, dict]:
