@@ -1,9 +1,10 @@
 """What both callbacks keep over training: the step statistics, their metric names, a run directory.
 
-Per measured optimizer step (every step, or one in ``measure_every``), :meth:`StepStatistics.update` merges the workers' gathered per-example
-results (:func:`pergrad.distributed.merge_result`), feeds the global batch's tr Σ̂ and |G|²̂ to
-a :class:`~pergrad.NoiseScale` and its second moments to a :class:`~pergrad.ParamSNR` (both
-smoothed with weights β^(t−b), b and t counted in measured steps), and keeps the global batch's per-example norms.
+Per measured optimizer step (every step, or one in ``measure_every``), :meth:`StepStatistics.update`
+merges the workers' gathered per-example results (:func:`pergrad.distributed.merge_result`), feeds
+the global batch's tr Σ̂ and |G|²̂ to a :class:`~pergrad.NoiseScale` and its second moments to a
+:class:`~pergrad.ParamSNR` (both smoothed with weights β^(t−b), b and t counted in measured steps),
+and keeps the global batch's per-example norms.
 :meth:`StepStatistics.metrics` names them as the trainer's ``metrics.csv`` does
 (:class:`pergrad.train.metrics.Column`), behind the ``pergrad/`` prefix.
 """
@@ -114,8 +115,8 @@ def add_over_workers(sums: torch.Tensor, group: dist.ProcessGroup | None = None)
     sums = sums.detach().to(torch.float64)
     if distributed.rank_and_world(group)[1] == 1:
         return sums.clone()
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
-    merged = sums.to(device)
+    nccl = dist.get_backend(group) == "nccl"
+    merged = sums.to(torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu"))
     dist.all_reduce(merged, group=group)
     return merged.cpu()
 

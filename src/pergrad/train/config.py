@@ -14,7 +14,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from .._atomic import write_atomic
-from ..stats.smoothing import check_beta
+from ..stats.smoothing import check_beta, check_measure_every
 
 __all__ = ["ConfigError", "TrainConfig", "MODELS", "DATASETS", "OPTIMIZERS", "ORDERS"]
 
@@ -130,10 +130,10 @@ class TrainConfig:
         except ValueError as err:
             raise ConfigError(str(err)) from None
         _check(self.accumulate >= 1, f"accumulate must be at least 1, got {self.accumulate}")
-        _check(
-            not isinstance(self.measure_every, bool) and isinstance(self.measure_every, int) and self.measure_every >= 1,
-            f"measure_every must be a whole number >= 1 (1: statistics at every step), got {self.measure_every!r}",
-        )
+        try:
+            check_measure_every(self.measure_every)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         _check(self.data_seed >= -1, f"data_seed must be -1 (the same as seed) or a seed >= 0, got {self.data_seed}")
         self.check_split(1)
 
