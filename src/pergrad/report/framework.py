@@ -100,7 +100,7 @@ def _summary(run_dir: Path, settings: dict, metrics: Metrics) -> tuple[Raw, dict
         Raw("<h3>Not in this report</h3>"),
         skipped,
         lead=f"A run trained by {settings['framework']}, measured by pergrad's callback: the statistics "
-        "below are those it logged at every step. The framework keeps the model and the data, so the "
+        "below are those it logged at every measured step. The framework keeps the model and the data, so the "
         "sections that recompute per-example gradients at the saved weights are left out.",
     )
     return body, {"settings": settings, "final_loss": loss, "final_step": step, "logged_rows": len(metrics.rows)}
