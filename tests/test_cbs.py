@@ -98,7 +98,7 @@ def test_an_interrupted_cbs_resumes_without_redoing_finished_jobs(tmp_path, monk
     assert isinstance(result["b_crit"], float) and low <= result["b_crit"] <= high
     assert len(result["b_simple_interval"]) == 2 and result["b_simple"] > 0
     assert result["ratio"] == pytest.approx(result["b_simple"] / result["b_crit"])
-    assert len(result["points"]) >= 4 and len(result["sweep"]) == len(plan.batch_sizes) * 2 * 2
+    assert len(result["points"]) >= 4 and len(result["sweep"]) == len(plan.batch_sizes) * 3 * 2  # 3 lrs, 2 seeds
     assert [b["step"] for b in result["branches"]] == sorted({b["step"] for b in result["branches"]})
     truth = result["ground_truth"]
     steps = [r["step"] for r in truth["along_run"]]

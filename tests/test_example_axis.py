@@ -328,3 +328,32 @@ def test_reshape_axis_keeps_examples_together_or_gives_up():
     assert reshape_axis((6, 4), (2, 3, 4), Axis(0, 1, 3)) == Axis(0)
     assert reshape_axis((6, 4), (3, 2, 4), Axis(0, 3, 1)) == Axis(1)
     assert reshape_axis((6, 4), (3, 8), Axis(0, 1, 3)) is None  # n = 2 examples split over two axes
+
+
+def test_nn_transformer_sequence_first_with_its_masks():
+    """PyTorch's own nn.Transformer: (s, n, e) and (t, n, e) inputs, a causal mask (t, t) without
+    examples, key padding masks (n, s) batch-first as PyTorch defines them."""
+    torch.manual_seed(7)
+    layer = nn.TransformerEncoderLayer(D, 2, 8, dropout=0.0)
+    encoder = nn.TransformerEncoder(layer, 1, norm=nn.LayerNorm(D), enable_nested_tensor=False)
+    model = nn.Transformer(d_model=D, nhead=2, num_decoder_layers=1, dim_feedforward=8, dropout=0.0,
+                           custom_encoder=encoder).double()  # fmt: skip
+    src, tgt = _sequence_first(6), _sequence_first(5)
+    causal = nn.Transformer.generate_square_subsequent_mask(5, dtype=torch.float64)
+    padding = torch.zeros(N, 6, dtype=torch.bool)
+    padding[0, -2:] = True  # example 0's last two source positions are padding
+
+    def losses(m, s, t, pad):
+        out = m(s, t, tgt_mask=causal, src_key_padding_mask=pad, memory_key_padding_mask=pad)
+        return out.square().sum((0, 2))
+
+    _check(
+        model,
+        lambda m: losses(m, src, tgt, padding),
+        lambda m, j: losses(m, src[:, j : j + 1], tgt[:, j : j + 1], padding[j : j + 1])[0],
+        N,
+        batch_first=False,
+    )
+    with pergrad.PerExample(model) as pe:  # not declared: refused, and the message says what to declare
+        with pytest.raises(CaptureError, match=r"batch_first=False"):
+            pe.backward(losses(model, src, tgt, padding))

@@ -142,7 +142,19 @@ def test_position_ids_made_inside_the_model_have_no_example_axis():
     """ids (1, t) from ``arange``: the lookup has no examples; its rows get them where they meet
     the batch (broadcasting in ``+``)."""
     paths = _check(PositionIds().double(), torch.randint(0, 10, (N, T)))
-    assert paths["positions"] == "rule EmbeddingRule; direct (add) for calls without an example axis"
+    assert paths["positions"] == "rule EmbeddingRule; direct (add, embedding) for calls without an example axis"
+
+
+def test_a_long_position_table_is_never_materialised_per_example():
+    """GPT-2's 1024 positions looked up for t = 4: the rows each example used, not (n, 1024, d)."""
+    from memory import LargestTensor
+
+    model = PositionIds().double()
+    model.positions = nn.Embedding(1024, D).double()
+    ids = torch.randint(0, 10, (N, T))
+    with pergrad.PerExample(model, verify=False) as pe, LargestTensor() as probe:
+        pe.backward(per_example_loss(model(ids), torch.zeros(N, T, 2, dtype=torch.float64)))
+    assert probe.largest < N * 1024 * D / 4
 
 
 def test_relative_bias_table_indexed_by_a_buffer():

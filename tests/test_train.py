@@ -131,9 +131,9 @@ def test_measure_every_3_writes_the_expected_rows_and_the_report_states_it(tmp_p
     seen = []  # the merged StepResults the trainer's statistics were updated with
     original = loop._Statistics.update
 
-    def spy(self, merged):
+    def spy(self, merged, weights=None):
         seen.append(merged)
-        original(self, merged)
+        original(self, merged, weights)
 
     out = tmp_path / "run"
     loop._Statistics.update = spy

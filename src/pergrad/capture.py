@@ -111,38 +111,7 @@ class Capture:
         unknown = sorted(set(example_axes or {}) - set(modules))
         if unknown:
             raise ValueError(f"example_axes names {unknown}, not modules of the model; paths are those of model.named_modules().")
-        names = {id(p): name for name, p in model.named_parameters()}
-        self.targets: list[Target] = []
-        covered_prefixes: list[str] = []
-        for path, module in model.named_modules():
-            if any(path.startswith(prefix) for prefix in covered_prefixes):
-                continue
-            rule = rule_for(module)
-            own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-            if rule is None and own:
-                if on_unsupported == "error":
-                    raise UnsupportedModuleError(
-                        f"{type(module).__name__} at '{path or '<model>'}' has trainable "
-                        f"parameters {own} and no per-example rule. Register one with "
-                        f"pergrad.register_rule({type(module).__name__}, rule), leave "
-                        "on_unsupported at 'auto' to compute it from its operations, or freeze "
-                        "those parameters (requires_grad_(False))."
-                    )
-                rule = DIRECT if on_unsupported == "auto" else FALLBACK
-            if rule is None:
-                continue
-            if rule.covers_submodules:
-                covered_prefixes.append(f"{path}." if path else "")
-            params = {local: names[id(p)] for local, p in rule.parameters(module)}
-            if params:
-                ids = frozenset(id(p) for _, p in rule.parameters(module))
-                self.targets.append(Target(path, module, rule, params, [], param_ids=ids))
-        counts: dict[str, int] = {}
-        for t in self.targets:
-            for name in t.param_names.values():
-                counts[name] = counts.get(name, 0) + 1
-        for t in self.targets:  # a parameter several modules use: its records meet others'
-            t.shared = any(counts[name] > 1 for name in t.param_names.values())
+        self.targets = _targets(model, on_unsupported)
         self.keep = Keep(grads=False, second=False)
         self.n_forward: int | None = None  # examples of the forward pass in progress
         self.input_axis = 0 if batch_first else 1
@@ -154,31 +123,35 @@ class Capture:
         self._entry: nn.Module | None = None  # the hooked module whose call started the forward pass in progress
         self._tracker: Tracker | None = None
         self._lingering: list[tuple[DirectMode, Target]] = []  # modes kept past their module's call
-        self._handles = []
         self._running: list[Target] = []  # the targets whose forward is running, innermost last
-        for t in self.targets:
-            self._handles.append(t.module.register_forward_pre_hook(self._enter_hook(t), prepend=True))
-            if type(t.rule).grads_in_backward is not Rule.grads_in_backward:
-                self._handles.append(t.module.register_forward_pre_hook(self._detach_hook(t)))
-            self._handles.append(t.module.register_forward_pre_hook(self._direct_hook(t), with_kwargs=True))
-            self._handles.append(
-                t.module.register_forward_hook(self._forward_hook(t), with_kwargs=True, always_call=True)
-            )
-        # where a forward pass may start: the model, every module that holds a target, and
-        # those with declared axes (registered last: their pre-hook runs first, their hook last)
-        declared = {id(modules[path]): axis for path, axis in (example_axes or {}).items()}
-        holders = {id(model)} | set(declared)
-        for t in self.targets:
-            holders.update(id(modules[p]) for p in _ancestors(t.path))
-        for path, module in modules.items():
-            if id(module) in holders:
-                axis = declared.get(id(module))
-                self._handles.append(module.register_forward_pre_hook(self._start_hook(axis), with_kwargs=True, prepend=True))
-                self._handles.append(module.register_forward_hook(self._end_hook, always_call=True))
+        self._handles = self._attach(model, modules, example_axes or {})
         self._exposing = [t for t in self.targets if type(t.rule).exposing_forward is not Rule.exposing_forward]
         for t in self._exposing:
             _EXPOSING[id(t.module)] = (self, t)
             t.module.forward = types.MethodType(_exposing_forward, t.module)
+
+    def _attach(self, model: nn.Module, modules: dict[str, nn.Module], example_axes: dict[str, int]) -> list:
+        """Register the hooks: a forward pass may start at the model, at every module that holds
+        a target (the targets too), and at those with declared axes; one pre-hook and one hook
+        per module."""
+        handles: list = []
+        declared = {id(modules[path]): axis for path, axis in example_axes.items()}
+        holders = {id(model)} | set(declared)
+        for t in self.targets:
+            holders.update(id(modules[p]) for p in _ancestors(t.path))
+        targets = {id(t.module): t for t in self.targets}
+        for module in modules.values():
+            t, axis = targets.get(id(module)), declared.get(id(module))
+            if t is not None:
+                # after the module's other pre-hooks (FSDP2's gathers its parameters; a cast input is the input)
+                handles.append(module.register_forward_pre_hook(self._pre_hook(t, axis), with_kwargs=True))
+                handles.append(
+                    module.register_forward_hook(self._forward_hook(t), with_kwargs=True, always_call=True)
+                )
+            elif id(module) in holders:
+                handles.append(module.register_forward_pre_hook(self._start_hook(axis), with_kwargs=True, prepend=True))
+                handles.append(module.register_forward_hook(self._end_hook, always_call=True))
+        return handles
 
     @property
     def paths(self) -> dict[str, str]:
@@ -188,32 +161,39 @@ class Capture:
         return {t.path or "<model>": t.path_taken() for t in self.targets}
 
     def _start_hook(self, declared: int | None):
-        """Before a call of a hooked module: where none runs, a forward pass starts; its inputs
-        (those not already followed from an earlier call) hold their examples along the
-        declared axis. A module with a declared axis has its inputs marked there, always."""
+        """The pre-hook of a module that holds targets: :meth:`_start`."""
 
         def hook(module, args, kwargs):
-            if not self._capturing():
-                return
-            starting = self._entry is None
-            if starting and not any(t.calls for t in self.targets):  # not a second pass of one step
-                axes.new_forward()
-            if starting or declared is not None:
-                axis = self.input_axis if declared is None else declared
-                first = None
-                for x in _input_tensors(args, kwargs):
-                    if x.dim() > axis and (declared is not None or axis_of(x) is None):
-                        mark(x, Axis(axis))
-                    if first is None and isinstance(axis_of(x), Axis):
-                        first = x
-                if first is not None and (starting or self.n_forward is None):
-                    self.n_forward = axis_of(first).examples(first)
-            if starting:
-                self._entry = module
-                self._tracker = Tracker()
-                self._tracker.__enter__()
+            self._start(module, args, kwargs, declared)
 
         return hook
+
+    def _start(self, module: nn.Module, args: tuple, kwargs: dict, declared: int | None) -> None:
+        """Before a call of a hooked module: where none runs, a forward pass starts; its inputs
+        (those not already followed from an earlier call) hold their examples along the
+        declared axis, n of them as the first tensor input has there: an input with another
+        number of rows there (an attention mask (t, t) of a sequence-first model) has none, and
+        one row is a batch of one that broadcasts. A module with a declared axis has its inputs
+        marked there, always."""
+        if not self._capturing():
+            return
+        starting = self._entry is None
+        if starting and not any(t.calls for t in self.targets):  # not a second pass of one step
+            axes.new_forward()
+        if starting or declared is not None:
+            axis = self.input_axis if declared is None else declared
+            fresh = [x for x in _input_tensors(args, kwargs) if declared is not None or axis_of(x) is None]
+            first = next((x for x in _input_tensors(args, kwargs) if x.dim() > axis), None)
+            n = None if first is None else first.shape[axis]
+            for x in fresh:  # an input without n (or 1) rows there has no example axis: a mask (t, t)
+                if x.dim() > axis and x.shape[axis] in (n, 1):
+                    mark(x, Axis(axis))
+            if first is not None and isinstance(axis_of(first), Axis) and (starting or self.n_forward is None):
+                self.n_forward = axis_of(first).examples(first)
+        if starting:
+            self._entry = module
+            self._tracker = Tracker()
+            self._tracker.__enter__()
 
     def _end_hook(self, module, args, output):
         """After the call that started the forward pass: stop the modes kept past their
@@ -236,27 +216,22 @@ class Capture:
         self._tracker.__exit__(None, None, None)
         self._tracker = self._entry = None
 
-    def _direct_hook(self, target: Target):
-        """Before a call of a module with directly used parameters: watch its operations."""
-
-        def hook(module, args, kwargs):
-            if not self._capturing():
-                return
-            shared = target.rule is not DIRECT
-            if shared and not _without_examples(args, kwargs):
-                return  # an ordinary call of a registered rule
-            record = DirectCall(without_examples=shared)
-            n = self.n_forward
-            if n is None:
-                record.unhandled.append("no example axis known")
-                target.modes.append((None, record))
-                return
-            params = {id(p): (local, p) for local, p in target.rule.parameters(module)}
-            mode = DirectMode(params, {id(b) for b in module.buffers()}, n, record, self._accounted_by_other(target))
-            mode.__enter__()
-            target.modes.append((mode, record))
-
-        return hook
+    def _watch(self, target: Target, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Before a call of a module with directly used parameters (or of a rule's module called
+        without examples): watch its operations."""
+        shared = target.rule is not DIRECT
+        if shared and not _without_examples(args, kwargs):
+            return  # an ordinary call of a registered rule
+        record = DirectCall(without_examples=shared)
+        n = self.n_forward
+        if n is None:
+            record.unhandled.append("no example axis known")
+            target.modes.append((None, record))
+            return
+        params = {id(p): (local, p) for local, p in target.rule.parameters(module)}
+        mode = DirectMode(params, {id(b) for b in module.buffers()}, n, record, self._accounted_by_other(target))
+        mode.__enter__()
+        target.modes.append((mode, record))
 
     def _accounted_by_other(self, target: Target) -> Callable[[Tensor], bool]:
         """For ``target``'s direct mode: whether a use of a parameter happens inside another
@@ -269,39 +244,58 @@ class Capture:
 
         return accounted
 
-    def _enter_hook(self, target: Target):
-        """Before a target's call: it runs innermost (read by direct modes)."""
+    def _pre_hook(self, target: Target, declared: int | None):
+        """Before a target's call: a forward pass may start here (:meth:`_start`); the target runs
+        innermost (read by direct modes); its rule may build some gradients itself
+        (:meth:`_detach`); its operations may be watched (:meth:`_watch`)."""
+        detaches = type(target.rule).grads_in_backward is not Rule.grads_in_backward
 
-        def hook(module, args):
+        def hook(module, args, kwargs):
+            self._start(module, args, kwargs, declared)
             self._running.append(target)
+            if not self._capturing():
+                return None
+            swapped = self._detach(target, module, args) if detaches else None
+            self._watch(target, module, args if swapped is None else swapped, kwargs)
+            return None if swapped is None else (swapped, kwargs)
 
         return hook
 
-    def _detach_hook(self, target: Target):
+    def _detach(self, target: Target, module: nn.Module, args: tuple) -> tuple | None:
         """Before a call whose rule builds some batch gradients itself: run the forward on
         detached copies of those parameters, so that autograd leaves them out, and, where the
         input requires a gradient, on an identity of the input through which they come back
-        (else they come back through a copy of the output, see :meth:`_forward_hook`)."""
+        (else they come back through a copy of the output, see :meth:`_forward_hook`). Returns
+        the call's new positional inputs, or None where they are unchanged."""
+        first = args[0] if args else None
+        if axis_of(first) != (0, 1, 1) or first.shape[0] != self.n_forward:
+            return None  # examples elsewhere, or flattened with positions: the pieces need regrouping first
+        if target.shared and not self.keep.grads:
+            return None  # its factored records are combined with another module's (tied weights)
+        names = [n for n in target.rule.grads_in_backward(module, args, self.keep) if module._parameters[n].requires_grad]
+        target.detached = {n: module._parameters[n] for n in names}
+        for n, p in target.detached.items():
+            module._parameters[n] = p.detach()
+        if names and first.requires_grad:  # the gradients enter through the input: no copy of the output
+            target.slot = _Slot()
+            same = mark(_RuleBuildsGradsAtInput.apply(first, target.slot, *target.detached.values()), Axis(0))
+            return (same, *args[1:])
+        return None
 
-        def hook(module, args):
-            first = args[0] if args else None
-            if not self._capturing() or axis_of(first) != (0, 1, 1) or first.shape[0] != self.n_forward:
-                return  # examples elsewhere, or flattened with positions: the pieces need regrouping first
-            if target.shared and not self.keep.grads:
-                return  # its factored records are combined with another module's (tied weights)
-            names = [n for n in target.rule.grads_in_backward(module, args, self.keep) if module._parameters[n].requires_grad]
-            target.detached = {n: module._parameters[n] for n in names}
-            for n, p in target.detached.items():
-                module._parameters[n] = p.detach()
-            if names and first.requires_grad:  # the gradients enter through the input: no copy of the output
-                target.slot = _Slot()
-                same = mark(_RuleBuildsGradsAtInput.apply(first, target.slot, *target.detached.values()), Axis(0))
-                return (same, *args[1:])
-            return None
+    def _forward_hook(self, target: Target):
+        """After a target's call: the call recorded (:meth:`_record`), then, if the forward pass
+        started here, its end (:meth:`_end_hook`)."""
+        record_call = self._record(target)
+
+        def hook(module, args, kwargs, output):
+            try:
+                return record_call(module, args, kwargs, output)
+            finally:
+                self._end_hook(module, args, output)
 
         return hook
 
-    def _forward_hook(self, target: Target):
+    def _record(self, target: Target):
         def hook(module, args, kwargs, output):
             if self._running and self._running[-1] is target:
                 self._running.pop()
@@ -506,6 +500,48 @@ class Capture:
                 if id(p) not in seen:
                     seen.add(id(p))
                     yield t.param_names[local], p
+
+
+def _targets(model: nn.Module, on_unsupported: str) -> list[Target]:
+    """The modules whose trainable parameters a rule computes, outermost first; a module
+    without a rule is computed by its operations ("auto") or by torch.func ("fallback").
+
+    Raises:
+        UnsupportedModuleError: a module with trainable parameters and no rule, under "error".
+    """
+    names = {id(p): name for name, p in model.named_parameters()}
+    targets: list[Target] = []
+    covered_prefixes: list[str] = []
+    for path, module in model.named_modules():
+        if any(path.startswith(prefix) for prefix in covered_prefixes):
+            continue
+        rule = rule_for(module)
+        own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        if rule is None and own:
+            if on_unsupported == "error":
+                raise UnsupportedModuleError(
+                    f"{type(module).__name__} at '{path or '<model>'}' has trainable "
+                    f"parameters {own} and no per-example rule. Register one with "
+                    f"pergrad.register_rule({type(module).__name__}, rule), leave "
+                    "on_unsupported at 'auto' to compute it from its operations, or freeze "
+                    "those parameters (requires_grad_(False))."
+                )
+            rule = DIRECT if on_unsupported == "auto" else FALLBACK
+        if rule is None:
+            continue
+        if rule.covers_submodules:
+            covered_prefixes.append(f"{path}." if path else "")
+        params = {local: names[id(p)] for local, p in rule.parameters(module)}
+        if params:
+            ids = frozenset(id(p) for _, p in rule.parameters(module))
+            targets.append(Target(path, module, rule, params, [], param_ids=ids))
+    counts: dict[str, int] = {}
+    for t in targets:
+        for name in t.param_names.values():
+            counts[name] = counts.get(name, 0) + 1
+    for t in targets:  # a parameter several modules use: its records meet others'
+        t.shared = any(counts[name] > 1 for name in t.param_names.values())
+    return targets
 
 
 def rule_of_calls(target: Target, calls: list[Call]) -> Rule:

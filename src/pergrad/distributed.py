@@ -40,6 +40,7 @@ import contextlib
 import gc
 import os
 from dataclasses import dataclass, replace
+from typing import Mapping
 
 import torch
 import torch.distributed as dist
@@ -48,7 +49,7 @@ from torch import Tensor, nn
 from .per_example import PerExample, PerExampleResult
 from .sharded import Sharding, global_sq_norms, is_sharded, local
 from ._tensors import flatten, sq_norms
-from .stats.batch import BatchEstimate, per_example_estimate, two_batch_estimate
+from .stats.batch import BatchEstimate, per_example_estimate, two_batch_estimate, weighted_sq_norms
 
 __all__ = [
     "DistributedPerExample",
@@ -101,14 +102,23 @@ class StepResult:
     micro_inv_size_sum: float
     sums: Tensor
 
-    def estimate(self, population_size: int | None = None) -> BatchEstimate:
+    def estimate(
+        self, population_size: int | None = None, preconditioner: Mapping[str, Tensor] | None = None
+    ) -> BatchEstimate:
         """Per-example tr Σ̂ and |G|²̂ of the global batch: (1+P,) float64, total then per parameter.
 
         tr Σ̂ = B/(B−1) (Σⱼ ‖gⱼ‖² / B − ‖ḡ‖²), |G|²̂ = ‖ḡ‖² − tr Σ̂ / B: exactly
         :func:`pergrad.stats.batch_estimate` of one process on the concatenated batch (NaN,
         with a :class:`~pergrad.stats.StatsWarning`, for a step of fewer than 2 examples).
+        With ``preconditioner`` ({name: p.shape} diagonal P, e.g. ``noise.preconditioner()``),
+        tr(PΣ)̂ and GᵀPĜ from the merged second moments (which must have been requested).
         """
-        return per_example_estimate(self.sq_norm_sums / self.n, self.grad_sq_norms, self.n, population_size)
+        if preconditioner is None:
+            return per_example_estimate(self.sq_norm_sums / self.n, self.grad_sq_norms, self.n, population_size)
+        if self.second_moment is None:
+            raise ValueError("a preconditioned estimate needs DistributedPerExample(model, second_moment=True).")
+        mean_sq, batch_sq = weighted_sq_norms(self.second_moment, self.mean_grads, self.n, preconditioner)
+        return per_example_estimate(mean_sq, batch_sq, self.n, population_size)
 
     def two_batch_estimate(self, population_size: int | None = None) -> BatchEstimate | None:
         """tr Σ̂ and |G|²̂ (floats) from micro-batch against global-batch gradient norms.

@@ -30,13 +30,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     add_config_arguments(parser)
     parser.add_argument("--quick", action="store_true",
-                        help="a smaller sweep: every other batch size, 2 learning rates, 2 seeds, 2 branch points")
+                        help="a smaller sweep: every other batch size, 2 seeds, 2 branch points (3 learning rates, as the full one)")
     parser.add_argument("--jobs", type=int, default=None, metavar="N",
                         help="parallel training processes (default: the available cores)")
     parser.add_argument("--seeds", type=int, default=None, metavar="N",
                         help="seeds per batch size and learning rate, >= 2 (default: 3, quick: 2)")  # fmt: skip
     parser.add_argument("--target-loss", type=float, default=None, metavar="LOSS",
                         help="validation loss to reach (default: the reference run's at half its steps)")  # fmt: skip
+    parser.add_argument("--second-target-loss", type=float, default=None, metavar="LOSS",
+                        help="a second, easier (higher) validation loss where B_crit is measured too "
+                        "(default: the reference run's at a quarter of its steps)")  # fmt: skip
     parser.add_argument("--tolerance", type=float, default=None, metavar="T",
                         help="a branch at k x B passes while its loss is at most (1 + T) x the k = 1 "
                         "branch's (default: 0.1)")  # fmt: skip
@@ -52,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
         config = config_from_args(args)
         tolerance = TOLERANCE if args.tolerance is None else args.tolerance
-        plan = make_plan(config, quick=args.quick, seeds=args.seeds, target_loss=args.target_loss, tolerance=tolerance)
+        plan = make_plan(config, quick=args.quick, seeds=args.seeds, target_loss=args.target_loss, tolerance=tolerance,
+                         second_target=args.second_target_loss)  # fmt: skip
         summary = run_cbs(config, plan, workers=args.jobs or default_workers())
         report = build_report(config.out)
     except (ConfigError, CheckpointError, ReportError) as err:
@@ -75,6 +79,8 @@ def _summary_line(summary: dict) -> str:
     line = f"B_crit = {number(summary['b_crit'])} (interval {number(low)}-{number(high)})"
     if summary["b_simple"] is not None:
         line += f", B_simple = {number(summary['b_simple'])}"
+    if summary.get("b_precond") is not None:
+        line += f", B_P = {number(summary['b_precond'])}"
     if summary["ratio"] is not None:
         line += f", B_simple / B_crit = {number(summary['ratio'])}"
     return line

@@ -4,7 +4,9 @@ Per measured optimizer step (every step, or one in ``measure_every``), :meth:`St
 merges the workers' gathered per-example results (:func:`pergrad.distributed.merge_result`), feeds
 the global batch's tr Σ̂ and |G|²̂ to a :class:`~pergrad.NoiseScale` and its second moments to a
 :class:`~pergrad.ParamSNR` (both smoothed with weights β^(t−b), b and t counted in measured steps),
-and keeps the global batch's per-example norms.
+and keeps the global batch's per-example norms. Under Adam or AdamW
+(:meth:`StepStatistics.follow_optimizer`) a second :class:`~pergrad.NoiseScale` keeps
+B_P = tr(PΣ)/GᵀPG in Adam's metric, logged as ``pergrad/b_precond``.
 :meth:`StepStatistics.metrics` names them as the trainer's ``metrics.csv`` does
 (:class:`pergrad.train.metrics.Column`), behind the ``pergrad/`` prefix.
 """
@@ -22,7 +24,7 @@ from .. import distributed
 from .._atomic import write_atomic
 from ..distributed import StepResult, merge_result
 from ..per_example import PerExample, PerExampleResult
-from ..stats import NoiseScale, ParamSNR, norm_quantiles
+from ..stats import NoiseScale, ParamSNR, adam_preconditioner, norm_quantiles
 from ..stats.smoothing import check_measure_every, is_measured
 from ..train.config import _toml_value
 from ..train.metrics import Column, MetricsLog
@@ -43,6 +45,7 @@ class StepStatistics:
 
     def __init__(self, beta: float, group: dist.ProcessGroup | None = None):
         self.noise = NoiseScale(beta=beta)
+        self.precond: NoiseScale | None = None  # B_P, once follow_optimizer found Adam
         self.snr = ParamSNR(beta=beta)
         self.group = group
         self.norms = torch.zeros(0, dtype=torch.float64)
@@ -70,11 +73,25 @@ class StepStatistics:
         self.norms = distributed.all_gather_cat(result.sq_norms.detach().double(), self.group).sqrt()
         return step
 
+    def follow_optimizer(self, optimizer, model: torch.nn.Module) -> None:
+        """Also keep B_P when ``optimizer`` (or the optimizer a framework's wrapper holds as
+        ``.optimizer``) is Adam or AdamW; ``model`` names the parameters. Once: later calls do nothing."""
+        while self.precond is None and not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            optimizer = getattr(optimizer, "optimizer", None)
+            if optimizer is None:
+                return
+        if self.precond is None:
+            self.precond = NoiseScale(beta=self.noise.beta, preconditioner=adam_preconditioner(optimizer, model))
+
     def add(self, step: StepResult) -> None:
-        """Add a merged step to the smoothed statistics; a step of fewer than 2 examples in all
-        (no variance) leaves them as they were."""
+        """Add a merged step to the smoothed statistics (before the optimizer's step: Adam's P is
+        then independent of the batch); a step of fewer than 2 examples in all (no variance)
+        leaves them as they were."""
         if step.n >= 2:
             self.noise.update_estimate(step.estimate(), step.names)
+            weights = None if self.precond is None else self.precond.preconditioner()
+            if weights is not None:
+                self.precond.update_estimate(step.estimate(preconditioner=weights), step.names)
             self.snr.update_sums(step.second_moment, step.mean_grads, step.n)
         self.steps += 1
         self._unread += 1
@@ -97,6 +114,9 @@ class StepStatistics:
             Column.TRACE_SIGMA: e.trace_sigma,
             Column.GRAD_SQ_NORM: e.grad_sq_norm,
         }
+        if self.precond is not None:
+            p = self.precond.estimate(0.95)
+            row.update({Column.B_PRECOND: p.b_simple, Column.B_PRECOND_LOW: p.lower, Column.B_PRECOND_HIGH: p.upper})
         if self.norms.numel():
             quantiles = norm_quantiles(self.norms, [q for _, q in Column.NORM_QUANTILES])
             row.update({Column.norm(label): float(v) for (label, _), v in zip(Column.NORM_QUANTILES, quantiles, strict=True)})

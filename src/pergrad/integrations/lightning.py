@@ -13,7 +13,8 @@ Logged with ``pl_module.log`` at every measured optimizer step (so they reach
 ``trainer.callback_metrics`` and every logger): ``pergrad/b_simple`` (with
 ``pergrad/b_simple_low`` and ``_high``, its 95% interval), ``pergrad/trace_sigma``,
 ``pergrad/grad_sq_norm``, ``pergrad/norm_q10``, ``_q50``, ``_q90``, ``_max`` (per-example
-gradient norms of the step's global batch) and ``pergrad/snr/<parameter>``.
+gradient norms of the step's global batch) and ``pergrad/snr/<parameter>``; under Adam or AdamW
+also ``pergrad/b_precond`` (with ``_low``, ``_high``), the noise scale B_P in Adam's metric.
 
 With ``measure_every=k`` only optimizer steps 0, k, 2k, … (Lightning's ``global_step``) are
 measured; the others run inside :meth:`PerExample.paused <pergrad.PerExample.paused>` (the hooks
@@ -120,7 +121,7 @@ class PergradCallback(pl.Callback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         self._losses[1] += 1.0  # one step of this worker
         if self.measuring.measured:
-            self._measure(trainer, pl_module)
+            self._measure(trainer, pl_module, optimizer)
         steps = trainer.global_step + 1  # optimizer steps done once this one is
         if self.run_dir is not None and steps % self.log_every == 0:
             if self._losses[1] > 0:  # unmeasured steps since the last merge: their losses, over the workers
@@ -129,13 +130,14 @@ class PergradCallback(pl.Callback):
             if self._run is not None:
                 self._append_row(trainer, optimizer, steps)
 
-    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         """Read the step's gathered result, check it if due, merge it over the workers and log it."""
         # under 16-mixed Lightning has unscaled .grad before this hook: grad_scale 1
         result = self._pe.result("mean", loss_scale=_loss_scale(trainer), grad_scale=1.0)
         check, self._check = self._check, None
         if check is not None:
             check.finish(result, lambda batch: _single_loss(trainer, pl_module, batch))
+        self.statistics.follow_optimizer(optimizer, pl_module)
         step = self.statistics.update(result, sums=self._losses)
         self._losses.zero_()
         self._window += step.sums

@@ -167,6 +167,7 @@ class PergradCallback(TrainerCallback):
             step = _unclipped(self.statistics.merge(result, torch.tensor([dot / loss_scale])), args.world_size)
             for s in self._summed.values():
                 s.zero_()
+        self.statistics.follow_optimizer(optimizer, self._pe.model)
         self.statistics.add(step)
         self._batch_size = step.n
 

@@ -43,7 +43,9 @@ class BatchSizeAdvice:
         n_values: how many logged B_simple values the median is over.
         n_logged: how many rows had a B_simple value at all.
         message: the advice in plain words, with the numbers.
-        basis: "B_simple", or "B_crit" when the verdict compares B with a measured B_crit.
+        basis: the predictor the verdict compares B with: "B_simple", "B_P" (Adam: the noise
+            scale in Adam's metric), or "B_crit" when it compares B with a measured B_crit.
+            ``b_simple`` and its interval are then that predictor's medians.
     """
 
     verdict: str
@@ -68,8 +70,10 @@ def advise_batch_size(
     tail: float = TAIL,
     factor: float = FACTOR,
     b_crit: tuple[float, float, float] | None = None,
+    predictor: str = "B_simple",
+    why: str = "",
 ) -> BatchSizeAdvice:
-    """Compare the batch size with the median B_simple over the last part of training.
+    """Compare the batch size with the median noise scale over the last part of training.
 
     Args:
         steps: (rows,) the logged steps.
@@ -82,6 +86,9 @@ def advise_batch_size(
         b_crit: (B_crit, low, high) measured by ``pergrad cbs``, or None. When its interval is
             bounded the verdict compares B with B_crit; when only its lower end is measured
             (high = inf) it does so only if that lower end already exceeds factor·B.
+        predictor: the name of the noise scale given as ``b_simple``: "B_simple", or "B_P" for
+            the preconditioned one of Adam.
+        why: a sentence saying why this predictor suits the run's optimizer, put first.
 
     Returns:
         A :class:`BatchSizeAdvice`.
@@ -108,7 +115,7 @@ def advise_batch_size(
             verdict, message = measured
             return BatchSizeAdvice(
                 verdict, batch_size, median, med_low, med_high, first, last, len(rows), n_logged,
-                f"{message} (B_simple, which predicts it, has median {number(median)} over the last "
+                f"{why}{message} ({predictor}, which predicts it, has median {number(median)} over the last "
                 f"{len(rows)} of {n_logged} logged values.)",
                 basis="B_crit",
             )  # fmt: skip
@@ -119,41 +126,41 @@ def advise_batch_size(
     else:
         verdict = ABOUT_RIGHT
     used = (
-        f"median B_simple = {number(median)} over the last {len(rows)} of {n_logged} logged "
+        f"median {predictor} = {number(median)} over the last {len(rows)} of {n_logged} logged "
         f"values (steps {first}–{last}; median interval {number(med_low)}–{number(med_high)}), "
         f"batch size B = {batch_size}"
     )
     if verdict == TOO_SMALL:
         if math.isinf(median):
-            why = (
+            reason = (
                 "the gradient's signal estimate |G|² was not even positive on most of these steps: "
                 "the noise of a batch swamps the signal."
             )
         else:
-            why = f"B_simple is more than {factor:g}× the batch size."
+            reason = f"{predictor} is more than {factor:g}× the batch size."
         message = (
-            f"The batch is too small: {why} More examples per step would still reduce the "
+            f"The batch is too small: {reason} More examples per step would still reduce the "
             "noise almost linearly, so a larger batch (with a proportionally larger learning "
             "rate) would make about as much progress per example in fewer steps."
         )
     elif verdict == WASTEFUL:
         message = (
-            f"The batch is larger than it needs to be: B is more than {factor:g}× B_simple. "
-            "Beyond B_simple, each extra example barely reduces the noise that matters, so "
+            f"The batch is larger than it needs to be: B is more than {factor:g}× {predictor}. "
+            f"Beyond {predictor}, each extra example barely reduces the noise that matters, so "
             f"about {number(median)} examples per step with more steps would reach the same loss "
             "on fewer examples."
         )
     else:
         message = (
-            f"The batch size is about right: B is within a factor {factor:g} of B_simple. "
+            f"The batch size is about right: B is within a factor {factor:g} of {predictor}. "
             "A larger batch would give diminishing returns per example; a smaller one, noisier "
             "steps."
         )
     if b_crit is not None:
-        message += f" (The measured B_crit is at least {number(b_crit[1])}, not bounded above, so the advice reads B_simple.)"
+        message += f" (The measured B_crit is at least {number(b_crit[1])}, not bounded above, so the advice reads {predictor}.)"
     return BatchSizeAdvice(
         verdict, batch_size, median, med_low, med_high, first, last, len(rows), n_logged,
-        f"{message} Numbers used: {used}.",
+        f"{why}{message} Numbers used: {used}.", basis=predictor,
     )  # fmt: skip
 
 

@@ -64,13 +64,14 @@ def build_report(run_dir: str | Path) -> Path:
     batch_sizes = [tuple(change) for change in run.checkpoint.get("batch_sizes", [(0, config.first_batch_size)])]
     generator = torch.Generator().manual_seed(config.seed)
 
+    predictor, columns, why = predictor_for(config.optimizer, metrics)
     advice = advise_batch_size(
         metrics.column(Column.STEP),
-        metrics.column(Column.B_SIMPLE),
-        metrics.column(Column.B_SIMPLE_LOW),
-        metrics.column(Column.B_SIMPLE_HIGH),
+        *(metrics.column(c) for c in columns),
         batch_size,
         b_crit=_measured_b_crit(cbs),
+        predictor=predictor,
+        why=why,
     )
     batches = first_epoch(config, dataset, batch_sizes)  # the run's own batches
     sampling = check_sampling(batches, dataset.labels)
@@ -126,6 +127,19 @@ def _write(run_dir: Path, html: str, data: dict) -> Path:
             f"cannot write the report into {run_dir} ({err.strerror}); make the directory writable"
         ) from None
     return run_dir / REPORT
+
+
+def predictor_for(optimizer: str, metrics) -> tuple[str, tuple[str, str, str], str]:
+    """The noise scale that predicts B_crit for this optimizer: its name, its three columns
+    (value, low, high) and why, in one sentence ("" for SGD's B_simple)."""
+    if optimizer == "adam" and metrics.has(Column.B_PRECOND):
+        why = (
+            "The advice reads B_P = tr(PΣ) / GᵀPG, not B_simple: Adam steps along −P ĝ with "
+            "P = 1/(√v̂ + ε), so the noise and signal that matter are measured in P's metric "
+            "(McCandlish et al. 2018, preconditioned optimizers). "
+        )
+        return "B_P", (Column.B_PRECOND, Column.B_PRECOND_LOW, Column.B_PRECOND_HIGH), why
+    return "B_simple", (Column.B_SIMPLE, Column.B_SIMPLE_LOW, Column.B_SIMPLE_HIGH), ""
 
 
 def _measured_b_crit(cbs: dict | None) -> tuple[float, float, float] | None:

@@ -95,7 +95,9 @@ def cbs_section(section_id: str, title: str, cbs: dict | None, metrics: Metrics)
         figure(png, "steps against examples per batch size, and B*(t) against B_simple(t)", caption),
         table(["measured", "value"], rows, numeric=(1,), table_id="cbs-numbers"),
         table(["", "B_crit", "B_simple", "B_simple / B_crit"], published, numeric=(1, 2, 3), table_id="cbs-published"),
+        *_targets_table(cbs),
         note(_verdict(cbs)),
+        *([note(_quick_text(cbs["quick_check"]))] if cbs.get("quick_check") else []),
         lead=lead,
     )
     data = {
@@ -110,8 +112,43 @@ def cbs_section(section_id: str, title: str, cbs: dict | None, metrics: Metrics)
         "b_star": [{"step": b["step"], "b_star": b["b_star"], "bounded": b["bounded"]} for b in cbs["branches"]],
         "published": [list(p) for p in PUBLISHED],
         "ground_truth": cbs.get("ground_truth"),
+        "b_precond": cbs.get("b_precond"),
+        "b_precond_interval": cbs.get("b_precond_interval"),
+        "at_targets": [{k: t.get(k) for k in _TARGET_KEYS} for t in cbs.get("at_targets", [])],
+        "quick_check": cbs.get("quick_check"),
     }
     return body, data
+
+
+_TARGET_KEYS = ("target_loss", "b_crit", "b_crit_interval", "b_crit_seed_interval", "b_simple", "b_simple_interval",
+                "b_precond", "b_precond_interval", "lr_at_edge")  # fmt: skip
+
+
+def _targets_table(cbs: dict) -> list:
+    """B_crit at each target against both predictors at the run's crossing of it."""
+    targets = cbs.get("at_targets") or []
+    if not targets:
+        return []
+    rows = []
+    for t in targets:
+        rows.append((
+            number(t["target_loss"]),
+            _with_interval(t["b_crit"], t["b_crit_interval"]),
+            _with_interval(t["b_crit"], t.get("b_crit_seed_interval")),
+            _with_interval(t["b_simple"], t["b_simple_interval"]),
+            _with_interval(t.get("b_precond"), t.get("b_precond_interval")),
+        ))  # fmt: skip
+    header = ["target loss", "B_crit (grid and seeds)", "B_crit (seeds only)", "B_simple at the target", "B_P at the target"]
+    return [table(header, rows, numeric=(0, 1, 2, 3, 4), table_id="cbs-targets")]
+
+
+def _quick_text(check: dict) -> str:
+    return (
+        f"This is a --quick measurement. On {check['setup']}, --quick gave B_crit = {number(check['quick'])} "
+        f"(interval {number(check['quick_interval'][0])} – {number(check['quick_interval'][1])}) against "
+        f"{number(check['full'])} (interval {number(check['full_interval'][0])} – {number(check['full_interval'][1])}) "
+        f"from the full sweep: {check['verdict']}"
+    )
 
 
 def _numbers(cbs: dict) -> list[tuple[str, str]]:
@@ -122,10 +159,18 @@ def _numbers(cbs: dict) -> list[tuple[str, str]]:
         ("S_min, fewest steps", number(cbs["s_min"])),
         ("E_min, fewest examples", number(cbs["e_min"])),
         ("B_crit = E_min / S_min", _with_interval(cbs["b_crit"], cbs["b_crit_interval"])),
+        ("B_crit, seed bootstrap only (best learning rate per B)", _with_interval(cbs["b_crit"], cbs.get("b_crit_seed_interval"))),
+        ("batch sizes whose best learning rate is at the grid's edge", ", ".join(str(b) for b in cbs.get("lr_at_edge") or []) or "none"),
         (f"B_simple of the run at the target (step {cbs['b_simple_step']})",
          _with_interval(cbs["b_simple"], cbs["b_simple_interval"])),
         ("B_simple / B_crit", _with_interval(cbs["ratio"], cbs.get("ratio_interval"))),
     ]  # fmt: skip
+    if cbs.get("b_precond") is not None:
+        ratio, interval = cbs.get("ratio_b_precond") or (None, None)
+        rows += [
+            ("B_P = tr(PΣ)/GᵀPG of the run at the target (Adam's metric)", _with_interval(cbs["b_precond"], cbs["b_precond_interval"])),
+            ("B_P / B_crit", _with_interval(ratio, interval)),
+        ]  # fmt: skip
     truth = cbs.get("ground_truth")
     if truth:
         rows += [
@@ -167,8 +212,11 @@ def _verdict(cbs: dict) -> str:
         )
     text = (
         f"B_crit = {number(cbs['b_crit'])}, between {number(low)} and {number(high)} "
-        f"({cbs['confidence']:.0%} bootstrap interval over seeds)."
-    )
+        + ("(the hull of the seed bootstrap's interval and of the refits on the second-best learning rate per batch "
+           "size: the grid's coarseness counts, not seed noise alone)."
+           if cbs.get("b_crit_seed_interval") is not None or "b_crit_grid_range" in cbs
+           else f"({cbs['confidence']:.0%} bootstrap interval over seeds).")
+    )  # fmt: skip
     if cbs["ratio"] is not None:
         ratio = cbs["ratio"]
         size = "within" if 0.1 <= ratio <= 10 else "outside"
@@ -176,7 +224,23 @@ def _verdict(cbs: dict) -> str:
             f" B_simple / B_crit = {number(ratio)}: the prediction is {size} an order of magnitude of "
             "the measurement."
         )
+    closer = _closer(cbs)
+    if closer:
+        text += " " + closer
     return text
+
+
+def _closer(cbs: dict) -> str:
+    """Which predictor, B_simple or B_P, is nearer the measured B_crit (in log ratio)."""
+    ratios = {name: (cbs.get(f"ratio_{key}") or (None, None))[0] for name, key in (("B_simple", "b_simple"), ("B_P", "b_precond"))}
+    if any(r is None or not 0 < r < math.inf for r in ratios.values()):
+        return ""
+    best = min(ratios, key=lambda k: abs(math.log(ratios[k])))
+    other = "B_P" if best == "B_simple" else "B_simple"
+    return (
+        f"{best} is the nearer predictor here ({best} / B_crit = {number(ratios[best])}, "
+        f"{other} / B_crit = {number(ratios[other])})."
+    )
 
 
 def cbs_figure(cbs: dict, metrics: Metrics) -> Figure:

@@ -37,6 +37,7 @@ __all__ = [
 ]
 
 TRAIN, VAL, ACCENT, GREY = "#1f6fb2", "#e8590c", "#2f9e44", "#868e96"
+PRECOND = "#7048e8"  # B_P, the noise scale in the preconditioner's metric
 MAX_SNR_LINES = 12  # more parameters than this: the SNR figure shows only the last values
 _DPI = 130
 _STYLE = {"font.size": 9.5, "axes.titlesize": 10.5, "axes.labelsize": 9.5, "legend.fontsize": 8.5,
@@ -108,9 +109,12 @@ def noise_scale_figure(
     micro-batches). ``batch_sizes``: the (first step, B) of each batch size of an ``auto`` run,
     drawn as steps with a dot at each change; None for a fixed B."""
     steps = metrics.column(Column.STEP)
-    b, low, high = (metrics.column(c) for c in (Column.B_SIMPLE, Column.B_SIMPLE_LOW, Column.B_SIMPLE_HIGH))
+    columns = [Column.B_SIMPLE, Column.B_SIMPLE_LOW, Column.B_SIMPLE_HIGH]
+    b, low, high = (metrics.column(c) for c in columns)
     fig, (ax,) = _figure(1, height=3.6)
-    finite = np.concatenate([v[np.isfinite(v) & (v > 0)] for v in (b, low, high)])
+    if metrics.has(Column.B_PRECOND):
+        columns += [Column.B_PRECOND, Column.B_PRECOND_LOW, Column.B_PRECOND_HIGH]
+    finite = np.concatenate([v[np.isfinite(v) & (v > 0)] for v in (metrics.column(c) for c in columns)])
     finite = np.append(finite, [size for _, size in batch_sizes or [(0, advice.batch_size)]])
     top = finite.max() * 3
     bottom = finite.min() / 3
@@ -120,6 +124,13 @@ def noise_scale_figure(
     ax.fill_between(steps[kept], band_low[kept], band_high[kept], color=TRAIN, alpha=0.15, lw=0, label="95% interval")
     shown = np.where(np.isinf(b), np.nan, b)
     ax.plot(steps[kept], shown[kept], color=TRAIN, lw=1.8, label="B_simple = tr Σ / |G|²")
+    if metrics.has(Column.B_PRECOND):
+        b_p, low_p, high_p = (metrics.column(c) for c in (Column.B_PRECOND, Column.B_PRECOND_LOW, Column.B_PRECOND_HIGH))
+        kept_p = ~np.isnan(b_p)
+        ax.fill_between(steps[kept_p], np.where(np.isfinite(low_p) & (low_p > 0), low_p, bottom)[kept_p],
+                        np.where(np.isinf(high_p), top, high_p)[kept_p], color=PRECOND, alpha=0.12, lw=0)  # fmt: skip
+        ax.plot(steps[kept_p], np.where(np.isfinite(b_p), b_p, np.nan)[kept_p], color=PRECOND, lw=1.8,
+                label="B_P = tr(PΣ) / GᵀPG (Adam's metric P)")  # fmt: skip
     if metrics.has(Column.B_SIMPLE_TWO_BATCH):
         two = metrics.column(Column.B_SIMPLE_TWO_BATCH)
         shown_two = np.where(np.isfinite(two) & (two > 0), np.clip(two, bottom, top), np.nan)
@@ -142,7 +153,8 @@ def noise_scale_figure(
                    label="steps the advice reads")  # fmt: skip
     ax.set_yscale("log")
     ax.set_ylim(bottom, top)
-    ax.set(xlabel="step", ylabel="examples", title="Gradient noise scale B_simple and the batch size")
+    title = "Noise scales B_simple, B_P" if metrics.has(Column.B_PRECOND) else "Gradient noise scale B_simple"
+    ax.set(xlabel="step", ylabel="examples", title=f"{title} and the batch size")
     ax.legend(frameon=False, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return fig
 

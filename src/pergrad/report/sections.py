@@ -82,7 +82,8 @@ def summary_section(run: Run, n_train: int, n_val: int, advice: BatchSizeAdvice)
         if label != "final validation accuracy" or v["value"] is not None
     )
     if advice.verdict != UNKNOWN:
-        tiles += _tile(f"batch {advice.verdict}", f"B = {advice.batch_size} against B_simple = {number(advice.b_simple)}")
+        name = "B_simple" if advice.basis == "B_crit" else advice.basis
+        tiles += _tile(f"batch {advice.verdict}", f"B = {advice.batch_size} against {name} = {number(advice.b_simple)}")
 
     config = run.config
     config_rows = [(f.name, getattr(config, f.name)) for f in fields(config)]
@@ -243,6 +244,7 @@ def noise_scale_section(
         "tail": TAIL,
         "factor": FACTOR,
         "message": advice.message,
+        "predictor": advice.basis,
     }
     box = Raw(
         f'<div class="advice {advice.verdict.replace(" ", "-")}" id="advice">'
@@ -276,14 +278,23 @@ def noise_scale_section(
             f" On {n_inf} logged step(s) the signal estimate |G|² was not positive, so B_simple "
             "is unbounded (∞, triangles at the top)."
         )
+    name = "B_simple" if advice.basis == "B_crit" else advice.basis
+    if metrics.has(Column.B_PRECOND):
+        caption += (
+            " Violet: B_P = tr(PΣ) / GᵀPG, the noise scale in Adam's metric P = 1/(√v̂ + ε) (its band, the "
+            f"95% interval); under Adam the advice reads B_P, and the table gives both."
+        )
     rows = [
         ("batch size B", advice.batch_size),
-        (f"median B_simple, last {TAIL:.0%} of logged values", number(advice.b_simple)),
+        (f"median {name}, last {TAIL:.0%} of logged values", number(advice.b_simple)),
         ("median interval (low – high)", f"{number(advice.b_simple_low)} – {number(advice.b_simple_high)}"),
         ("steps", f"{advice.first_step}–{advice.last_step}"),
         ("values used / logged", f"{advice.n_values} / {advice.n_logged}"),
-        ("thresholds", f"too small if B_simple > {FACTOR:g}·B; wasteful if B > {FACTOR:g}·B_simple"),
+        ("thresholds", f"too small if {name} > {FACTOR:g}·B; wasteful if B > {FACTOR:g}·{name}"),
     ]
+    if name == "B_P":
+        rows.insert(2, ("median B_simple (SGD's noise scale), same steps", number(_tail_median(metrics, advice))))
+        data["b_simple_same_steps_median"] = _tail_median(metrics, advice)
     two_batch = _two_batch_median(metrics, advice)
     data["b_simple_two_batch_median"] = two_batch
     if two_batch is not None:
@@ -345,6 +356,13 @@ def _adaptive_batch_size(config: TrainConfig, batch_sizes: list[tuple[int, int]]
         "changes": changes,
     }
     return parts, data
+
+
+def _tail_median(metrics: Metrics, advice: BatchSizeAdvice) -> float | None:
+    """The median B_simple over the steps the advice read (for a run whose advice reads B_P)."""
+    steps, values = metrics.column(Column.STEP), metrics.column(Column.B_SIMPLE)
+    used = (steps >= advice.first_step) & (steps <= advice.last_step) & ~np.isnan(values)
+    return float(np.median(values[used])) if used.any() else None
 
 
 def _two_batch_median(metrics: Metrics, advice: BatchSizeAdvice) -> float | None:

@@ -58,6 +58,7 @@ class _Derived:
     param: Tensor
     f: Callable[[Tensor], Tensor] | None  # None: the parameter itself
     value: Tensor
+    lookup: tuple[Tensor, int | None] | None = None  # value = F.embedding(index, param, padding_idx)
 
 
 @dataclass
@@ -222,6 +223,8 @@ class DirectMode(TorchFunctionMode):
             return None
         at = where.dim - lead  # the example axis among value's axes (negative: not one of them)
         rows = where.outer * n * where.inner
+        if d.lookup is not None and (at < 0 or value.shape[at] == 1):
+            return self._looked_up(d, rank, where, lead)
         big = self._expanded(d.name, d.param)
         out = big if d.f is None else vmap(d.f)(big)  # (n, *value.shape)
         if at >= 0 and value.shape[at] == rows:
@@ -242,6 +245,23 @@ class DirectMode(TorchFunctionMode):
             out = out.expand(*out.shape[: where.dim], where.outer, n, where.inner, *out.shape[where.dim + 3 :])
             out = out.flatten(where.dim, where.dim + 2)
         return out
+
+    def _looked_up(self, d: _Derived, rank: int, where: Axis, lead: int) -> Tensor:
+        """Rows of a table looked up by an index without examples (position ids made inside the
+        model), meeting the batch: the index gets the example axis (``expand``, no copy) and the
+        lookup runs again on it, recorded in factored form (looked-up rows, never (n, V, d))."""
+        index, padding_idx = d.lookup
+        index = index.reshape((1,) * lead + tuple(index.shape))
+        shape = list(index.shape)
+        shape[where.dim] = where.outer * self.n * where.inner
+        index = index.expand(shape)
+        y = F.embedding(index, d.param, padding_idx)
+        record = Factored("lookup", _rows(self, index, where, None), d.name, padding_idx=padding_idx)
+        if y.requires_grad:
+            on_grad(y, lambda grad: setattr(record, "g", _rows(self, grad, where, d.param.shape[1])))
+            self.record.records.append(record)
+        self.record.ops.add("embedding")
+        return y
 
     # --- dispatch -------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -496,14 +516,18 @@ def _embedding(mode, func, args, kwargs, found):
     d = mode._tracked(weight)
     if d is None or d.f is not None or max_norm is not None or kwargs.get("scale_grad_by_freq"):
         return None
-    if mode.record.without_examples:  # a table looked up by positions only: a derived tensor
-        return None
-    where = _examples_of(mode, index)
+    if padding_idx is not None and padding_idx < 0:
+        padding_idx += weight.shape[0]
+    where = None if mode.record.without_examples else _examples_of(mode, index)
+    if where is None and axis_of(index) is None:  # looked up by positions only: followed until it meets the batch
+        y = F.embedding(index, weight, padding_idx)
+        mode.derived[id(y)] = _Derived(
+            d.name, d.param, lambda t: F.embedding(index, t, padding_idx), y, lookup=(index, padding_idx)
+        )
+        return y
     if where is None:
         return None
     y = F.embedding(index, weight, padding_idx)
-    if padding_idx is not None and padding_idx < 0:
-        padding_idx += weight.shape[0]
     record = Factored("lookup", _rows(mode, index, where, None), d.name, padding_idx=padding_idx)
     if y.requires_grad:
         on_grad(y, lambda grad: setattr(record, "g", _rows(mode, grad, where, weight.shape[1])))

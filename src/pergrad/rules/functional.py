@@ -139,9 +139,9 @@ class FunctionalRule(Rule):
             if c.dim() <= b.dim or c.shape[b.dim] != n:
                 raise CaptureError(
                     f"{type(module).__name__}'s output {k} has shape {tuple(c.shape)}, with no axis of the "
-                    f"batch's {n} examples at {b.dim}: pergrad cannot tell which axis holds the examples in "
-                    "this module. Keep the example axis first in its inputs and outputs, or register a rule "
-                    "for it (pergrad.register_rule)."
+                    f"batch's {n} examples at {b.dim}, where its layout puts them: say where its inputs hold "
+                    "the examples (PerExample(model, example_axes=...)), or register a rule for it "
+                    "(pergrad.register_rule)."
                 )
 
         def restore(x, b):

@@ -10,6 +10,8 @@ training loop, and :class:`ParamSNR` a :class:`SNRState`.
   with an opt-in finite-population correction.
 - :mod:`.noise_scale`: :class:`NoiseScale`, the smoothed B_simple = tr Σ / |G|² with a
   confidence interval, in total and per parameter.
+- :mod:`.preconditioner`: :func:`adam_preconditioner`, Adam's diagonal P for the preconditioned
+  noise scale B_P = tr(PΣ) / GᵀPG (``NoiseScale(preconditioner=...)``).
 - :mod:`.snr`: :class:`ParamSNR`, the elementwise and per-layer gradient signal-to-noise
   ratio from second moments.
 - :mod:`.batch_size`: the norm test of Byrd et al. 2012 and the AdaScale gain.
@@ -38,10 +40,12 @@ from .batch import (
     param_batch_estimates,
     per_example_estimate,
     two_batch_estimate,
+    weighted_sq_norms,
 )
 from .batch_size import NormTest, adascale_gain, norm_test
 from .noise_scale import NoiseEstimate, NoiseScale, NoiseState, b_simple_ratio
 from .norms import LargestNorms, NormHistogram, norm_quantiles
+from .preconditioner import adam_preconditioner
 from .smoothing import check_beta
 from .snr import ParamSNR, SNREstimate, SNRState
 from .tradeoff import TradeoffFit, fit_tradeoff
@@ -62,6 +66,7 @@ __all__ = [
     "SNRState",
     "StatsWarning",
     "TradeoffFit",
+    "adam_preconditioner",
     "adascale_gain",
     "b_simple_ratio",
     "batch_estimate",
@@ -76,4 +81,5 @@ __all__ = [
     "param_batch_estimates",
     "per_example_estimate",
     "two_batch_estimate",
+    "weighted_sq_norms",
 ]

@@ -16,6 +16,12 @@ McCandlish et al. (2018). Per-example squared norms sⱼ = ‖gⱼ‖² are the 
 
     tr Σ̂ = n/(n−1) · (mean sⱼ − ‖ḡ‖²),   |G|²̂ = ‖ḡ‖² − tr Σ̂ / n.
 
+A diagonal weight P ≥ 0 (a preconditioner: Adam's 1/(√v̂ + ε)) turns every squared norm into
+‖x‖²_P = Σ_k P_k x_k², and the same two lines, fed ‖·‖²_P, give tr(PΣ)̂ and GᵀPĜ: E‖ḡ_B‖²_P =
+GᵀPG + c_B tr(PΣ) holds for any fixed P. The per-example mean is read from the second moments,
+mean ‖gⱼ‖²_P = (1/n) Σ_k P_k Σⱼ g_jk² (:func:`weighted_sq_norms`), so it needs
+``PerExample(..., second_moment=True)`` and no other backward.
+
 Finite-population correction (opt-in, ``population_size=N``): when each batch is drawn *without*
 replacement from a data set of N examples (a shuffled epoch), G is the mean of the N gradients,
 Σ their covariance with divisor N, and E‖ḡ_B‖² = |G|² + tr Σ/B · (N−B)/(N−1), so
@@ -33,7 +39,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import NamedTuple
+from typing import Mapping, NamedTuple
 
 import torch
 from torch import Tensor
@@ -49,6 +55,7 @@ __all__ = [
     "param_batch_estimates",
     "per_example_estimate",
     "two_batch_estimate",
+    "weighted_sq_norms",
 ]
 
 class StatsWarning(UserWarning):
@@ -174,9 +181,59 @@ def _pick(estimates: BatchEstimate, i: int) -> BatchEstimate:
     return BatchEstimate(float(estimates.trace_sigma[i]), float(estimates.grad_sq_norm[i]))
 
 
-def _estimates(result: PerExampleResult, population_size: int | None) -> BatchEstimate:
-    """(1+P,) float64 estimates: index 0 over all parameters, then each parameter in order."""
-    return per_example_estimate(_mean_sq_norms(result), _batch_sq_norms(result), result.n, population_size)
+def _estimates(
+    result: PerExampleResult, population_size: int | None, weights: Mapping[str, Tensor] | None = None
+) -> BatchEstimate:
+    """(1+P,) float64 estimates: index 0 over all parameters, then each parameter in order;
+    with ``weights`` ({name: p.shape} diagonal P), those of tr(PΣ) and GᵀPG."""
+    if weights is None:
+        return per_example_estimate(_mean_sq_norms(result), _batch_sq_norms(result), result.n, population_size)
+    if result.second_moment is None:
+        raise ValueError(
+            "a preconditioned noise scale needs the per-example second moments: create the engine with "
+            "PerExample(model, second_moment=True)."
+        )
+    scale = 1.0 if result.reduction == "mean" else 1.0 / result.n
+    mean_grads = {name: g * scale for name, g in result.batch_grads.items()}
+    mean_sq, batch_sq = weighted_sq_norms(result.second_moment, mean_grads, result.n, weights)
+    return per_example_estimate(mean_sq, batch_sq, result.n, population_size)
+
+
+def weighted_sq_norms(
+    second_moment: Mapping[str, Tensor], mean_grads: Mapping[str, Tensor], n: int, weights: Mapping[str, Tensor]
+) -> tuple[Tensor, Tensor]:
+    """The squared norms that :func:`per_example_estimate` reads, in the metric of a diagonal P.
+
+    Args:
+        second_moment: {name: p.shape} Σⱼ gⱼ² over the n examples (each example's own gradient).
+        mean_grads: {name: p.shape} ḡ = (1/n) Σⱼ gⱼ.
+        n: examples.
+        weights: {name: p.shape} the diagonal P ≥ 0, for every name of ``second_moment``.
+
+    Returns:
+        (1+P,) float64 mean ‖gⱼ‖²_P = (1/n) Σ_k P_k Σⱼ g_jk², and (1+P,) float64 ‖ḡ‖²_P =
+        Σ_k P_k ḡ_k²: in total, then per parameter in ``second_moment``'s order. With P = 1 they
+        are mean ‖gⱼ‖² and ‖ḡ‖².
+
+    Raises:
+        ValueError: a parameter without a weight, or a weight of another shape.
+    """
+    mean_sq, batch_sq = [], []
+    for name, m in second_moment.items():
+        w = weights.get(name)
+        if w is None or tuple(w.shape) != tuple(m.shape):
+            got = "none" if w is None else f"shape {tuple(w.shape)}"
+            raise ValueError(
+                f"the preconditioner gives parameter {name!r} {got}, but it has shape {tuple(m.shape)}: return "
+                "{name: tensor shaped like the parameter} for every trainable parameter (names as in "
+                "model.named_parameters())."
+            )
+        w = _as_float64(w)
+        mean_sq.append((w * _as_float64(m)).sum() / n)
+        batch_sq.append((w * _as_float64(mean_grads[name]).square()).sum())
+    zero = torch.zeros(1, dtype=torch.float64)
+    mean_sq_t, batch_sq_t = (torch.stack(v) if v else zero[:0] for v in (mean_sq, batch_sq))
+    return torch.cat([mean_sq_t.sum().reshape(1), mean_sq_t]), torch.cat([batch_sq_t.sum().reshape(1), batch_sq_t])
 
 
 def per_example_estimate(

@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import warnings
 from statistics import NormalDist
-from typing import NamedTuple
+from typing import Callable, Mapping, NamedTuple
 
 import torch
 from torch import Tensor
@@ -188,6 +188,13 @@ class NoiseScale:
             (β = 1: plain averages over all batches).
         population_size: N, for the finite-population correction when batches are drawn
             without replacement from N examples (see :mod:`pergrad.stats.batch`); None for none.
+        preconditioner: None for B_simple; or a callable returning the optimizer's current
+            diagonal P, {parameter name: tensor shaped like the parameter} (names as in
+            ``model.named_parameters()``), read at every :meth:`update`: then ``b_simple``,
+            :meth:`interval` and :meth:`estimate` are those of B_P = tr(PΣ) / GᵀPG, and the
+            results need second moments (``PerExample(model, second_moment=True)``). It may
+            return None (an optimizer before its first step): that batch is skipped.
+            :func:`~pergrad.stats.adam_preconditioner` builds one for Adam and AdamW.
 
     Example:
         >>> noise = NoiseScale(beta=0.99)
@@ -195,20 +202,30 @@ class NoiseScale:
         ...     result = pe.backward(loss_fn(model(x), y), reduction="mean")
         ...     noise.update(result)
         >>> noise.b_simple, noise.interval(0.95), noise.b_simple_note  # doctest: +SKIP
+        >>> b_p = NoiseScale(0.99, preconditioner=adam_preconditioner(optimizer, model))  # doctest: +SKIP
 
     References:
-        McCandlish et al. 2018, "An Empirical Model of Large-Batch Training", arXiv:1812.06162.
+        McCandlish et al. 2018, "An Empirical Model of Large-Batch Training", arXiv:1812.06162
+        (appendix: preconditioned optimizers).
     """
 
-    def __init__(self, beta: float = 0.99, *, population_size: int | None = None):
+    def __init__(
+        self,
+        beta: float = 0.99,
+        *,
+        population_size: int | None = None,
+        preconditioner: Callable[[], Mapping[str, Tensor] | None] | None = None,
+    ):
         check_beta(beta)
         self.beta = beta
         self.population_size = population_size
+        self.preconditioner = preconditioner
         self.names: tuple[str, ...] | None = None
         self.state: NoiseState | None = None
 
     def update(self, result: PerExampleResult) -> None:
-        """Add one batch's per-example estimates (in total and per parameter).
+        """Add one batch's per-example estimates (in total and per parameter); with a
+        preconditioner, those of tr(PΣ) and GᵀPG at its current P.
 
         A batch of one example carries no variance: it is skipped with a :class:`StatsWarning`.
         """
@@ -220,10 +237,17 @@ class NoiseScale:
                 stacklevel=2,
             )
             return
-        self._add(tuple(result.param_sq_norms), _estimates(result, self.population_size))
+        weights = None
+        if self.preconditioner is not None:
+            weights = self.preconditioner()
+            if weights is None:  # no P yet (an optimizer before its first step)
+                return
+        self._add(tuple(result.param_sq_norms), _estimates(result, self.population_size, weights))
 
     def update_estimate(self, estimate: BatchEstimate, names: tuple[str, ...] = ()) -> None:
-        """Add one batch's estimates from elsewhere, e.g. :func:`two_batch_estimate`.
+        """Add one batch's estimates from elsewhere, e.g. :func:`two_batch_estimate`, or a merged
+        step's ``step.estimate(preconditioner=noise.preconditioner())`` (as they are: the
+        preconditioner is not applied here).
 
         Args:
             estimate: floats for the total alone (``names`` empty), or (1+P,) float64 tensors:
@@ -247,6 +271,8 @@ class NoiseScale:
                 f"cannot merge NoiseScale(beta={other.beta}, population_size={other.population_size}) "
                 f"into NoiseScale(beta={self.beta}, population_size={self.population_size})."
             )
+        if (other.preconditioner is None) != (self.preconditioner is None):
+            raise ValueError("cannot merge a preconditioned NoiseScale (B_P) with a plain one (B_simple).")
         if other.state is None:
             return
         if self.state is None:

@@ -67,6 +67,19 @@ _LR_FACTORS = (0.5, 1.0, 2.0)  # learning rates tried per B, times the reference
 _BUDGET = 2.5  # a sweep job stops unreached after 2.5× the steps (or examples) the reference needed
 _ROWS = 25  # logged rows per sweep job, about: the resolution of its steps to the target
 _BRANCH_STEPS = 8  # the largest branch runs at least this many steps
+# what --quick gave against the full sweep on the default setup (digits, MLP, SGD, B = 32; both
+# measured with this version, README "The critical batch size, measured"), written into a quick run's cbs.json
+QUICK_CHECK = {
+    "setup": "the default setup (digits, MLP, SGD with momentum, B = 32, target 0.132)",
+    "quick": 72.5, "quick_interval": [35.9, 132.4], "full": 74.7, "full_interval": [43.9, 113.5],
+    "second_target": {"target_loss": 0.181, "quick": 47.1, "quick_interval": [31.0, 87.3],
+                      "full": 62.8, "full_interval": [49.3, 83.4]},
+    "verdict": (
+        "at the first target the quick value lies inside the full interval (3% low); at the easier target "
+        "(0.181) quick gave 47.1 against 62.8, 25% low and just below the full interval (49.3 - 83.4). "
+        "Read a --quick B_crit as biased low by up to about 25% on this setup; use the full sweep for a number."
+    ),
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -85,6 +98,10 @@ class CBSPlan:
         truth_points: steps of the reference run where the closed-form B_noise is evaluated
             (linear regression only).
         target_loss: the validation loss to reach; None: the reference run's at half its steps.
+        second_target: a second, easier target (higher loss), where B_crit is measured too (the
+            S/E trade-off moves with the target); None: the reference run's loss at a quarter
+            of its steps. Sweep jobs run to the harder target and note when they cross both.
+        quick: the smaller plan of ``--quick`` (its cbs.json carries :data:`QUICK_CHECK`).
     """
 
     batch_sizes: tuple[int, ...]
@@ -95,6 +112,8 @@ class CBSPlan:
     tolerance: float = TOLERANCE
     target_loss: float | None = None
     truth_points: int = 24
+    second_target: float | None = None
+    quick: bool = False
 
     @property
     def n_jobs(self) -> int:
@@ -109,9 +128,12 @@ def make_plan(
     seeds: int | None = None,
     target_loss: float | None = None,
     tolerance: float = TOLERANCE,
+    second_target: float | None = None,
 ) -> CBSPlan:
     """The default plan for a config: batch sizes the powers of two from 8 up to half the
     training set (every other one when quick), branches at k·B for powers of two k up to the same.
+    Quick keeps the three learning rates per B (a coarser grid biases B_crit low: large
+    batches are under-tuned) and drops seeds, batch sizes and branch points instead.
 
     Raises:
         ConfigError: ``batch_size = "auto"``, fewer than two seeds, a target loss ≤ 0, a
@@ -124,6 +146,12 @@ def make_plan(
         raise ConfigError(f"--seeds must be at least 2 (the interval of B_crit needs replicates), got {seeds}")
     if target_loss is not None and not (math.isfinite(target_loss) and target_loss > 0):
         raise ConfigError(f"--target-loss must be a positive number, got {target_loss}")
+    if second_target is not None and not (math.isfinite(second_target) and second_target > 0):
+        raise ConfigError(f"--second-target-loss must be a positive number, got {second_target}")
+    if second_target is not None and target_loss is not None and not second_target > target_loss:
+        raise ConfigError(
+            f"--second-target-loss ({second_target:g}) must be above --target-loss ({target_loss:g}): it is the easier target"
+        )
     if not (math.isfinite(tolerance) and tolerance >= 0):
         raise ConfigError(f"--tolerance must be a number >= 0, got {tolerance}")
     n_train = load_dataset(config).train_x.shape[0]
@@ -142,13 +170,15 @@ def make_plan(
         config.replace(batch_size=b)  # ConfigError when b does not split into the micro-batches
     return CBSPlan(
         batch_sizes=tuple(ladder),
-        lr_factors=(0.5, 2.0) if quick else _LR_FACTORS,
+        lr_factors=_LR_FACTORS,
         seeds=seeds or (2 if quick else 3),
         branch_points=2 if quick else 4,
         branch_factors=tuple(factors),
         tolerance=tolerance,
         target_loss=target_loss,
         truth_points=8 if quick else 24,
+        second_target=second_target,
+        quick=quick,
     )
 
 
@@ -218,28 +248,40 @@ def run_job(job: dict) -> dict:
 
 
 def _sweep_job(job: dict, config: TrainConfig) -> dict:
-    """Train until the validation loss first reaches the target; the step of the crossing is
-    interpolated linearly between the two logged rows around it."""
-    target, seen = job["target"], []
+    """Train until the validation loss first reaches the (hardest) target; the step of each
+    target's crossing is interpolated linearly between the two logged rows around it.
+
+    The result's ``reached``, ``steps``, ``examples`` are the first target's; ``at_targets``
+    holds them for every target of ``job["targets"]``."""
+    targets, seen = job["targets"], []
 
     def on_row(row: dict) -> None:
         loss = row[Column.VAL_LOSS]
         seen.append((row[Column.STEP], loss))
-        if loss <= target or not math.isfinite(loss) or loss > 2 * seen[0][1]:
+        if loss <= min(targets) or not math.isfinite(loss) or loss > 2 * seen[0][1]:
             raise _Stop
 
     try:
         train(config, quiet=True, stop_after=job["max_steps"], on_row=on_row, stream=io.StringIO())
     except _Stop:
         pass
-    step, loss = seen[-1] if seen else (0, math.inf)
-    if not loss <= target:
-        return {"reached": False, "steps": None, "examples": None, "last_val_loss": _finite(loss)}
+    at_targets = [_crossing(seen, target, job["mean_batch"]) for target in targets]
+    last = seen[-1][1] if seen else math.inf
+    return {**at_targets[0], "at_targets": at_targets, "last_val_loss": _finite(last)}
+
+
+def _crossing(seen: list[tuple[int, float]], target: float, mean_batch: float) -> dict:
+    """Steps and examples to the first logged row at or below ``target``, interpolated linearly
+    from the row before."""
+    k = next((i for i, (_, loss) in enumerate(seen) if loss <= target), None)
+    if k is None:
+        return {"target": target, "reached": False, "steps": None, "examples": None}
+    step, loss = seen[k]
     steps = float(step)
-    if len(seen) > 1 and seen[-2][1] > loss:
-        before_step, before_loss = seen[-2]
+    if k > 0 and seen[k - 1][1] > loss:
+        before_step, before_loss = seen[k - 1]
         steps -= (step - before_step) * (target - loss) / (before_loss - loss)
-    return {"reached": True, "steps": steps, "examples": steps * job["mean_batch"], "last_val_loss": loss}
+    return {"target": target, "reached": True, "steps": steps, "examples": steps * mean_batch}
 
 
 def _branch_job(job: dict, config: TrainConfig) -> dict:
@@ -285,25 +327,43 @@ def _reference(config: TrainConfig, plan: CBSPlan, out: Path) -> dict:
         write_atomic(points_dir / f"step-{at}.pt", (out / "checkpoint.pt").read_bytes())
     result = train(config, resume=True, quiet=True, stream=io.StringIO())
     rows = read_metrics(out / "metrics.csv")
-    target = plan.target_loss
-    if target is None:
-        target = min(rows, key=lambda r: abs(r[Column.STEP] - result.step / 2))[Column.VAL_LOSS]
-    crossing = next((r for r in rows if r[Column.VAL_LOSS] <= target), None)
-    if crossing is None:
+
+    def loss_at(fraction: float) -> float:
+        return min(rows, key=lambda r: abs(r[Column.STEP] - result.step * fraction))[Column.VAL_LOSS]
+
+    target = plan.target_loss if plan.target_loss is not None else loss_at(0.5)
+    second = plan.second_target if plan.second_target is not None else loss_at(0.25)
+    targets = [target] + ([second] if second > target else [])
+    crossings = [next((r for r in rows if r[Column.VAL_LOSS] <= t), None) for t in targets]
+    if crossings[0] is None:
         raise ConfigError(
             f"the reference run never reached the target validation loss {target:g} "
             f"(best {min(r[Column.VAL_LOSS] for r in rows):.4g}): choose a larger --target-loss or train longer"
         )
+    crossing = crossings[0]
     reference = {
         "target_loss": target,
+        "targets": targets,
         "steps_to_target": crossing[Column.STEP],
         "total_steps": result.step,
         "points": points,
         "b_simple": {k: crossing.get(k) for k in (Column.B_SIMPLE, Column.B_SIMPLE_LOW, Column.B_SIMPLE_HIGH)},
         "b_simple_step": crossing[Column.STEP],
+        "predictors": [_predictors(r) for r in crossings],
     }
     write_atomic(path, json.dumps(reference, indent=1) + "\n")
     return reference
+
+
+def _predictors(row: dict) -> dict:
+    """B_simple and (under Adam) B_P with their intervals, from a reference row."""
+    return {
+        "step": row[Column.STEP],
+        "b_simple": row.get(Column.B_SIMPLE),
+        "b_simple_interval": [row.get(Column.B_SIMPLE_LOW), row.get(Column.B_SIMPLE_HIGH)],
+        "b_precond": row.get(Column.B_PRECOND),
+        "b_precond_interval": [row.get(Column.B_PRECOND_LOW), row.get(Column.B_PRECOND_HIGH)],
+    }
 
 
 # --- planning the jobs ------------------------------------------------------------------------
@@ -328,7 +388,7 @@ def _jobs(config: TrainConfig, plan: CBSPlan, out: Path, reference: dict) -> lis
                     log_every=max(1, int(max_steps / (_BUDGET * _ROWS))), epochs=math.ceil(max_steps / len(sizes)) + 1,
                 )  # fmt: skip
                 jobs.append({"kind": "sweep", "name": name, "batch_size": b, "lr": lr, "seed": seed,
-                             "config": run.to_dict(), "target": reference["target_loss"], "max_steps": max_steps,
+                             "config": run.to_dict(), "targets": reference["targets"], "max_steps": max_steps,
                              "mean_batch": sum(sizes) / len(sizes)})  # fmt: skip
     examples = _BRANCH_STEPS * config.batch_size * max(plan.branch_factors)
     for at in reference["points"]:
@@ -433,64 +493,116 @@ def default_workers() -> int:
 
 
 def _summarize(config: TrainConfig, plan: CBSPlan, reference: dict, results: list[dict], out: Path) -> dict:
-    """The content of cbs.json from the finished jobs (see :func:`run_cbs`)."""
+    """The content of cbs.json from the finished jobs (see :func:`run_cbs`): B_crit at each
+    target, the noise scales at the reference's crossing of it, the branches. The top-level
+    ``b_crit``, ``b_simple``, ``b_precond``... are those of the first target."""
     sweep = [r for r in results if r["kind"] == "sweep"]
-    points, best_lr = _best_points(sweep, plan.seeds)
+    predictors = reference.get("predictors") or [_predictors({Column.STEP: reference["b_simple_step"], **reference["b_simple"]})]
+    at_targets = []
+    for i, target in enumerate(reference.get("targets", [reference["target_loss"]])):
+        measured = _measure(sweep, plan.seeds, i)
+        at_targets.append({"target_loss": target, **measured, **predictors[i]})
+        for name in ("b_simple", "b_precond"):
+            at_targets[-1][f"ratio_{name}"] = _ratio(at_targets[-1], name)
+    first = at_targets[0]
     summary = {
         "target_loss": reference["target_loss"],
         "batch_size": config.batch_size,
         "optimizer": config.optimizer,
         "tolerance": plan.tolerance,
-        "b_crit": None, "b_crit_interval": None, "b_crit_bounded": None, "s_min": None, "e_min": None,
-        "best_lr": best_lr,
-        "points": points,
+        **{k: v for k, v in first.items() if k != "target_loss"},
+        "b_simple_step": first["step"],
+        "ratio": first["ratio_b_simple"][0],
+        "ratio_interval": first["ratio_b_simple"][1],
+        "at_targets": at_targets,
         "sweep": sweep,
-    }  # fmt: skip
-    if len({p["batch_size"] for p in points}) >= 2:
-        steps, examples, seeds = ([p[k] for p in points] for k in ("steps", "examples", "seed"))
-        fit = fit_tradeoff(steps, examples, seeds=seeds)
-        summary.update(b_crit=fit.b_crit, b_crit_interval=list(fit.interval) if fit.interval else None,
-                       b_crit_bounded=fit.bounded, s_min=fit.s_min, e_min=fit.e_min,
-                       confidence=fit.confidence, residuals=fit.residuals.tolist())  # fmt: skip
-    b_simple = reference["b_simple"]
-    summary["b_simple"] = b_simple["b_simple"]
-    summary["b_simple_interval"] = [b_simple["b_simple_low"], b_simple["b_simple_high"]]
-    summary["b_simple_step"] = reference["b_simple_step"]
-    summary["ratio"], summary["ratio_interval"] = _ratio(summary)
+    }
     summary["branches"] = _branches(config, plan, results)
+    if plan.quick:
+        summary["quick_check"] = QUICK_CHECK
     if config.dataset == "linreg" and config.model == "linear":
         summary["ground_truth"] = _ground_truth(config, plan, reference, out)
     return summary
 
 
-def _best_points(sweep: list[dict], seeds: int) -> tuple[list[dict], dict]:
-    """Per B, the points of the lr whose seeds all reached the target in the fewest mean steps."""
-    points, best_lr = [], {}
+def _measure(sweep: list[dict], seeds: int, i: int) -> dict:
+    """B_crit at the i-th target, with an interval that reflects the learning-rate grid.
+
+    Per B, the learning rates whose seeds all reached the target are ranked by their mean
+    steps. The fit on the best per B gives B_crit and its seed bootstrap interval
+    (``b_crit_seed_interval``). The grid is coarse: the tuned optimum lies between grid points,
+    and a fit on a grid neighbour is as plausible a reading of the data. So ``b_crit_interval``
+    is the hull of that seed interval, of the seed interval of the fit on the second-best lr at
+    every B, and of the point fits that take the second-best at any subset of the batch sizes
+    (``b_crit_grid_range``). A B whose best lr is at the grid's edge is listed in ``lr_at_edge``:
+    its optimum may lie outside the grid.
+    """
+    ranked = _ranked(sweep, seeds, i)
+    best = {b: cells[0] for b, cells in ranked.items()}
+    second = {b: cells[1] if len(cells) > 1 else cells[0] for b, cells in ranked.items()}
+    lrs = {b: sorted({r["lr"] for r in sweep if r["batch_size"] == b}) for b in ranked}
+    measured = {
+        "b_crit": None, "b_crit_interval": None, "b_crit_bounded": None, "b_crit_seed_interval": None,
+        "b_crit_grid_range": None, "s_min": None, "e_min": None,
+        "best_lr": {str(b): lr for b, (lr, _) in best.items()},
+        "second_lr": {str(b): lr for b, (lr, _) in second.items()},
+        "lr_at_edge": [b for b, (lr, _) in best.items() if len(lrs[b]) > 2 and lr in (lrs[b][0], lrs[b][-1])],
+        "points": [p for _, points in best.values() for p in points],
+    }  # fmt: skip
+    if len(best) < 2:
+        return measured
+    fit = _fit_points(measured["points"])
+    fit_second = _fit_points([p for _, points in second.values() for p in points])
+    choices = list(ranked)
+    flips = [c for c in choices if len(ranked[c]) > 1][:10]  # at most 2^10 point fits
+    grid = [fit.b_crit, fit_second.b_crit]
+    for mask in range(1, 2 ** len(flips)):
+        pick = {b: (second if b in flips and mask >> flips.index(b) & 1 else best)[b] for b in choices}
+        grid.append(_fit_points([p for _, points in pick.values() for p in points]).b_crit)
+    ends = [fit.b_crit, *(fit.interval or ()), *(fit_second.interval or ()), *grid]
+    interval = [min(ends), max(ends)]
+    measured.update(b_crit=fit.b_crit, b_crit_interval=interval, b_crit_bounded=math.isfinite(interval[1]),
+                    b_crit_seed_interval=list(fit.interval) if fit.interval else None,
+                    b_crit_grid_range=[min(grid), max(grid)], s_min=fit.s_min, e_min=fit.e_min,
+                    confidence=fit.confidence, residuals=fit.residuals.tolist())  # fmt: skip
+    return measured
+
+
+def _fit_points(points: list[dict]):
+    steps, examples, seeds = ([p[k] for p in points] for k in ("steps", "examples", "seed"))
+    return fit_tradeoff(steps, examples, seeds=seeds)
+
+
+def _ranked(sweep: list[dict], seeds: int, i: int) -> dict[int, list[tuple[float, list[dict]]]]:
+    """{B: [(lr, its points at target i)], fewest mean steps first}, over the lrs whose seeds
+    all reached target i; batch sizes with none are left out."""
+    ranked = {}
     for b in sorted({r["batch_size"] for r in sweep}):
-        by_lr = {}
+        by_lr: dict[float, list[dict]] = {}
         for r in sweep:
             if r["batch_size"] == b:
-                by_lr.setdefault(r["lr"], []).append(r)
-        complete = {lr: rs for lr, rs in by_lr.items() if len(rs) == seeds and all(r["reached"] for r in rs)}
-        if not complete:
-            continue
-        lr = min(complete, key=lambda lr: np.mean([r["steps"] for r in complete[lr]]))
-        best_lr[str(b)] = lr
-        points += [{"batch_size": b, "lr": lr, "seed": r["seed"], "steps": r["steps"], "examples": r["examples"]}
-                   for r in complete[lr]]  # fmt: skip
-    return points, best_lr
+                at = r["at_targets"][i] if "at_targets" in r else r
+                by_lr.setdefault(r["lr"], []).append({"batch_size": b, "lr": r["lr"], "seed": r["seed"], **{
+                    k: at[k] for k in ("reached", "steps", "examples")}})  # fmt: skip
+        complete = {lr: ps for lr, ps in by_lr.items() if len(ps) == seeds and all(p["reached"] for p in ps)}
+        if complete:
+            order = sorted(complete, key=lambda lr: np.mean([p["steps"] for p in complete[lr]]))
+            ranked[b] = [(lr, [{k: p[k] for k in ("batch_size", "lr", "seed", "steps", "examples")}
+                               for p in complete[lr]]) for lr in order]  # fmt: skip
+    return ranked
 
 
-def _ratio(summary: dict) -> tuple[float | None, list | None]:
-    """B_simple / B_crit, with the interval from the two intervals' ends (conservative)."""
-    b_simple, b_crit = summary["b_simple"], summary["b_crit"]
-    if b_simple is None or b_crit is None or not (0 < b_crit < math.inf):
+def _ratio(measured: dict, name: str) -> tuple[float | None, list | None]:
+    """B_simple / B_crit (or B_P / B_crit), with the interval from the two intervals' ends
+    (conservative)."""
+    predicted, b_crit = measured.get(name), measured["b_crit"]
+    if predicted is None or b_crit is None or not (0 < b_crit < math.inf):
         return None, None
-    ratio = b_simple / b_crit
-    low_s, high_s = (math.inf if v is None else v for v in summary["b_simple_interval"])
-    if summary["b_crit_interval"] is None:
+    ratio = predicted / b_crit
+    low_s, high_s = (math.inf if v is None else v for v in measured[f"{name}_interval"])
+    if measured["b_crit_interval"] is None:
         return ratio, None
-    low_c, high_c = summary["b_crit_interval"]
+    low_c, high_c = measured["b_crit_interval"]
     return ratio, [low_s / high_c if high_c > 0 else 0.0, high_s / low_c if low_c > 0 else math.inf]
 
 

@@ -80,10 +80,12 @@ def whole(step: StepResult) -> StepResult:
     so that a sharded run logs what a data-parallel one does. (The built-in models are small; the
     library's own results stay sharded.)"""
 
-    def gathered(tensors):
-        return None if tensors is None else {k: v.full_tensor() if is_sharded(v) else v for k, v in tensors.items()}
+    return replace(step, mean_grads=whole_tensors(step.mean_grads), second_moment=whole_tensors(step.second_moment))
 
-    return replace(step, mean_grads=gathered(step.mean_grads), second_moment=gathered(step.second_moment))
+
+def whole_tensors(tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    """{name: tensor} with each sharded one gathered whole (collective); None stays None."""
+    return None if tensors is None else {k: v.full_tensor() if is_sharded(v) else v for k, v in tensors.items()}
 
 
 def barrier() -> None:

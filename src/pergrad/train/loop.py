@@ -10,8 +10,11 @@ Every step is one global batch of ``batch_size`` examples, split over the data-p
 and ``accumulate`` micro-batches each; the gradient and the statistics are merged to those of the
 global batch (:mod:`pergrad.distributed`), so the run does not depend on the split.
 
+With Adam, the statistics also keep B_P = tr(PΣ)/GᵀPG, the noise scale in Adam's metric
+P = 1/(√v̂ + ε) (:func:`~pergrad.stats.adam_preconditioner`), logged as ``b_precond``.
+
 With ``batch_size = "auto"``, before each step an :class:`~pergrad.stats.AdaptiveBatchSize`
-reads the smoothed noise scale and its 95% interval and may change B (and the learning rate with
+reads the smoothed noise scale of the optimizer (B_simple for SGD, B_P for Adam) and its 95% interval and may change B (and the learning rate with
 it); the batch is then the next B examples of the epoch's permutation (:meth:`BatchOrder.take`).
 The checkpoint keeps the rule and the batch sizes used so far (``batch_sizes``: the steps where
 B changed), so a resumed run makes the same decisions, and the report can rebuild the batches.
@@ -40,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .. import distributed
 from .._tensors import flatten
 from ..distributed import DistributedPerExample
-from ..stats import AdaptiveBatchSize, GradientAlignment, NoiseScale, ParamSNR, norm_quantiles
+from ..stats import AdaptiveBatchSize, GradientAlignment, NoiseScale, ParamSNR, adam_preconditioner, norm_quantiles
 from ..stats.smoothing import is_measured
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from . import fsdp
@@ -231,19 +234,38 @@ class _Statistics:
     two_batch: NoiseScale
     snr: ParamSNR
     alignment: GradientAlignment
+    precond: NoiseScale | None = None  # B_P in the optimizer's metric (Adam), else None
 
     @classmethod
-    def for_run(cls, config: TrainConfig) -> "_Statistics":
+    def for_run(cls, config: TrainConfig, optimizer: torch.optim.Optimizer, model: nn.Module) -> "_Statistics":
+        precond = None
+        if config.optimizer == "adam":
+            precond = NoiseScale(beta=config.noise_beta, preconditioner=adam_preconditioner(optimizer, model))
         return cls(
             noise=NoiseScale(beta=config.noise_beta),
             two_batch=NoiseScale(beta=config.noise_beta),
             snr=ParamSNR(beta=config.noise_beta),
             alignment=GradientAlignment(ALIGNMENT_SKETCH, seed=config.seed, max_steps=ALIGNMENT_STEPS),
+            precond=precond,
         )
 
-    def update(self, merged) -> None:
-        """Add one step's merged result (:meth:`DistributedPerExample.step`)."""
+    @property
+    def follows(self) -> NoiseScale:
+        """The noise scale of the optimizer's geometry: B_P under Adam, B_simple under SGD."""
+        return self.noise if self.precond is None else self.precond
+
+    def preconditioner(self) -> dict[str, torch.Tensor] | None:
+        """Adam's P now (None under SGD, or before Adam's first step). Read before the optimizer
+        steps on the batch: P then does not depend on the batch it weighs, so tr(PΣ)̂ and GᵀPĜ
+        stay unbiased."""
+        return None if self.precond is None else self.precond.preconditioner()
+
+    def update(self, merged, weights: dict[str, torch.Tensor] | None = None) -> None:
+        """Add one step's merged result (:meth:`DistributedPerExample.step`); ``weights``, the
+        :meth:`preconditioner` read before the step, for B_P."""
         self.noise.update_estimate(merged.estimate(), merged.names)
+        if weights is not None:
+            self.precond.update_estimate(merged.estimate(preconditioner=weights), merged.names)
         self.snr.update_sums(merged.second_moment, merged.mean_grads, merged.n)
         two = merged.two_batch_estimate()
         if two is not None:
@@ -256,10 +278,13 @@ class _Statistics:
             "two_batch": self.two_batch.state_dict(),
             "snr": self.snr.state_dict(),
             "alignment": self.alignment.state_dict(),
+            **({} if self.precond is None else {"precond": self.precond.state_dict()}),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.noise.load_state_dict(state["noise_scale"])
+        if self.precond is not None and "precond" in state:
+            self.precond.load_state_dict(state["precond"])
         if "two_batch" in state:
             self.two_batch.load_state_dict(state["two_batch"])
         self.snr.load_state_dict(state["snr"])
@@ -320,6 +345,7 @@ def _setup(config: TrainConfig, resume: bool) -> tuple[_Run, dict | None]:
     model = build_model(config, dataset).to(device)
     if config.shard == "fsdp" and dist.is_initialized():
         fsdp.shard_model(model)
+    optimizer = _optimizer(config, model)
     run = _Run(
         config=config,
         run_dir=run_dir,
@@ -328,9 +354,9 @@ def _setup(config: TrainConfig, resume: bool) -> tuple[_Run, dict | None]:
         device=device,
         dataset=dataset,
         model=model,
-        optimizer=_optimizer(config, model),
+        optimizer=optimizer,
         order=BatchOrder.for_run(config, dataset),
-        stats=_Statistics.for_run(config),
+        stats=_Statistics.for_run(config, optimizer, model),
         metrics=MetricsLog(run_dir / "metrics.csv"),
         rule=batch_size_rule(config),
         batch_sizes=[(0, config.first_batch_size)],
@@ -386,7 +412,7 @@ def _next_batch(run: _Run) -> torch.Tensor:
     follows the noise scale, and the learning rate follows B."""
     rule = run.rule
     after_measured = run.step > 0 and is_measured(run.step - 1, run.config.measure_every)
-    if rule is not None and after_measured and rule.update(run.stats.noise.estimate(INTERVAL_LEVEL)) != run.batch_sizes[-1][1]:
+    if rule is not None and after_measured and rule.update(run.stats.follows.estimate(INTERVAL_LEVEL)) != run.batch_sizes[-1][1]:
         run.batch_sizes.append((run.step, rule.batch_size))
         for group in run.optimizer.param_groups:
             group["lr"] = run.config.lr * rule.lr_factor
@@ -400,10 +426,12 @@ def _step(run: _Run, ddp: nn.Module, dpe: DistributedPerExample, batch: torch.Te
     if is_measured(run.step, run.config.measure_every):
         local, sq_norms = _backward_micro_batches(run, ddp, dpe, batch)
         merged = dpe.step(sums=local)  # p.grad: the global batch's mean gradient
+        weights = run.stats.preconditioner()
         run.optimizer.step()
         if run.sharded:
             merged = fsdp.whole(merged)
-        run.stats.update(merged)
+            weights = fsdp.whole_tensors(weights)
+        run.stats.update(merged, weights)
         run.window.add(merged.sums, merged.n, distributed.all_gather_cat(sq_norms), run.dataset.task)
     else:
         with dpe.paused():
@@ -567,6 +595,11 @@ def _statistics_columns(run: _Run) -> dict:
     }
     row.update({Column.snr(name): _finite_or_none(v) for name, v in stats.snr.layer_snr().items()})
     row[Column.GRAD_COSINE] = _finite_or_none(stats.alignment.recent_cosine(window.measured))
+    if stats.precond is not None:
+        p = stats.precond.estimate(INTERVAL_LEVEL)
+        row[Column.B_PRECOND] = _finite_or_none(p.b_simple)
+        row[Column.B_PRECOND_LOW] = _finite_or_none(p.lower)
+        row[Column.B_PRECOND_HIGH] = _finite_or_none(p.upper)
     if stats.two_batch.state is not None:
         row[Column.B_SIMPLE_TWO_BATCH] = _finite_or_none(stats.two_batch.b_simple)
     return row

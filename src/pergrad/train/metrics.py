@@ -30,6 +30,9 @@ class Column:
     B_SIMPLE = "b_simple"  # smoothed B_simple and its interval
     B_SIMPLE_LOW = "b_simple_low"
     B_SIMPLE_HIGH = "b_simple_high"
+    B_PRECOND = "b_precond"  # smoothed B_P = tr(PΣ)/GᵀPG in Adam's metric P, and its interval (Adam only)
+    B_PRECOND_LOW = "b_precond_low"
+    B_PRECOND_HIGH = "b_precond_high"
     B_SIMPLE_TWO_BATCH = "b_simple_two_batch"  # from micro-batch vs. global-batch norms (workers × micro-batches > 1)
     TRACE_SIGMA = "trace_sigma"
     GRAD_SQ_NORM = "grad_sq_norm"
