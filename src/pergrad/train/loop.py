@@ -411,7 +411,7 @@ def _next_batch(run: _Run) -> torch.Tensor:
     """The next global batch, (B,) example indices; with ``auto``, after a measured step, B first
     follows the noise scale, and the learning rate follows B."""
     rule = run.rule
-    after_measured = run.step > 0 and is_measured(run.step - 1, run.config.measure_every)
+    after_measured = run.step == 0 or is_measured(run.step - 1, run.config.measure_every)  # else nothing new
     if rule is not None and after_measured and rule.update(run.stats.follows.estimate(INTERVAL_LEVEL)) != run.batch_sizes[-1][1]:
         run.batch_sizes.append((run.step, rule.batch_size))
         for group in run.optimizer.param_groups:
