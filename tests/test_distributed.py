@@ -281,12 +281,14 @@ def test_batch_size_must_split_into_workers_and_micro_batches():
 
 
 @pytest.mark.slow
-def test_a_killed_worker_is_restarted_and_the_run_resumes_with_nothing_lost(spawned, tmp_path):
-    """torchrun restarts both workers after rank 1 dies at step 12; they resume from step 10."""
+@pytest.mark.parametrize("settings, reference", [(TINY, "full"), (MEASURED, "measured")])
+def test_a_killed_worker_is_restarted_and_the_run_resumes_with_nothing_lost(spawned, tmp_path, settings, reference):
+    """torchrun restarts both workers after rank 1 dies at step 12; they resume from the last
+    checkpoint (step 10). Also with measure_every=3, whose paused steps the resumed run repeats."""
     injection = Path(__file__).parent / "fault_injection"  # its sitecustomize.py kills rank 1 after step 12
     path = os.pathsep.join(p for p in (str(injection), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "PYTHONPATH": path, "PERGRAD_TEST_DIE_AT_STEP": "12"}
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
     command = [sys.executable, "-m", "pergrad", "train", "--nproc", "2", "--max-restarts", "1", "--quiet"]
     command += ["--out", str(tmp_path / "run"), *flags]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
@@ -294,7 +296,7 @@ def test_a_killed_worker_is_restarted_and_the_run_resumes_with_nothing_lost(spaw
     assert "exitcode: 17" in done.stderr  # the injected death happened
     assert "report:" in done.stdout and (tmp_path / "run" / "report.html").exists()
     killed = read_metrics(tmp_path / "run" / "metrics.csv")
-    straight = read_metrics(spawned / "full" / "metrics.csv")
+    straight = read_metrics(spawned / reference / "metrics.csv")
     assert killed == straight  # bit for bit
 
 
