@@ -87,10 +87,12 @@ WORKLOADS: dict[str, Callable[[str], Workload]] = {
     "sdpa-t256": lambda dev: wl.transformer(16, 256, device=dev, sdpa=True, key="sdpa-t256"),
     "llama": lambda dev: wl.llama(16, 64, device=dev),
     "vit": lambda dev: wl.vit(32, device=dev),
+    "llama-4x256": lambda dev: wl.llama(16, 64, device=dev, key="llama-4x256", layers=4, d=256, hidden=688),
+    "gpt-tied": lambda dev: wl.gpt2_tied(8, 64, device=dev, key="gpt-tied", d=192, heads=4, vocab=20000),
     "gpt2-tied": lambda dev: wl.gpt2_tied(8, 128, device=dev),
 }
 QUICK_WORKLOADS = ["mlp", "cnn", "transformer", "sdpa"]
-NEEDS_TRANSFORMERS = {"llama", "vit", "gpt2-tied"}  # run where transformers imports (not beside a CUDA torchvision)
+NEEDS_TRANSFORMERS = {"llama", "vit", "llama-4x256", "gpt-tied", "gpt2-tied"}  # run where transformers imports (not beside a CUDA torchvision)
 # run only when named in --workloads: GPT-2's width and vocabulary make a step take seconds on a CPU and
 # the other tools far longer (run it as --workloads gpt2-tied --methods pergrad)
 OPT_IN_WORKLOADS = {"gpt2-tied"}

@@ -55,8 +55,22 @@ CHECKED = 4  # examples checked against torch.func
 # --- workloads (defined in workloads.py, shared with run.py) ----------------------------------
 
 
-def workloads(seed: int) -> list[Workload]:
-    return [wl.mlp(seed=seed), wl.cnn(seed=seed), wl.transformer(seed=seed)]
+WORKLOADS = {  # key: builder(seed); the first three run by default, the others when named with --only
+    "mlp": lambda seed: wl.mlp(seed=seed),
+    "cnn": lambda seed: wl.cnn(seed=seed),
+    "transformer": lambda seed: wl.transformer(seed=seed),
+    "sdpa": lambda seed: wl.transformer(seed=seed, sdpa=True, key="sdpa"),
+    "llama": lambda seed: wl.llama(seed=seed),
+    "llama-4x256": lambda seed: wl.llama(seed=seed, key="llama-4x256", layers=4, d=256, hidden=688),
+    "vit": lambda seed: wl.vit(seed=seed),
+    "gpt-tied": lambda seed: wl.gpt2_tied(8, 64, seed=seed, key="gpt-tied", d=192, heads=4, vocab=20000),
+    "gpt2-tied": lambda seed: wl.gpt2_tied(8, 128, seed=seed),
+}
+DEFAULT = ["mlp", "cnn", "transformer"]
+
+
+def workloads(seed: int, keys: list[str]) -> list[Workload]:
+    return [WORKLOADS[k](seed) for k in keys]
 
 
 # --- the two kinds of step -------------------------------------------------------------------
@@ -147,12 +161,14 @@ def check(w: Workload) -> list[str]:
 
 @dataclass
 class Row:
-    """Medians over rounds: plain step seconds; per mode, step seconds and ratio to plain."""
+    """Medians over rounds: plain step seconds; per mode, step seconds, ratio to plain and the
+    ratio's interquartile range."""
 
     name: str
     plain: float
     seconds: dict[str, float]
     ratio: dict[str, float]
+    iqr: dict[str, tuple[float, float]]
 
 
 def steps_per_measurement(w: Workload, mode: str, target: float) -> int:
@@ -161,14 +177,19 @@ def steps_per_measurement(w: Workload, mode: str, target: float) -> int:
     return max(1, round(target / one))
 
 
-def measure(w: Workload, rounds: int, warmup: int, target: float) -> Row:
-    methods = ["plain", *MODES]
+def quartiles(xs: list[float]) -> tuple[float, float]:
+    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+    return q[0], q[2]
+
+
+def measure(w: Workload, rounds: int, warmup: int, target: float, modes: list[str]) -> Row:
+    methods = ["plain", *modes]
     steps = {m: steps_per_measurement(w, m, target) for m in methods}
     for _ in range(warmup):
         for m in methods:
             timed(w, m, steps[m])
     times: dict[str, list[float]] = {m: [] for m in methods}
-    ratios: dict[str, list[float]] = {m: [] for m in MODES}
+    ratios: dict[str, list[float]] = {m: [] for m in modes}
     gc.collect()
     gc_was_enabled = gc.isenabled()
     gc.disable()  # a collection inside a timed step would charge one method at random
@@ -178,7 +199,7 @@ def measure(w: Workload, rounds: int, warmup: int, target: float) -> Row:
             this = {m: timed(w, m, steps[m]) for m in order}
             for m in methods:
                 times[m].append(this[m])
-            for m in MODES:
+            for m in modes:
                 ratios[m].append(this[m] / this["plain"])
     finally:
         if gc_was_enabled:
@@ -186,18 +207,20 @@ def measure(w: Workload, rounds: int, warmup: int, target: float) -> Row:
     return Row(
         w.name,
         statistics.median(times["plain"]),
-        {m: statistics.median(times[m]) for m in MODES},
-        {m: statistics.median(ratios[m]) for m in MODES},
+        {m: statistics.median(times[m]) for m in modes},
+        {m: statistics.median(ratios[m]) for m in modes},
+        {m: quartiles(ratios[m]) for m in modes},
     )
 
 
-def table(rows: list[Row]) -> str:
-    head = f"{'workload':<36} {'plain ms':>9}" + "".join(f" {m + ' ms':>13} {'ratio':>6}" for m in MODES)
+def table(rows: list[Row], modes: list[str]) -> str:
+    head = f"{'workload':<44} {'plain ms':>9}" + "".join(f" {m + ' ms':>13} {'ratio [IQR]':>18}" for m in modes)
     lines = [head, "-" * len(head)]
     for row in rows:
-        line = f"{row.name:<36} {row.plain * 1e3:>9.2f}"
-        for m in MODES:
-            line += f" {row.seconds[m] * 1e3:>13.2f} {row.ratio[m]:>5.2f}x"
+        line = f"{row.name:<44} {row.plain * 1e3:>9.2f}"
+        for m in modes:
+            lo, hi = row.iqr[m]
+            line += f" {row.seconds[m] * 1e3:>13.2f} {row.ratio[m]:>5.2f}x [{lo:.2f}-{hi:.2f}]"
         lines.append(line)
     return "\n".join(lines)
 
@@ -210,18 +233,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target-ms", type=float, default=50.0,
                         help="about how long one measurement lasts, in steps of its method (default 50)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    parser.add_argument("--only", choices=["mlp", "cnn", "transformer"], action="append",
-                        help="run only this workload (repeatable)")
+    parser.add_argument("--only", choices=list(WORKLOADS), action="append",
+                        help=f"run only this workload (repeatable; default {' '.join(DEFAULT)})")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES),
+                        help="pergrad modes to time (default all)")
+    parser.add_argument("--no-check", action="store_true", help="skip the sanity checks (timing only)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     rounds, warmup = (5, 1) if args.quick else (args.rounds, args.warmup)
 
     torch.set_num_threads(args.threads)
-    chosen = workloads(args.seed)
-    if args.only:
-        chosen = [w for w in chosen if w.key in args.only]
+    chosen = workloads(args.seed, args.only or DEFAULT)
 
-    failures = [f for w in chosen for f in check(w)]
+    failures = [] if args.no_check else [f for w in chosen for f in check(w)]
     if failures:
         print("Sanity check failed; nothing timed:\n  " + "\n  ".join(failures), file=sys.stderr)
         return 1
@@ -230,8 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32 CPU; "
           f"median of {rounds} rounds after {warmup} untimed; one measurement averages "
           f"the steps of about {args.target_ms:g} ms\n")
-    rows = [measure(w, rounds, warmup, args.target_ms / 1e3) for w in chosen]
-    print(table(rows))
+    rows = []
+    for w in chosen:
+        rows.append(measure(w, rounds, warmup, args.target_ms / 1e3, args.modes))
+        print(table(rows[-1:], args.modes).splitlines()[-1], flush=True)
+    print()
+    print(table(rows, args.modes))
     return 0
 
 

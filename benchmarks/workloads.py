@@ -196,46 +196,47 @@ class LogitsOf(nn.Module):
         return self.model(**{self.keyword: x}).logits
 
 
-def llama(n: int = 16, t: int = 64, seed: int = 0, device: str = "cpu", key: str = "llama") -> Workload:
-    """transformers' LlamaForCausalLM, random init: 2 layers, d=128, 4 heads (2 key-value heads),
-    SwiGLU 344, RMSNorm, RoPE, vocabulary 1000, SDPA attention."""
+def llama(n: int = 16, t: int = 64, seed: int = 0, device: str = "cpu", key: str = "llama", layers: int = 2,
+          d: int = 128, heads: int = 4, kv_heads: int = 2, hidden: int = 344) -> Workload:
+    """transformers' LlamaForCausalLM, random init: ``layers`` layers (2), width ``d`` (128), ``heads``
+    heads (4) of which ``kv_heads`` key-value heads (2), SwiGLU ``hidden`` (344), RMSNorm, RoPE,
+    vocabulary 1000, SDPA attention."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=1000, hidden_size=128, intermediate_size=344, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=t,
+    config = LlamaConfig(vocab_size=1000, hidden_size=d, intermediate_size=hidden, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=t,
                          attn_implementation="sdpa")
     model = LogitsOf(LlamaForCausalLM(config), "input_ids")
     tokens = torch.randint(0, 1000, (n, t + 1))
-    return Workload(key, f"Llama (transformers) 2L d128, n={n} t={t}", model.to(device),
+    return Workload(key, f"Llama (transformers) {layers}L d{d}, n={n} t={t}", model.to(device),
                     tokens[:, :-1].contiguous().to(device), tokens[:, 1:].contiguous().to(device),
                     next_token_losses)
 
 
 def gpt2_tied(n: int = 8, t: int = 128, layers: int = 2, seed: int = 0, device: str = "cpu",
-              key: str = "gpt2-tied") -> Workload:
-    """transformers' GPT2LMHeadModel at GPT-2 small's width, random init: d=768, 12 heads, MLP 3072,
-    vocabulary 50257, ``layers`` blocks (GPT-2 small has 12), no dropout, SDPA attention. The output
-    head's weight IS the token embedding's (``lm_head.weight is transformer.wte.weight``, GPT-2's
+              key: str = "gpt2-tied", d: int = 768, heads: int = 12, vocab: int = 50257) -> Workload:
+    """transformers' GPT2LMHeadModel, by default at GPT-2 small's width, random init: d=768, 12 heads,
+    MLP 4d, vocabulary 50257, ``layers`` blocks (GPT-2 small has 12), no dropout, SDPA attention. The
+    output head's weight IS the token embedding's (``lm_head.weight is transformer.wte.weight``, GPT-2's
     default), so its per-example gradient is the sum of two modules' contributions; an engine that
-    materialises it builds (n, 50257, 768) floats: n · 154 MB.
+    materialises it builds (n, vocab, d) floats: n · 154 MB at GPT-2's size.
 
     The tokens include token 0 (every 16th position) and tokens repeated within and across
-    examples (token 0, and 50256 at every 16th position from the 8th)."""
+    examples (token 0, and vocab - 1 at every 16th position from the 8th)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    vocab = 50257
-    config = GPT2Config(vocab_size=vocab, n_positions=t, n_embd=768, n_layer=layers, n_head=12,
+    config = GPT2Config(vocab_size=vocab, n_positions=t, n_embd=d, n_layer=layers, n_head=heads,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False,
-                        attn_implementation="sdpa")
+                        bos_token_id=vocab - 1, eos_token_id=vocab - 1, attn_implementation="sdpa")
     lm = GPT2LMHeadModel(config)
     if lm.lm_head.weight is not lm.transformer.wte.weight:
         raise RuntimeError("GPT2LMHeadModel did not tie lm_head.weight to transformer.wte.weight")
     tokens = torch.randint(0, vocab, (n, t + 1))
     tokens[:, ::16] = 0
     tokens[:, 8::16] = vocab - 1
-    return Workload(key, f"GPT-2 (transformers) {layers}L d768 V{vocab} tied, n={n} t={t}",
+    return Workload(key, f"GPT-2 (transformers) {layers}L d{d} V{vocab} tied, n={n} t={t}",
                     LogitsOf(lm, "input_ids").to(device), tokens[:, :-1].contiguous().to(device),
                     tokens[:, 1:].contiguous().to(device), next_token_losses)
 

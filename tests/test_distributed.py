@@ -30,6 +30,7 @@ from pergrad.train.config import ConfigError, TrainConfig
 from pergrad.train.loop import train
 from pergrad.train.metrics import read_metrics
 from pergrad.train.sampler import BatchOrder
+from workers import run_example
 
 WORLD = 2
 N = 12  # the global batch
@@ -313,11 +314,7 @@ def test_report_shows_the_two_batch_estimate_beside_the_per_example_one(spawned,
 
 @pytest.mark.slow
 def test_the_readme_example_runs_under_torchrun():
-    example = Path(__file__).parent.parent / "examples" / "ddp_noise_scale.py"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(example)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "epoch 2: global batch 64 on 2 worker(s)" in done.stdout
+    assert "epoch 2: global batch 64 on 2 worker(s)" in run_example("ddp_noise_scale.py")
 
 
 def test_nproc_that_cannot_split_the_batch_stops_before_launching(tmp_path, capsys):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fsdp_models as fm
-from workers import run_two_workers
+from workers import run_example, run_two_workers
 
 ATOL = 1e-10
 WORLD = 2
@@ -127,12 +127,4 @@ def test_torch_func_on_a_sharded_unit_is_refused(ranks):
 
 @pytest.mark.slow
 def test_the_docs_example_runs_under_torchrun():
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    example = Path(__file__).parent.parent / "examples" / "fsdp_noise_scale.py"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(example)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "B_simple" in done.stdout
+    assert "B_simple" in run_example("fsdp_noise_scale.py")

@@ -22,3 +22,12 @@ def run_two_workers(script: str, out: Path) -> list[dict]:
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+
+
+def run_example(name: str) -> str:
+    """Run ``examples/NAME`` on 2 workers under torchrun (gloo on CPU); returns its stdout."""
+    example = Path(__file__).parent.parent / "examples" / name
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(example)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout

@@ -101,14 +101,18 @@ class Tracker(TorchFunctionMode):
     that takes a tagged tensor (see the module doc)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if not (isinstance(out, Tensor) or isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor)):
-            if func is Tensor.__setitem__ and _tagged(args, kwargs):
+        out = func(*args, **kwargs) if kwargs else func(*args)
+        # fast exits first: most calls return no tensor (shape, dim, requires_grad) or take no
+        # tensor with examples (parameters, constants); those cost one scan of the arguments
+        if isinstance(out, Tensor):
+            pass
+        elif not (isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor)):
+            if func is _SETITEM and _tagged(args, kwargs):
                 _setitem(*args[:3])
             return out
         if not _tagged(args, kwargs):
             return out
+        kwargs = kwargs or {}
         handler = _HANDLERS.get(func)
         if handler is None and _name(func) in _EXISTING:
             return out
@@ -126,12 +130,26 @@ class Tracker(TorchFunctionMode):
         return out
 
 
+_SETITEM = Tensor.__setitem__
+
 # properties that return a tensor that exists already, whose state is its own
 _EXISTING = {"Tensor._base", "Tensor.grad", "Tensor._grad"}
 
 
 def _name(func) -> str:
     """``Tensor.add``, ``torch.cat``, ``F.linear``: how an operation is called, for messages."""
+    name = _NAMES.get(func)
+    if name is None:
+        name = _describe(func)
+        if len(_NAMES) < 4096:  # operations made on the fly (a partial per call) are not kept
+            _NAMES[func] = name
+    return name
+
+
+_NAMES: dict = {}  # func -> its name, for the operations met so far
+
+
+def _describe(func) -> str:
     name = getattr(func, "__name__", None) or repr(func)
     owner = getattr(func, "__objclass__", None) or getattr(func, "__self__", None)
     if name == "__get__":  # a property: Tensor.T
@@ -142,13 +160,25 @@ def _name(func) -> str:
 
 
 def _tagged(args, kwargs) -> bool:
-    for a in (*args, *kwargs.values()):
-        if isinstance(a, Tensor):
-            if axis_of(a) is not None:
+    """Whether an argument (or a tensor in a list or tuple argument) has a state."""
+    if not _STATES:
+        return False
+    for a in args:
+        if _has_state(a):
+            return True
+    if kwargs:
+        for a in kwargs.values():
+            if _has_state(a):
                 return True
-        elif isinstance(a, (list, tuple)):
-            if any(isinstance(b, Tensor) and axis_of(b) is not None for b in a):
-                return True
+    return False
+
+
+def _has_state(a) -> bool:
+    if isinstance(a, Tensor):
+        entry = _STATES.get(id(a))
+        return entry is not None and entry[1] is not None and entry[0]() is a
+    if isinstance(a, (list, tuple)):
+        return any(isinstance(b, Tensor) and axis_of(b) is not None for b in a)
     return False
 
 
@@ -475,7 +505,7 @@ def _embedding(func, args, kwargs, out) -> State:
     return axis_of(index)
 
 
-def _embedding_bag(func, args, kwargs, out) -> State:
+def _embedding_bag(func, args, kwargs, out) -> State | list[State]:
     """Bags are examples: the rows of a 2-D input, or, for a flat input, the bags its offsets
     cut out of it (the layer's own definition), in order."""
     index = args[0]
@@ -746,7 +776,7 @@ def _table() -> dict:
     add(["batch_norm"], _batch_norm)
     for d in (1, 2, 3):
         pools = [f"{p}_pool{d}d" for p in ("max", "avg", "adaptive_max", "adaptive_avg", "lp")]
-        add(pools + [f"{p}_pool{d}d_with_indices" for p in ("max", "adaptive_max")], _trailing(lambda x, a, k, d=d: d))
+        add(pools + [f"{p}_pool{d}d_with_indices" for p in ("max", "adaptive_max")], _trailing(_last(d)))
     add(["interpolate", "upsample", "upsample_nearest", "upsample_bilinear"], _trailing(lambda x, a, k: x.dim() - 2))
     add(["pixel_shuffle", "pixel_unshuffle"], _trailing(lambda x, a, k: 3))
     add(["one_hot"], _same_rank_plus)
@@ -755,6 +785,11 @@ def _table() -> dict:
         if f is not None:
             table[f] = _recurrent
     return table
+
+
+def _last(count: int) -> Callable:
+    """For :func:`_trailing`: a fixed number of trailing axes."""
+    return lambda x, args, kwargs: count
 
 
 def _same_rank_plus(func, args, kwargs, out) -> State:

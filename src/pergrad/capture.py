@@ -72,6 +72,23 @@ class Target:
         return self.last_path or "direct"
 
 
+def _untracked(hook: Callable) -> Callable:
+    """``hook`` run with torch functions dispatched straight to torch: pergrad's own operations
+    (reading shapes, detaching, registering gradient hooks) are not followed by the forward
+    pass's :class:`~pergrad.axes.Tracker` nor watched by a direct mode, which would cost a Python
+    call each and learn nothing; a tensor a hook hands back to the forward pass is marked
+    explicitly."""
+
+    @functools.wraps(hook)
+    def untracked(*args, **kwargs):
+        if torch.compiler.is_compiling():  # traced by dynamo, which handles the modes itself
+            return hook(*args, **kwargs)
+        with torch._C.DisableTorchFunction():
+            return hook(*args, **kwargs)
+
+    return untracked
+
+
 def _detached(x: Any) -> Any:
     return x.detach() if isinstance(x, Tensor) else x
 
@@ -144,13 +161,14 @@ class Capture:
             t, axis = targets.get(id(module)), declared.get(id(module))
             if t is not None:
                 # after the module's other pre-hooks (FSDP2's gathers its parameters; a cast input is the input)
-                handles.append(module.register_forward_pre_hook(self._pre_hook(t, axis), with_kwargs=True))
+                handles.append(module.register_forward_pre_hook(_untracked(self._pre_hook(t, axis)), with_kwargs=True))
                 handles.append(
-                    module.register_forward_hook(self._forward_hook(t), with_kwargs=True, always_call=True)
+                    module.register_forward_hook(_untracked(self._forward_hook(t)), with_kwargs=True, always_call=True)
                 )
             elif id(module) in holders:
-                handles.append(module.register_forward_pre_hook(self._start_hook(axis), with_kwargs=True, prepend=True))
-                handles.append(module.register_forward_hook(self._end_hook, always_call=True))
+                start = _untracked(self._start_hook(axis))
+                handles.append(module.register_forward_pre_hook(start, with_kwargs=True, prepend=True))
+                handles.append(module.register_forward_hook(_untracked(self._end_hook), always_call=True))
         return handles
 
     @property
@@ -188,8 +206,9 @@ class Capture:
             for x in fresh:  # an input without n (or 1) rows there has no example axis: a mask (t, t)
                 if x.dim() > axis and x.shape[axis] in (n, 1):
                     mark(x, Axis(axis))
-            if first is not None and isinstance(axis_of(first), Axis) and (starting or self.n_forward is None):
-                self.n_forward = axis_of(first).examples(first)
+            state = axis_of(first)
+            if isinstance(state, Axis) and (starting or self.n_forward is None):
+                self.n_forward = state.examples(first)
         if starting:
             self._entry = module
             self._tracker = Tracker()

@@ -20,7 +20,7 @@ from . import _tensors, verify as _verify
 from .capture import Capture, rule_of_calls
 from .errors import CaptureError, VerificationError
 from .rules import Keep, records
-from .sharded import Sharding, global_sq_norms
+from .sharded import Sharding, global_sq_norms, local
 
 __all__ = ["PerExample", "PerExampleResult"]
 
@@ -331,7 +331,7 @@ class PerExample:
         checks, verify = self._checks, self.verify
         if verify is True or (verify is not False and not checks.verified):
             return sorted({0, n - 1})
-        if verify in (False, "first") or checks.backwards % verify:
+        if isinstance(verify, (bool, str)) or checks.backwards % verify:
             return []
         return [(checks.backwards // verify) % n]
 
@@ -645,7 +645,7 @@ class PerExample:
         for name, p in params.items():
             records_of_p = found.get(name)
             shape = p.shape if sharding is None else sharding.local_shape(name)  # this rank's rows
-            like = p if sharding is None else p.to_local()
+            like = local(p)
             if not records_of_p:  # no gradient reached it
                 sq[name] = like.new_zeros(n)
                 if self.want_grads:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 import torch
 from torch import Tensor, nn
@@ -164,7 +164,7 @@ def example_of(batch: Any, j: int, n: int) -> Any:
     if isinstance(batch, Mapping):
         items = {k: example_of(v, j, n) for k, v in batch.items()}
         try:
-            return type(batch)(items)
+            return cast(Any, type(batch))(items)
         except TypeError:
             return items
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):
@@ -217,11 +217,11 @@ class Schedule:
             return False
         if v is True or step == 0:
             return True
-        return v != "first" and step % v == 0
+        return not isinstance(v, str) and step % v == 0
 
     def examples(self, step: int, n: int) -> list[int]:
         """The examples of a checked step of n examples."""
-        if step == 0 or self.verify is True:
+        if step == 0 or not isinstance(self.verify, int) or self.verify is True:
             return sorted({0, n - 1})
         return [(step // self.verify) % n]
 

@@ -65,9 +65,12 @@ def build_report(run_dir: str | Path) -> Path:
     generator = torch.Generator().manual_seed(config.seed)
 
     predictor, columns, why = predictor_for(config.optimizer, metrics)
+    noise, low, high = (metrics.column(c) for c in columns)
     advice = advise_batch_size(
         metrics.column(Column.STEP),
-        *(metrics.column(c) for c in columns),
+        noise,
+        low,
+        high,
         batch_size,
         b_crit=_measured_b_crit(cbs),
         predictor=predictor,

@@ -31,7 +31,7 @@ class LinearRule(Rule):
         x = args[0] if args else None  # an input passed by keyword: leave the weight to autograd
         if not isinstance(x, Tensor) or x.dim() < 3:
             return ()
-        t = x[0].numel() // module.in_features
+        t = x.numel() // (x.shape[0] * module.in_features) if x.shape[0] else 0
         if t == 1:
             return ()
         # the Gram form's second moments and gradients materialise the pieces anyway

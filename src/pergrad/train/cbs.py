@@ -41,6 +41,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -541,7 +542,7 @@ def _measure(sweep: list[dict], seeds: int, i: int) -> dict:
     best = {b: cells[0] for b, cells in ranked.items()}
     second = {b: cells[1] if len(cells) > 1 else cells[0] for b, cells in ranked.items()}
     lrs = {b: sorted({r["lr"] for r in sweep if r["batch_size"] == b}) for b in ranked}
-    measured = {
+    measured: dict[str, Any] = {
         "b_crit": None, "b_crit_interval": None, "b_crit_bounded": None, "b_crit_seed_interval": None,
         "b_crit_grid_range": None, "s_min": None, "e_min": None,
         "best_lr": {str(b): lr for b, (lr, _) in best.items()},
