@@ -16,7 +16,9 @@ in rounds that rotate the order of the methods:
 - ``check 2``: ``verify=True``, the check of examples 0 and n−1 on every step: what the first
   step of a model costs;
 - ``check 1``: ``verify=1``, one example checked on every step: what each checked step of the
-  periodic check ``verify=k`` costs (amortised over k steps: (check 1 − attached) / k).
+  periodic check ``verify=k`` costs (amortised over k steps: (check 1 − attached) / k);
+- ``paused``: one ``PerExample`` attached, the plain step run inside ``pe.paused()``: what an
+  unmeasured step of ``measure_every`` costs (target: at most 1.03× ``plain``).
 
 It prints the median time per step and the median ratios, per round, to ``attached`` and to
 ``plain`` (``--threads``, default 2). Usage::
@@ -41,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pergrad  # noqa: E402
 from workloads import Workload, llama, mlp  # noqa: E402
 
-METHODS = ("plain", "attached", "with", "check 2", "check 1")
+METHODS = ("plain", "attached", "with", "check 2", "check 1", "paused")
 VERIFY = {"attached": "first", "check 2": True, "check 1": 1}
 
 
@@ -68,8 +70,14 @@ def timed(w: Workload, method: str, steps: int) -> float:
             with pergrad.PerExample(w.model) as pe:
                 pergrad_step(w, pe)
         return (time.perf_counter() - start) / steps
-    pe = pergrad.PerExample(w.model, verify=VERIFY[method])
+    pe = pergrad.PerExample(w.model, verify=VERIFY.get(method, "first"))
     try:
+        if method == "paused":
+            with pe.paused():
+                start = time.perf_counter()
+                for _ in range(steps):
+                    plain_step(w)
+                return (time.perf_counter() - start) / steps
         start = time.perf_counter()
         for _ in range(steps):
             pergrad_step(w, pe)
@@ -78,17 +86,17 @@ def timed(w: Workload, method: str, steps: int) -> float:
         pe.remove()
 
 
-def measure(w: Workload, rounds: int, warmup: int, target: float) -> dict[str, list[float]]:
+def measure(w: Workload, rounds: int, warmup: int, target: float, methods: tuple[str, ...] = METHODS) -> dict[str, list[float]]:
     """{method: [seconds per step, one per round]}."""
     with pergrad.PerExample(w.model) as pe:  # the model's first step: verified here, before timing
         pergrad_step(w, pe)
     one = timed(w, "plain", 3)
     steps = max(1, round(target / one))
-    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    times: dict[str, list[float]] = {m: [] for m in methods}
     gc.disable()
     try:
         for r in range(warmup + rounds):
-            order = METHODS[r % len(METHODS):] + METHODS[: r % len(METHODS)]
+            order = methods[r % len(methods):] + methods[: r % len(methods)]
             for method in order:
                 t = timed(w, method, steps)
                 if r >= warmup:
@@ -100,7 +108,7 @@ def measure(w: Workload, rounds: int, warmup: int, target: float) -> dict[str, l
 
 def table(w: Workload, times: dict[str, list[float]]) -> str:
     rows = [f"### {w.name}", "", "| method | ms per step | × attached | × plain |", "|---|---|---|---|"]
-    for m in METHODS:
+    for m in times:
         ms = statistics.median(times[m]) * 1e3
         vs_attached = statistics.median(a / b for a, b in zip(times[m], times["attached"]))
         vs_plain = statistics.median(a / b for a, b in zip(times[m], times["plain"]))
@@ -115,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target-ms", type=float, default=100.0, help="length of one measurement")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", choices=["mlp", "llama"])
+    parser.add_argument("--methods", nargs="+", choices=METHODS, help="a subset of the methods (plain and attached always)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     makers = {"mlp": mlp, "llama": llama}
@@ -122,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.only and key != args.only:
             continue
         w = make()
-        print(table(w, measure(w, args.rounds, args.warmup, args.target_ms / 1e3)), "\n", flush=True)
+        methods = METHODS if not args.methods else tuple(m for m in METHODS if m in {"plain", "attached", *args.methods})
+        print(table(w, measure(w, args.rounds, args.warmup, args.target_ms / 1e3, methods)), "\n", flush=True)
     return 0
 
 

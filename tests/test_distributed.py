@@ -52,6 +52,7 @@ def _losses(model, x, y) -> torch.Tensor:
 
 TINY = dict(dataset="linreg", model="linear", epochs=1, log_every=5, batch_size=32)  # 52 steps
 AUTO = {**TINY, "batch_size": "auto", "min_batch_size": 8, "max_batch_size": 64}  # 89 steps, B changes 3 times
+MEASURED = {**TINY, "measure_every": 3, "accumulate": 2, "log_every": 2}  # steps 0, 3, 6, … measured
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +72,8 @@ def _worker(rank: int, out: str) -> None:
         train(TrainConfig(out=str(out / "full"), **TINY), quiet=True)
         train(TrainConfig(out=str(out / "stopped"), **TINY), quiet=True, stop_after=22)
         train(TrainConfig(out=str(out / "auto"), **AUTO), quiet=True)
+        train(TrainConfig(out=str(out / "measured"), **MEASURED), quiet=True)
+        train(TrainConfig(out=str(out / "measured_stopped"), **MEASURED), quiet=True, stop_after=17)
         try:
             train(TrainConfig(out=str(out / "mismatch"), **TINY, lr=0.05 * (1 + rank)), quiet=True)
         except ConfigError as err:
@@ -243,6 +246,27 @@ def test_a_two_worker_checkpoint_resumes_on_one_worker(spawned, tmp_path):
     _close(read_metrics(run / "metrics.csv"), read_metrics(spawned / "full" / "metrics.csv"), KEYS, rel=1e-4)
 
 
+def test_two_workers_measuring_every_third_step_follow_the_single_process_run_and_resume(spawned, tmp_path):
+    """measure_every=3 on 2 workers x 2 micro-batches: paused steps reduce the same gradient (the
+    losses follow one process's); rows of 2 steps without a measured one (steps 5-6, 11-12, …) have
+    the loss and empty statistics; a run stopped mid-window (step 17) and resumed on one worker
+    ends with the same rows."""
+    single = train(TrainConfig(out=str(tmp_path / "single"), **MEASURED), quiet=True).rows
+    workers = read_metrics(spawned / "measured" / "metrics.csv")
+    _close(workers, single, ("loss", "val_loss"), rel=1e-4)
+    empty = [r["step"] for r in workers if r.get("b_simple") is None]
+    assert empty == [s for s in range(2, 53, 2) if not any(t % 3 == 0 for t in (s - 2, s - 1))] == [6, 12, 18, 24, 30, 36, 42, 48]
+    assert all(r["loss"] is not None and r.get("norm_q50") is None for r in workers if r["step"] in empty)
+    _close([r for r in workers if r["step"] not in empty], [r for r in single if r["step"] not in empty], KEYS, rel=1e-4)
+    run = tmp_path / "stopped"
+    shutil.copytree(spawned / "measured_stopped", run)
+    assert load_checkpoint(run / "checkpoint.pt")["step"] == 17
+    train(TrainConfig.load(run / "config.toml").replace(out=str(run)), resume=True, quiet=True)
+    resumed = read_metrics(run / "metrics.csv")
+    _close(resumed, workers, ("loss", "val_loss"), rel=1e-4)
+    _close([r for r in resumed if r["step"] not in empty], [r for r in workers if r["step"] not in empty], KEYS, rel=1e-4)
+
+
 def test_workers_with_different_settings_stop_with_a_clear_error(spawned):
     for rank in range(WORLD):
         message = (spawned / f"mismatch_{rank}.txt").read_text()
@@ -258,12 +282,14 @@ def test_batch_size_must_split_into_workers_and_micro_batches():
 
 
 @pytest.mark.slow
-def test_a_killed_worker_is_restarted_and_the_run_resumes_with_nothing_lost(spawned, tmp_path):
-    """torchrun restarts both workers after rank 1 dies at step 12; they resume from step 10."""
+@pytest.mark.parametrize("settings, reference", [(TINY, "full"), (MEASURED, "measured")])
+def test_a_killed_worker_is_restarted_and_the_run_resumes_with_nothing_lost(spawned, tmp_path, settings, reference):
+    """torchrun restarts both workers after rank 1 dies at step 12; they resume from the last
+    checkpoint (step 10). Also with measure_every=3, whose paused steps the resumed run repeats."""
     injection = Path(__file__).parent / "fault_injection"  # its sitecustomize.py kills rank 1 after step 12
     path = os.pathsep.join(p for p in (str(injection), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "PYTHONPATH": path, "PERGRAD_TEST_DIE_AT_STEP": "12"}
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
     command = [sys.executable, "-m", "pergrad", "train", "--nproc", "2", "--max-restarts", "1", "--quiet"]
     command += ["--out", str(tmp_path / "run"), *flags]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
@@ -271,7 +297,7 @@ def test_a_killed_worker_is_restarted_and_the_run_resumes_with_nothing_lost(spaw
     assert "exitcode: 17" in done.stderr  # the injected death happened
     assert "report:" in done.stdout and (tmp_path / "run" / "report.html").exists()
     killed = read_metrics(tmp_path / "run" / "metrics.csv")
-    straight = read_metrics(spawned / "full" / "metrics.csv")
+    straight = read_metrics(spawned / reference / "metrics.csv")
     assert killed == straight  # bit for bit
 
 

@@ -126,3 +126,47 @@ def test_pergrad_report_builds_the_sections_a_callback_run_has(accumulated):
     assert data["noise-scale"]["batch_size"] == 8
     assert data["snr"]["last"]["net.0.weight"] == pytest.approx(rows[-1]["snr/net.0.weight"], rel=1e-12)
     assert data["norms"]["logged"]["max"] == pytest.approx(rows[-1][Column.NORM_MAX], rel=1e-12)
+
+
+def test_measure_every_logs_only_measured_steps_smoothed_as_a_noise_scale_of_those_steps(tmp_path):
+    """measure_every=2: steps 0 and 2 of 4 are measured. Their statistics are those of a NoiseScale
+    updated on those steps alone (β per measured step); the other steps log no pergrad metric and
+    their rows keep the loss with empty statistics."""
+    from lightning_worker import Classifier
+
+    class Recording(Classifier):
+        def __init__(self, accumulate):
+            super().__init__(accumulate)
+            self.logged: list[tuple[int, set]] = []  # (global_step, pergrad keys) per log_dict call
+
+        def log_dict(self, metrics, *args, **kwargs):
+            self.logged.append((self.trainer.global_step, {k for k in metrics if k.startswith("pergrad/")}))
+            return super().log_dict(metrics, *args, **kwargs)
+
+    module = Recording(2)
+    module, callback, trainer = fit(tmp_path, accumulate=2, beta=BETA, module=module, measure_every=2)
+    steps = micro_batches_by_step(module.seen, 2)
+    assert len(steps) == 4
+    assert [s for s, keys in module.logged if keys] == [0, 2]
+    expected = by_hand([module.weights[0], module.weights[2]], [steps[0], steps[2]])
+    rows = read_metrics(tmp_path / "run" / "metrics.csv")
+    assert [r[Column.STEP] for r in rows] == [1, 2, 3, 4]
+    assert_rows_match([rows[0], rows[2]], expected, rel=1e-10)
+    for unmeasured in (rows[1], rows[3]):
+        assert unmeasured[Column.LOSS] is not None and math.isfinite(unmeasured[Column.LOSS])
+        assert unmeasured[Column.B_SIMPLE] is None and unmeasured[Column.TRACE_SIGMA] is None
+        assert unmeasured["norm_q50"] is None
+    # the loss of every step, measured or not: the mean of its micro-batches' mean losses
+    with torch.no_grad():
+        losses = [sum(float(F.cross_entropy(_net(w)(x.double()), y)) for x, y in s) / 2 for w, s in zip(module.weights, steps)]
+    assert [r[Column.LOSS] for r in rows] == pytest.approx(losses, rel=1e-10)
+    assert callback.statistics.steps == 2 and callback._pe is None  # hooks removed at the end of fitting
+    assert main(["report", str(tmp_path / "run")]) == 0
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert "measure_every = 2" in html and "per measured step" in html
+
+
+def _net(weights: dict) -> nn.Module:
+    net = nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, C)).double()
+    net.load_state_dict({k.removeprefix("net."): v.double() for k, v in weights.items()})
+    return net

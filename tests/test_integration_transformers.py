@@ -63,7 +63,8 @@ class Recorder(T_.TrainerCallback):
         self.weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})
 
 
-def train(tmp_path, accumulate: int, batch_size: int, max_grad_norm: float, model=None, **extra):
+def train(tmp_path, accumulate: int, batch_size: int, max_grad_norm: float, model=None, callback_options=None,
+          **extra):  # fmt: skip
     """Train 3 steps of ``model`` (default ``_model()``) with the callback writing ``tmp_path/run``."""
     seen = []
 
@@ -82,7 +83,7 @@ def train(tmp_path, accumulate: int, batch_size: int, max_grad_norm: float, mode
     recorder = Recorder()
     model = _model() if model is None else model
     trainer = T_.Trainer(model=model, args=args, train_dataset=_dataset(), data_collator=collate, callbacks=[recorder])
-    callback = PergradCallback.attach(trainer, beta=BETA, run_dir=tmp_path / "run")
+    callback = PergradCallback.attach(trainer, beta=BETA, run_dir=tmp_path / "run", **(callback_options or {}))
     trainer.train()
     return trainer, callback, recorder.weights, seen
 
@@ -173,3 +174,23 @@ def test_torchrun_ddp_on_two_gloo_processes_merges_the_workers(tmp_path):
     for step, (log, want) in enumerate(zip(logs, expected)):
         for key, value in want.items():  # SNRs near 0 are differences of the float32-rounded sums
             assert log["pergrad/" + key] == pytest.approx(value, rel=REL, abs=1e-7), f"step {step + 1}, {key}"
+
+
+def test_measure_every_adds_metrics_only_to_logs_of_measured_steps(tmp_path):
+    """measure_every=2 over 3 steps, clipping on: steps 0 and 2 are measured, as a NoiseScale of those
+    two steps alone would have them (the clipping factor of step 2 from its own gradients only);
+    step 1's log and row have the loss and no statistics."""
+    trainer, callback, weights, seen = train(tmp_path, accumulate=2, batch_size=4, max_grad_norm=0.05,
+                                             callback_options={"measure_every": 2})  # fmt: skip
+    steps = [seen[i : i + 2] for i in range(0, len(seen), 2)]
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["step"] for entry in logs] == [1, 2, 3]
+    assert [any(k.startswith("pergrad/") for k in entry) for entry in logs] == [True, False, True]
+    expected = _by_hand([weights[0], weights[2]], [steps[0], steps[2]])
+    for entry, want in zip([logs[0], logs[2]], expected):
+        for key, value in want.items():
+            assert entry["pergrad/" + key] == pytest.approx(value, rel=REL), key
+    rows = read_metrics(tmp_path / "run" / "metrics.csv")
+    assert [r[Column.STEP] for r in rows] == [1, 2, 3]
+    assert rows[1][Column.LOSS] is not None and rows[1][Column.B_SIMPLE] is None and rows[1]["norm_q50"] is None
+    assert callback.statistics.steps == 2

@@ -119,3 +119,61 @@ def test_one_beta_range_for_the_statistics_and_the_trainer(beta):
 
 def test_beta_one_averages_all_batches_in_the_statistics_and_the_trainer():
     assert NoiseScale(1.0).beta == ParamSNR(1.0).beta == TrainConfig(noise_beta=1.0).noise_beta == 1.0
+
+
+def test_measure_every_3_writes_the_expected_rows_and_the_report_states_it(tmp_path, capsys):
+    """Steps 1, 4, 7, … (counted from 1) are measured; with a row per step, the others have the loss
+    and empty statistics, and the smoothed noise scale is a NoiseScale of the measured steps alone."""
+    import torch
+
+    from pergrad.train import loop
+
+    seen = []  # the merged StepResults the trainer's statistics were updated with
+    original = loop._Statistics.update
+
+    def spy(self, merged, weights=None):
+        seen.append(merged)
+        original(self, merged, weights)
+
+    out = tmp_path / "run"
+    loop._Statistics.update = spy
+    try:
+        code = main(["train", "--quiet", "--out", str(out), "--epochs", "1", "--batch-size", "64",
+                     "--log-every", "1", "--measure-every", "3", "--noise-beta", "0.8"])  # fmt: skip
+    finally:
+        loop._Statistics.update = original
+    assert code == 0
+    rows = read_metrics(out / "metrics.csv")
+    steps = [r["step"] for r in rows]
+    assert steps == list(range(1, 24))  # 1437 training examples, batches of 64
+    measured = [r["step"] for r in rows if r["b_simple"] is not None or r["trace_sigma"] is not None]
+    assert measured == list(range(1, 24, 3)) and len(seen) == len(measured)
+    for r in rows:
+        assert r["loss"] is not None and math.isfinite(r["loss"])
+        if r["step"] not in measured:
+            assert r["norm_q50"] is None and r["grad_cosine"] is None and r["snr/0.weight"] is None
+    noise = NoiseScale(beta=0.8)
+    for step, merged in zip(measured, seen):
+        noise.update_estimate(merged.estimate(), merged.names)
+        row = rows[step - 1]
+        assert row["trace_sigma"] == pytest.approx(float(noise.trace_sigma), rel=1e-12)
+        assert row["grad_sq_norm"] == pytest.approx(float(noise.grad_sq_norm), rel=1e-12)
+    assert TrainConfig.load(out / "config.toml").measure_every == 3
+    html = (out / "report.html").read_text()
+    assert "measure_every = 3: steps 1, 4, 7" in html and "β = 0.8 per measured step" in html
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["window"]["measured"] == 0  # saved after the last row
+
+
+def test_resume_with_measure_every_gives_the_same_rows(tmp_path):
+    config = dict(TINY, measure_every=4, log_every=3, epochs=1)
+    train(TrainConfig(out=str(tmp_path / "a"), **config), quiet=True)
+    train(TrainConfig(out=str(tmp_path / "b"), **config), quiet=True, stop_after=10)
+    train(TrainConfig.load(tmp_path / "b" / "config.toml").replace(out=str(tmp_path / "b")), resume=True, quiet=True)
+    a, b = read_metrics(tmp_path / "a" / "metrics.csv"), read_metrics(tmp_path / "b" / "metrics.csv")
+    assert a == b
+    assert any(r["b_simple"] is None for r in a) and any(r["b_simple"] is not None for r in a)
+
+
+def test_measure_every_must_be_a_whole_number_of_at_least_one(tmp_path, capsys):
+    assert main(["train", "--quiet", "--out", str(tmp_path / "run"), "--measure-every", "0"]) == 2
+    assert "measure_every must be a whole number >= 1" in capsys.readouterr().err

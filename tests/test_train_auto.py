@@ -180,3 +180,23 @@ def test_auto_in_a_config_file(tmp_path):
     path.write_text('batch_size = "large"\n')
     with pytest.raises(ValueError, match="must be int or 'auto'"):
         TrainConfig.load(path)
+
+
+def test_auto_with_measure_every_moves_b_only_after_measured_steps_and_resumes_exactly(tmp_path):
+    """measure_every=2: B changes only at a step that follows a measured one (steps 0, 2, 4, …), the
+    batches still cover the epoch without replacement, and a stop and resume is bit-exact."""
+    config = dict(AUTO, measure_every=2, min_batch_size=8)
+    straight = tmp_path / "straight"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        batches = _spy_batches(monkeypatch)
+        train(TrainConfig(out=str(straight), **config), quiet=True, stream=io.StringIO())
+    changes = load_checkpoint(straight / "checkpoint.pt")["batch_sizes"]
+    assert len(changes) >= 2  # B did follow the measurements
+    assert all((step - 1) % 2 == 0 for step, _ in changes[1:])
+    seen = torch.cat(batches)
+    assert seen.numel() == len(set(seen.tolist())) == load_dataset(TrainConfig(**config)).train_x.shape[0]
+    stopped = tmp_path / "stopped"
+    train(TrainConfig(out=str(stopped), **config), quiet=True, stream=io.StringIO(), stop_after=changes[1][0] + 1)
+    train(TrainConfig.load(stopped / "config.toml").replace(out=str(stopped)), resume=True, quiet=True, stream=io.StringIO())
+    assert read_metrics(stopped / "metrics.csv") == read_metrics(straight / "metrics.csv")
+    assert load_checkpoint(stopped / "checkpoint.pt")["batch_sizes"] == changes

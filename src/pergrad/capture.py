@@ -440,7 +440,7 @@ class Capture:
         if self.targets and not any(t.calls for t in self.targets):
             raise CaptureError(
                 "No forward pass was captured since the last backward: run the model's forward "
-                "(with gradients enabled, after creating PerExample) before each backward."
+                "(with gradients enabled, after creating PerExample, outside pe.paused()) before each backward."
             )
         for t in self.targets:
             if t.calls and (reason := t.rule.check(t.module)):
@@ -768,11 +768,15 @@ def _store_grad(call: Call, k: int):
 
 
 class _Paused:
+    """Nestable: leaving restores the state found on entering (a rule's recomputation inside
+    the user's :meth:`pergrad.PerExample.paused` leaves the capture paused)."""
+
     def __init__(self, capture: Capture):
         self._capture = capture
+        self._was = False
 
     def __enter__(self):
-        self._capture._paused = True
+        self._was, self._capture._paused = self._capture._paused, True
 
     def __exit__(self, *exc):
-        self._capture._paused = False
+        self._capture._paused = self._was

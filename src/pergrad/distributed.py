@@ -65,6 +65,10 @@ __all__ = [
 ]
 
 _SCALARS = 4  # n, M, Σₘ ‖ḡₘ‖², Σₘ 1/bₘ at the head of the merged vector
+_MIXED = (
+    "a step's micro-batches must all be measured or all run inside dpe.paused(): the statistics of a step "
+    "describe its whole batch. Enter or leave paused() between optimizer steps."
+)
 
 
 @dataclass(frozen=True)
@@ -188,6 +192,61 @@ class DistributedPerExample:
         """Remove the engine's hooks."""
         self._pe.remove()
 
+    @contextlib.contextmanager
+    def paused(self):
+        """A step without statistics: inside the block the hooks capture nothing (see
+        :meth:`PerExample.paused <pergrad.PerExample.paused>`), :meth:`backward` backpropagates
+        Σⱼ ℓⱼ alone and returns None, and :meth:`plain_step` (not :meth:`step`) ends the step::
+
+            with dpe.paused():
+                for x, y in micro_batches:
+                    with ddp.no_sync():
+                        dpe.backward(loss_fn(ddp(x), y))
+                n, sums = dpe.plain_step(sums)       # p.grad: the global batch's mean gradient
+
+        Every micro-batch of a step must be on the same side of the block (:meth:`step` and
+        :meth:`plain_step` raise otherwise).
+        """
+        with self._pe.paused():
+            yield
+
+    def plain_step(self, sums: Tensor | None = None) -> tuple[int, Tensor]:
+        """End a step whose micro-batches ran inside :meth:`paused`: leave the global batch's mean
+        gradient in ``p.grad``, as :meth:`step` does, and measure nothing.
+
+        Collective: every rank of the group must call it, with ``sums`` of the same length.
+
+        Args:
+            sums: (k,) numbers of your own to add over workers, or None.
+
+        Returns:
+            (B, the examples of the step over all workers; (k,) float64 ``sums`` added over them).
+
+        Raises:
+            ValueError: a micro-batch of the step was measured (call :meth:`step`), or no example
+                on any worker.
+        """
+        if self._micro:
+            raise ValueError(
+                "plain_step ends a step whose micro-batches all ran inside dpe.paused(), but this one "
+                f"measured {self._micro}: call step(), or run every micro-batch of the step inside paused()."
+            )
+        extra = torch.zeros(0) if sums is None else sums.detach().reshape(-1)
+        head = torch.cat([torch.tensor([float(self._n)]), extra.to("cpu", torch.float64)]).to(torch.float64)
+        if _world(self.group) > 1:
+            head = _on_backend_device(head, self.group)
+            dist.all_reduce(head, group=self.group)
+            head = head.cpu()
+        n = int(head[0])
+        if n == 0:
+            raise ValueError("the step had no example on any worker: call backward on at least one micro-batch first.")
+        if self._sharding is None:
+            self._reduce_grads(n, _world(self.group))
+        else:
+            self._scale_sharded_grads(n)
+        self._reset()
+        return n, head[1:]
+
     def idle_backward(self, model: nn.Module, empty: Tensor) -> None:
         """A forward and backward of no example, uncaptured: for a worker without examples in a
         micro-batch of a ``fully_shard`` model, whose gathers and reduce-scatters need every rank.
@@ -204,6 +263,7 @@ class DistributedPerExample:
         p = len(self._params)
         self._n = 0
         self._micro = 0
+        self._plain = 0  # micro-batches backpropagated inside paused()
         self._micro_sq = 0.0
         self._micro_inv = 0.0
         self._sq_sums = torch.zeros(1 + p, dtype=torch.float64)
@@ -214,15 +274,25 @@ class DistributedPerExample:
                 shape = {name: self._sharding.local_shape(name) for name in shape}
             self._second = {name: torch.zeros(s, dtype=torch.float64) for name, s in shape.items()}
 
-    def backward(self, losses: Tensor) -> PerExampleResult:
+    def backward(self, losses: Tensor) -> PerExampleResult | None:
         """Backpropagate Σⱼ ℓⱼ of one micro-batch (added to ``.grad``) and keep its statistics.
 
         Args:
             losses: (n_m,) this micro-batch's per-example losses, n_m ≥ 1.
 
         Returns:
-            The micro-batch's :class:`~pergrad.PerExampleResult` (``reduction="sum"``).
+            The micro-batch's :class:`~pergrad.PerExampleResult` (``reduction="sum"``); None
+            inside :meth:`paused`, where Σⱼ ℓⱼ is backpropagated and nothing measured.
         """
+        if self._pe.is_paused:
+            if self._micro:
+                raise ValueError(_MIXED)
+            losses.sum().backward()
+            self._n += losses.shape[0]
+            self._plain += 1
+            return None
+        if self._plain:
+            raise ValueError(_MIXED)
         result = self._pe.backward(losses, reduction="sum")
         n = result.n
         per_param = [result.param_sq_norms[name].sum() for name in self._params]
@@ -252,6 +322,11 @@ class DistributedPerExample:
         Raises:
             ValueError: no example in the step on any worker.
         """
+        if self._plain:
+            raise ValueError(
+                f"{self._plain} micro-batch(es) of this step ran inside dpe.paused(), unmeasured: end the step with "
+                "plain_step(), or run every micro-batch of the step outside paused()."
+            )
         head = torch.tensor([self._n, self._micro, self._micro_sq, self._micro_inv], dtype=torch.float64)
         sharding = self._sharding
         second = self._second if sharding is None else None  # sharded: reduce-scattered by each backward

@@ -9,8 +9,9 @@ pieces ``P_j`` (``∇L = Σ_j P_j``); the gradient of example j's own loss is th
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -149,6 +150,7 @@ class PerExample:
         self._gathered: list[tuple[int, _PerParameter]] = []  # backwards run by someone else
         #: whether ``.grad`` is this worker's own gradient even in a process group (no_sync)
         self.local_grads = False
+        self._pausing = 0  # depth of paused() blocks in progress
         self._capture.on_external_backward = self._gather
 
     def __enter__(self) -> "PerExample":
@@ -163,6 +165,50 @@ class PerExample:
         self._capture.remove()
         if self._sharding is not None:
             self._sharding.remove()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Measure nothing inside the block; the hooks stay attached (nothing to re-create after it).
+
+        A forward pass inside it is not captured: no input or output gradient is kept, the example
+        axis is not followed, no module's parameters are swapped or watched, so the forward and
+        its backward cost what they cost without pergrad (plus a few Python calls per hooked
+        module). A backward inside it (``loss.backward()``) is not gathered, whichever forward it
+        belongs to; it fills ``.grad`` as usual. :meth:`backward` raises inside it.
+
+        Which forward a backward measures is decided when the forward runs:
+
+        - forward inside, backward after the block: not measured (nothing was captured): it adds
+          to ``.grad`` but not to :meth:`result`, and :meth:`backward` on its losses raises
+          :class:`~pergrad.errors.CaptureError` ("No forward pass was captured").
+        - forward before the block, backward inside it: not measured, and that forward's captured
+          tensors are dropped.
+        - a backward whose forward was paused, then one whose forward was not: the first is not
+          measured, the second is. Keep every micro-batch of one optimizer step on the same side:
+          :meth:`result` would otherwise hold the measured micro-batches' examples while
+          ``.grad`` (its ``batch_grads``) holds all of them, which :meth:`watch_sums` reports.
+
+        Example:
+            >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+            >>> x = torch.randn(8, 3)
+            >>> with PerExample(model) as pe:
+            ...     with pe.paused():                       # a step without statistics
+            ...         model(x).pow(2).mean().backward()
+            ...     result = pe.backward(model(x).pow(2).sum(1))   # a measured one
+            >>> result.n
+            8
+        """
+        self._pausing += 1
+        try:
+            with self._capture.paused():
+                yield
+        finally:
+            self._pausing -= 1
+
+    @property
+    def is_paused(self) -> bool:
+        """Whether a :meth:`paused` block is in progress."""
+        return self._pausing > 0
 
     @property
     def paths(self) -> dict[str, str]:
@@ -198,6 +244,11 @@ class PerExample:
 
         All but VerificationError are raised before anything is written into ``.grad``.
         """
+        if self._pausing:
+            raise CaptureError(
+                "PerExample.backward inside pe.paused(): nothing is measured there. Call it after the "
+                "block, or backpropagate the reduced loss yourself inside it (losses.mean().backward())."
+            )
         n = _check_losses(losses, reduction)
         capture = self._capture
         capture.check_before_backward(n)
@@ -443,6 +494,9 @@ class PerExample:
         """At the end of a backward run by someone else: its examples' pieces, kept for
         :meth:`result` (pieces of whatever loss was backpropagated: scale 1)."""
         capture = self._capture
+        if self._pausing:  # a backward inside paused(): not measured, whichever forward it belongs to
+            capture.clear()
+            return
         n = capture.examples_reached()
         if n is None:
             return

@@ -34,6 +34,8 @@ _HELP = {
     "data_seed": "seed of the synthetic data and the training/validation split; -1: the same as --seed",
     "min_batch_size": "with --batch-size auto: the first and smallest batch size",
     "max_batch_size": "with --batch-size auto: the largest batch size",
+    "measure_every": "per-example statistics on one optimizer step in K (steps 1, K+1, 2K+1, ...), the others "
+    "paused at about a plain step's cost; --noise-beta applies per measured step",
     "shard": "none, or fsdp: shard parameters, gradients and optimizer state over the workers (FSDP2), "
     "checkpoints saved with torch.distributed.checkpoint (--fsdp for short)",
 }

@@ -1,10 +1,11 @@
 """What both callbacks keep over training: the step statistics, their metric names, a run directory.
 
-Per optimizer step, :meth:`StepStatistics.update` merges the workers' gathered per-example
-results (:func:`pergrad.distributed.merge_result`), feeds the global batch's tr Σ̂ and |G|²̂ to
-a :class:`~pergrad.NoiseScale` and its second moments to a :class:`~pergrad.ParamSNR` (both
-smoothed with weights β^(t−b)), and keeps the global batch's per-example norms. Under Adam or
-AdamW (:meth:`StepStatistics.follow_optimizer`) a second :class:`~pergrad.NoiseScale` keeps
+Per measured optimizer step (every step, or one in ``measure_every``), :meth:`StepStatistics.update`
+merges the workers' gathered per-example results (:func:`pergrad.distributed.merge_result`), feeds
+the global batch's tr Σ̂ and |G|²̂ to a :class:`~pergrad.NoiseScale` and its second moments to a
+:class:`~pergrad.ParamSNR` (both smoothed with weights β^(t−b), b and t counted in measured steps),
+and keeps the global batch's per-example norms. Under Adam or AdamW
+(:meth:`StepStatistics.follow_optimizer`) a second :class:`~pergrad.NoiseScale` keeps
 B_P = tr(PΣ)/GᵀPG in Adam's metric, logged as ``pergrad/b_precond``.
 :meth:`StepStatistics.metrics` names them as the trainer's ``metrics.csv`` does
 (:class:`pergrad.train.metrics.Column`), behind the ``pergrad/`` prefix.
@@ -12,6 +13,7 @@ B_P = tr(PΣ)/GᵀPG in Adam's metric, logged as ``pergrad/b_precond``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -21,14 +23,15 @@ import torch.distributed as dist
 from .. import distributed
 from .._atomic import write_atomic
 from ..distributed import StepResult, merge_result
-from ..per_example import PerExampleResult
+from ..per_example import PerExample, PerExampleResult
 from ..sharded import is_sharded, local, sum_over_ranks
 from ..stats import NoiseScale, ParamSNR, SNRState, adam_preconditioner, norm_quantiles
 from ..stats.batch import per_example_estimate, weighted_sq_norms
+from ..stats.smoothing import check_measure_every, is_measured
 from ..train.config import _toml_value
 from ..train.metrics import Column, MetricsLog
 
-__all__ = ["PREFIX", "RunDirectory", "StepStatistics"]
+__all__ = ["PREFIX", "Measuring", "RunDirectory", "StepStatistics", "add_over_workers"]
 
 PREFIX = "pergrad/"
 
@@ -48,7 +51,8 @@ class StepStatistics:
         self.snr = ParamSNR(beta=beta)
         self.group = group
         self.norms = torch.zeros(0, dtype=torch.float64)
-        self.steps = 0
+        self.steps = 0  # measured steps added
+        self._unread = 0  # measured steps added since the last row_values()
         self._sharded_snr: dict[str, float] | None = None  # the layer SNRs of a sharded model's steps
 
     def update(self, result: PerExampleResult, sums: torch.Tensor | None = None) -> StepResult:
@@ -99,6 +103,13 @@ class StepStatistics:
                 self.snr.update_sums(second, {k: local(g) for k, g in step.mean_grads.items()}, step.n)
                 self._sharded_snr = _layer_snr_over_ranks(self.snr.state, sharded)
         self.steps += 1
+        self._unread += 1
+
+    def row_values(self) -> dict[str, float | None]:
+        """:meth:`values` for a row of ``metrics.csv`` if a step was measured since the previous
+        row, else {} (with ``measure_every``, a row between measurements leaves them empty)."""
+        fresh, self._unread = self._unread > 0, 0
+        return self.values() if fresh else {}
 
     def values(self) -> dict[str, float | None]:
         """{:class:`Column` name: value} of the statistics now: smoothed B_simple with its 95%
@@ -150,6 +161,50 @@ def _layer_snr_over_ranks(state: SNRState, like: torch.Tensor) -> dict[str, floa
     total = sum_over_ranks(sums, like)
     whole = SNRState({k: total[i, 0] for i, k in enumerate(names)}, {k: total[i, 1] for i, k in enumerate(names)})
     return {name: e.snr for name, e in whole.finalize().items()}
+
+
+def add_over_workers(sums: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """(k,) float64 ``sums`` added over the workers (one ``all_reduce``; collective), or themselves
+    in one process: a row's losses of steps that merged no statistics."""
+    sums = sums.detach().to(torch.float64)
+    if distributed.rank_and_world(group)[1] == 1:
+        return sums.clone()
+    nccl = dist.get_backend(group) == "nccl"
+    merged = sums.to(torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu"))
+    dist.all_reduce(merged, group=group)
+    return merged.cpu()
+
+
+class Measuring:
+    """Which optimizer steps a callback measures (``measure_every`` = k: steps 0, k, 2k, …) and the
+    :meth:`PerExample.paused <pergrad.PerExample.paused>` block the others run in.
+
+    Args:
+        every: k ≥ 1.
+    """
+
+    def __init__(self, every: int):
+        self.every = check_measure_every(every)
+        self.measured = True  # the step in progress
+        self._pause: contextlib.ExitStack | None = None
+
+    def begin_step(self, step: int, pe: PerExample) -> bool:
+        """At the start of optimizer step ``step`` (0 for the first), before its first forward: pause
+        ``pe`` for an unmeasured step (staying paused across consecutive ones), resume it for a
+        measured one; return whether it is measured."""
+        self.measured = is_measured(step, self.every)
+        if self.measured and self._pause is not None:
+            self.end()
+        elif not self.measured and self._pause is None:
+            self._pause = contextlib.ExitStack()
+            self._pause.enter_context(pe.paused())
+        return self.measured
+
+    def end(self) -> None:
+        """Leave the paused block, if any (at a measured step, and before the hooks are removed)."""
+        if self._pause is not None:
+            self._pause.close()
+            self._pause = None
 
 
 class RunDirectory:

@@ -9,12 +9,18 @@ result with ``reduction="mean"``: the micro-batches' losses add up to the mean o
 examples. Under the DDP strategy each worker reads its own examples, ``.grad`` holds the
 global mean gradient, and the statistics are merged with one ``all_reduce``.
 
-Logged with ``pl_module.log`` at every optimizer step (so they reach
+Logged with ``pl_module.log`` at every measured optimizer step (so they reach
 ``trainer.callback_metrics`` and every logger): ``pergrad/b_simple`` (with
 ``pergrad/b_simple_low`` and ``_high``, its 95% interval), ``pergrad/trace_sigma``,
 ``pergrad/grad_sq_norm``, ``pergrad/norm_q10``, ``_q50``, ``_q90``, ``_max`` (per-example
 gradient norms of the step's global batch) and ``pergrad/snr/<parameter>``; under Adam or AdamW
 also ``pergrad/b_precond`` (with ``_low``, ``_high``), the noise scale B_P in Adam's metric.
+
+With ``measure_every=k`` only optimizer steps 0, k, 2k, … (Lightning's ``global_step``) are
+measured; the others run inside :meth:`PerExample.paused <pergrad.PerExample.paused>` (the hooks
+capture nothing: about the cost of a plain step) and log no ``pergrad/`` metric. The smoothing's
+β applies per measured step. Rows of ``metrics.csv`` keep their ``log_every`` steps and their loss;
+a row with no measured step since the previous one leaves the statistics empty.
 
 The first measured step is checked before anything is logged (``verify``): examples 0 and n−1
 of the step's batch are run alone through ``training_step`` (with ``self.log`` silenced, under
@@ -45,7 +51,7 @@ import torch
 from ..per_example import PerExample
 from ..train.metrics import Column
 from ..verify import Schedule, StepCheck
-from ._step import RunDirectory, StepStatistics
+from ._step import Measuring, RunDirectory, StepStatistics, add_over_workers
 
 __all__ = ["PergradCallback"]
 
@@ -62,16 +68,19 @@ class PergradCallback(pl.Callback):
         verify: which optimizer steps are checked against autograd on single examples before
             their statistics are logged: "first" (default, examples 0 and n−1 of the first
             step), True (every step), an int k (the first step, then one example every k
-            steps), False (none). See :class:`pergrad.verify.Schedule`.
+            steps), False (none). See :class:`pergrad.verify.Schedule`. Steps count measured steps.
+        measure_every: measure one optimizer step in k (steps 0, k, 2k, … of ``trainer.global_step``),
+            the others paused (see the module); 1 (default): every step.
 
     Attributes:
         statistics: the :class:`~pergrad.integrations._step.StepStatistics` kept so far.
     """
 
     def __init__(self, beta: float = 0.95, *, run_dir: str | Path | None = None, log_every: int = 1,
-                 on_unsupported: str = "auto", verify: bool | str | int = "first"):  # fmt: skip
+                 on_unsupported: str = "auto", verify: bool | str | int = "first", measure_every: int = 1):  # fmt: skip
         if log_every < 1:
             raise ValueError(f"log_every must be at least 1, got {log_every}.")
+        self.measuring = Measuring(measure_every)
         self.beta = beta
         self.run_dir = run_dir
         self.log_every = log_every
@@ -81,19 +90,23 @@ class PergradCallback(pl.Callback):
         self.statistics = StepStatistics(beta)
         self._pe: PerExample | None = None
         self._run: RunDirectory | None = None
-        self._losses = torch.zeros(2, dtype=torch.float64)  # this step's loss, 1
+        self._losses = torch.zeros(2, dtype=torch.float64)  # this worker's Σ loss, steps, not yet merged
         self._window = torch.zeros(2, dtype=torch.float64)  # Σ over workers and steps since the last row
+        self._batch_size = 0  # of the last measured step, over all workers
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._pe = PerExample(pl_module, second_moment=True, on_unsupported=self.on_unsupported, verify=False)
         if self.run_dir is not None and trainer.is_global_zero:
             self._run = RunDirectory(self.run_dir, {
                 "framework": "lightning", "beta": self.beta, "log_every": self.log_every,
+                "measure_every": self.measuring.every,
                 "accumulate": trainer.accumulate_grad_batches, "workers": trainer.world_size,
                 "precision": str(trainer.precision),
             })  # fmt: skip
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        if not self.measuring.begin_step(trainer.global_step, self._pe):
+            return
         step = self.statistics.steps
         if self._check is None and self.schedule.due(step):
             self._check = StepCheck(self._pe, pl_module, lambda n: self.schedule.examples(step, n))
@@ -106,19 +119,30 @@ class PergradCallback(pl.Callback):
         self._losses += torch.tensor([float(loss.detach()) / _loss_scale(trainer), 0.0], dtype=torch.float64)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        self._losses[1] += 1.0  # one step of this worker
+        if self.measuring.measured:
+            self._measure(trainer, pl_module, optimizer)
+        steps = trainer.global_step + 1  # optimizer steps done once this one is
+        if self.run_dir is not None and steps % self.log_every == 0:
+            if self._losses[1] > 0:  # unmeasured steps since the last merge: their losses, over the workers
+                self._window += add_over_workers(self._losses)
+                self._losses.zero_()
+            if self._run is not None:
+                self._append_row(trainer, optimizer, steps)
+
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        """Read the step's gathered result, check it if due, merge it over the workers and log it."""
         # under 16-mixed Lightning has unscaled .grad before this hook: grad_scale 1
         result = self._pe.result("mean", loss_scale=_loss_scale(trainer), grad_scale=1.0)
         check, self._check = self._check, None
         if check is not None:
             check.finish(result, lambda batch: _single_loss(trainer, pl_module, batch))
-        self._losses[1] = 1.0  # one step of this worker
         self.statistics.follow_optimizer(optimizer, pl_module)
         step = self.statistics.update(result, sums=self._losses)
         self._losses.zero_()
         self._window += step.sums
+        self._batch_size = step.n
         pl_module.log_dict(self.statistics.metrics(), on_step=True, on_epoch=False)
-        if self._run is not None and self.statistics.steps % self.log_every == 0:
-            self._append_row(trainer, optimizer, step.n)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.teardown_hooks()
@@ -131,16 +155,17 @@ class PergradCallback(pl.Callback):
         if self._check is not None:
             self._check.cancel()
             self._check = None
+        self.measuring.end()
         if self._pe is not None:
             self._pe.remove()
             self._pe = None
 
-    def _append_row(self, trainer: pl.Trainer, optimizer, batch_size: int) -> None:
-        """A row of ``metrics.csv``: the mean loss of the steps since the last row, over the
-        workers, and the statistics now."""
-        step = self.statistics.steps
+    def _append_row(self, trainer: pl.Trainer, optimizer, step: int) -> None:
+        """A row of ``metrics.csv`` after ``step`` optimizer steps: the mean loss of the steps since
+        the last row, over the workers, and the statistics now (empty if none was measured since)."""
         loss_sum, count = self._window.tolist()
         self._window.zero_()
+        batch_size = self._batch_size
         self._run.append({
             Column.STEP: step,
             Column.EPOCH: trainer.current_epoch,
@@ -148,7 +173,7 @@ class PergradCallback(pl.Callback):
             Column.LR: float(optimizer.param_groups[0]["lr"]),
             Column.BATCH_SIZE: batch_size,
             Column.LOSS: loss_sum / count if count else None,
-            **self.statistics.values(),
+            **self.statistics.row_values(),
         })  # fmt: skip
 
 

@@ -35,6 +35,12 @@ dropout off (see :class:`pergrad.verify.StepCheck`). The reference is the model'
 needs ``verify=False``, as does a batch with a tensor that does not hold the step's examples
 along its first axis.
 
+With ``measure_every=k`` only optimizer steps 0, k, 2k, … (``state.global_step``) are measured; the
+others run inside :meth:`PerExample.paused <pergrad.PerExample.paused>` (no capture, no check, no
+summed gradients for the clipping factor). The smoothing's β applies per measured step. A training
+log gets the ``pergrad/`` metrics only if a step was measured since the previous log, and so does a
+row of ``metrics.csv`` (else its statistics are empty; the loss is there).
+
 The metrics (``pergrad/b_simple`` and the others of :mod:`pergrad.integrations.lightning`) are
 added to every training log, so they reach ``trainer.state.log_history`` and the ``report_to``
 integrations: add the callback with :meth:`PergradCallback.attach`, which puts it before them.
@@ -62,7 +68,7 @@ from ..per_example import PerExample
 from ..sharded import is_sharded, local
 from ..train.metrics import Column
 from ..verify import Schedule, StepCheck
-from ._step import RunDirectory, StepStatistics
+from ._step import PREFIX, Measuring, RunDirectory, StepStatistics
 
 __all__ = ["PergradCallback"]
 
@@ -78,14 +84,17 @@ class PergradCallback(TrainerCallback):
         verify: which optimizer steps are checked against autograd on single examples before
             their statistics are added: "first" (default, examples 0 and n−1 of the first
             step), True (every step), an int k (the first step, then one example every k
-            steps), False (none). See :class:`pergrad.verify.Schedule`.
+            steps), False (none). See :class:`pergrad.verify.Schedule`. Steps count measured steps.
+        measure_every: measure one optimizer step in k (steps 0, k, 2k, … of ``state.global_step``),
+            the others paused (see the module); 1 (default): every step.
 
     Attributes:
         statistics: the :class:`~pergrad.integrations._step.StepStatistics` kept so far.
     """
 
     def __init__(self, beta: float = 0.95, *, run_dir: str | Path | None = None, on_unsupported: str = "auto",
-                 verify: bool | str | int = "first"):  # fmt: skip
+                 verify: bool | str | int = "first", measure_every: int = 1):  # fmt: skip
+        self.measuring = Measuring(measure_every)
         self.beta = beta
         self.schedule = Schedule(verify)
         self._check: StepCheck | None = None  # of the step in progress
@@ -120,17 +129,28 @@ class PergradCallback(TrainerCallback):
                 if p.requires_grad:
                     self._summed[name] = torch.zeros_like(local(p), dtype=torch.float64)
                     if not self._sharded:
-                        self._handles.append(p.register_hook(adder(self._summed[name])))
+                        self._handles.append(p.register_hook(self._when_measured(adder(self._summed[name]))))
             if self._sharded:  # after FSDP2's own forward hook, so that its reduce-scatters end first
                 self._handles.append(model.register_forward_hook(self._hook_outputs))
         if self.run_dir is not None and state.is_world_process_zero:
             self._run = RunDirectory(self.run_dir, {
-                "framework": "transformers", "beta": self.beta,
+                "framework": "transformers", "beta": self.beta, "measure_every": self.measuring.every,
                 "accumulate": args.gradient_accumulation_steps, "workers": args.world_size,
                 "max_grad_norm": float(args.max_grad_norm or 0.0),
             })  # fmt: skip
 
+    def _when_measured(self, hook):
+        """A gradient hook that runs on measured steps only."""
+
+        def gated(grad: torch.Tensor) -> None:
+            if self.measuring.measured:
+                hook(grad)
+
+        return gated
+
     def on_step_begin(self, args, state, control, **kwargs):
+        if not self.measuring.begin_step(state.global_step, self._pe):
+            return
         step = self.statistics.steps
         if self._check is None and self.schedule.due(step):
             self._check = StepCheck(self._pe, self._model, lambda n: self.schedule.examples(step, n))
@@ -143,6 +163,8 @@ class PergradCallback(TrainerCallback):
             self._check.add((args, {k: v for k, v in kwargs.items() if k != "num_items_in_batch"}))
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if not self.measuring.measured:
+            return
         scaler = getattr(optimizer, "scaler", None)
         loss_scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
         # accelerate unscales .grad when the Trainer measures (and clips) its norm, before this
@@ -166,7 +188,7 @@ class PergradCallback(TrainerCallback):
         """After each forward of a sharded model with clipping on: at the end of its backward,
         :meth:`_snapshot_grads` (queued by the first output gradient, behind FSDP2's own end of backward,
         which its hooks on the same outputs, registered first, queued before)."""
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and self.measuring.measured:
             for t in _tensors_in(output):
                 if t.requires_grad:
                     t.register_hook(self._queue_snapshot)
@@ -191,7 +213,8 @@ class PergradCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or "loss" not in logs or self.statistics.steps == 0:
             return  # not a training log
-        metrics = self.statistics.metrics()
+        values = self.statistics.row_values()  # {} when no step was measured since the previous log
+        metrics = {PREFIX + k: v for k, v in values.items() if v is not None}
         logs.update(metrics)
         if state.log_history:
             state.log_history[-1].update(metrics)
@@ -203,7 +226,7 @@ class PergradCallback(TrainerCallback):
                 Column.LR: logs.get("learning_rate"),
                 Column.BATCH_SIZE: self._batch_size,
                 Column.LOSS: logs["loss"],
-                **self.statistics.values(),
+                **values,
             })  # fmt: skip
 
     def _single_loss(self, inputs) -> torch.Tensor:
@@ -223,6 +246,7 @@ class PergradCallback(TrainerCallback):
         if self._check is not None:
             self._check.cancel()
             self._check = None
+        self.measuring.end()
         if self._pe is not None:
             self._pe.remove()
             self._pe = None

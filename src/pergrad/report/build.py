@@ -20,6 +20,7 @@ from .._json import jsonable
 from . import figures, sections
 from ..checks import check_sampling
 from ..stats.alignment import AlignmentReport, GradientAlignment
+from ..stats.smoothing import describe_smoothing
 from ..train.metrics import Column
 from ..train.suite import first_epoch
 from .advice import advise_batch_size
@@ -94,7 +95,9 @@ def build_report(run_dir: str | Path) -> Path:
                 sampling, config.order, _label_mix(dataset, batches), alignment, metrics
             ),
             sections.curves_section(metrics),
-            sections.noise_scale_section(metrics, advice, config, batch_sizes),
+            sections.noise_scale_section(
+                metrics, advice, config, batch_sizes, describe_smoothing(config.noise_beta, config.measure_every)
+            ),
             cbs_section("cbs", dict(sections.SECTIONS)["cbs"], cbs, metrics),
             sections.snr_section(metrics, batch_size),
             sections.norms_section(examples, metrics),

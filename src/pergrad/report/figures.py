@@ -120,19 +120,21 @@ def noise_scale_figure(
     bottom = finite.min() / 3
     band_low = np.where(np.isfinite(low) & (low > 0), low, np.where(np.isnan(low), np.nan, bottom))
     band_high = np.where(np.isinf(high), top, high)
-    ax.fill_between(steps, band_low, band_high, color=TRAIN, alpha=0.15, lw=0, label="95% interval")
+    kept = ~np.isnan(b)  # rows with a value: with measure_every, rows between measurements have none
+    ax.fill_between(steps[kept], band_low[kept], band_high[kept], color=TRAIN, alpha=0.15, lw=0, label="95% interval")
     shown = np.where(np.isinf(b), np.nan, b)
-    ax.plot(steps, shown, color=TRAIN, lw=1.8, label="B_simple = tr Σ / |G|²")
+    ax.plot(steps[kept], shown[kept], color=TRAIN, lw=1.8, label="B_simple = tr Σ / |G|²")
     if metrics.has(Column.B_PRECOND):
         b_p, low_p, high_p = (metrics.column(c) for c in (Column.B_PRECOND, Column.B_PRECOND_LOW, Column.B_PRECOND_HIGH))
-        ax.fill_between(steps, np.where(np.isfinite(low_p) & (low_p > 0), low_p, bottom),
-                        np.where(np.isinf(high_p), top, high_p), color=PRECOND, alpha=0.12, lw=0)  # fmt: skip
-        ax.plot(steps, np.where(np.isfinite(b_p), b_p, np.nan), color=PRECOND, lw=1.8,
+        kept_p = ~np.isnan(b_p)
+        ax.fill_between(steps[kept_p], np.where(np.isfinite(low_p) & (low_p > 0), low_p, bottom)[kept_p],
+                        np.where(np.isinf(high_p), top, high_p)[kept_p], color=PRECOND, alpha=0.12, lw=0)  # fmt: skip
+        ax.plot(steps[kept_p], np.where(np.isfinite(b_p), b_p, np.nan)[kept_p], color=PRECOND, lw=1.8,
                 label="B_P = tr(PΣ) / GᵀPG (Adam's metric P)")  # fmt: skip
     if metrics.has(Column.B_SIMPLE_TWO_BATCH):
         two = metrics.column(Column.B_SIMPLE_TWO_BATCH)
         shown_two = np.where(np.isfinite(two) & (two > 0), np.clip(two, bottom, top), np.nan)
-        ax.plot(steps, shown_two, color=GREY, lw=1.4, ls=":",
+        ax.plot(steps[kept], shown_two[kept], color=GREY, lw=1.4, ls=":",
                 label="B_simple, two-batch (micro-batch vs. global batch)")  # fmt: skip
     unbounded = np.isinf(b)
     if unbounded.any():

@@ -18,6 +18,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from .. import __version__
+from ..stats.smoothing import describe_smoothing
 from ..train.metrics import Column
 from . import figures, sections
 from ._format import number
@@ -60,7 +61,7 @@ def framework_report(run_dir: Path, settings: dict) -> tuple[str, dict]:
         parts = {
             "summary": _summary(run_dir, settings, metrics),
             "curves": sections.curves_section(metrics),
-            "noise-scale": sections.noise_scale_section(metrics, advice),
+            "noise-scale": sections.noise_scale_section(metrics, advice, smoothing=_smoothing(settings)),
             "snr": sections.snr_section(metrics, batch_size),
             "norms": _logged_norms(metrics),
         }
@@ -78,6 +79,14 @@ def framework_report(run_dir: Path, settings: dict) -> tuple[str, dict]:
     return html, data
 
 
+def _smoothing(settings: dict) -> str | None:
+    """How the callback smoothed its statistics, from its settings (None where they lack β)."""
+    beta = settings.get("beta")
+    if not isinstance(beta, (int, float)):
+        return None
+    return describe_smoothing(float(beta), int(settings.get("measure_every", 1)))
+
+
 def _summary(run_dir: Path, settings: dict, metrics: Metrics) -> tuple[Raw, dict]:
     """The callback's settings, the final loss, and the sections this run cannot have."""
     loss, step = metrics.last(Column.LOSS)
@@ -91,7 +100,7 @@ def _summary(run_dir: Path, settings: dict, metrics: Metrics) -> tuple[Raw, dict
         Raw("<h3>Not in this report</h3>"),
         skipped,
         lead=f"A run trained by {settings['framework']}, measured by pergrad's callback: the statistics "
-        "below are those it logged at every step. The framework keeps the model and the data, so the "
+        "below are those it logged at every measured step. The framework keeps the model and the data, so the "
         "sections that recompute per-example gradients at the saved weights are left out.",
     )
     return body, {"settings": settings, "final_loss": loss, "final_step": step, "logged_rows": len(metrics.rows)}

@@ -224,10 +224,13 @@ def noise_scale_section(
     advice: BatchSizeAdvice,
     config: TrainConfig | None = None,
     batch_sizes: list[tuple[int, int]] | None = None,
+    smoothing: str | None = None,
 ) -> tuple[Raw, dict]:
     """B_simple over training against the batch size, with the advice; for a ``pergrad train``
     run (``config``) with ``batch_size = "auto"``, how B and the learning rate followed B_simple
-    (``batch_sizes``: the (first step, B) of each batch size)."""
+    (``batch_sizes``: the (first step, B) of each batch size). ``smoothing``: how the logged
+    statistics were measured and smoothed (:func:`pergrad.stats.smoothing.describe_smoothing`),
+    stated under the advice."""
     data = {
         "verdict": advice.verdict,
         "batch_size": advice.batch_size,
@@ -253,6 +256,9 @@ def noise_scale_section(
         "squared norm of the true gradient). A batch of B examples has noise tr Σ / B, so "
         "B_simple is the batch size at which noise and signal are equal (McCandlish et al. 2018)."
     )
+    if smoothing is not None:
+        data["smoothing"] = smoothing
+        box = Raw(box.markup + f'<p id="smoothing">{esc(smoothing)}</p>')
     auto = config is not None and config.auto
     adaptive = []
     if auto:

@@ -14,7 +14,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from .._atomic import write_atomic
-from ..stats.smoothing import check_beta
+from ..stats.smoothing import check_beta, check_measure_every
 
 __all__ = ["ConfigError", "TrainConfig", "MODELS", "DATASETS", "OPTIMIZERS", "ORDERS"]
 
@@ -65,6 +65,11 @@ class TrainConfig:
             ``fully_shard``, checkpoints saved with ``torch.distributed.checkpoint``).
         data_seed: seeds the synthetic datasets and the training/validation split; -1 (the
             default): ``seed``. Runs that share it and differ in ``seed`` see the same data.
+        measure_every: k ≥ 1: per-example statistics on optimizer steps 0, k, 2k, … only; the
+            others run inside :meth:`DistributedPerExample.paused <pergrad.DistributedPerExample.paused>`
+            (no capture, no check: about a plain step's cost). ``noise_beta`` applies per measured
+            step; a metrics row with no measured step since the previous row has the loss and
+            empty statistics; ``auto`` changes B only after a measured step.
     """
 
     model: str = "mlp"
@@ -85,6 +90,7 @@ class TrainConfig:
     min_batch_size: int = 16
     max_batch_size: int = 128
     shard: str = "none"
+    measure_every: int = 1
 
     def __post_init__(self):
         self.validate()
@@ -124,6 +130,10 @@ class TrainConfig:
         except ValueError as err:
             raise ConfigError(str(err)) from None
         _check(self.accumulate >= 1, f"accumulate must be at least 1, got {self.accumulate}")
+        try:
+            check_measure_every(self.measure_every)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         _check(self.data_seed >= -1, f"data_seed must be -1 (the same as seed) or a seed >= 0, got {self.data_seed}")
         self.check_split(1)
 

@@ -18,6 +18,12 @@ reads the smoothed noise scale of the optimizer (B_simple for SGD, B_P for Adam)
 it); the batch is then the next B examples of the epoch's permutation (:meth:`BatchOrder.take`).
 The checkpoint keeps the rule and the batch sizes used so far (``batch_sizes``: the steps where
 B changed), so a resumed run makes the same decisions, and the report can rebuild the batches.
+
+With ``measure_every = k`` the statistics are measured on steps 0, k, 2k, … only; the other steps
+run inside :meth:`DistributedPerExample.paused` (the same gradient, nothing captured) and end with
+:meth:`~DistributedPerExample.plain_step`. The smoothing's β applies per measured step, the
+adaptive batch size moves only after a measured step, and a row whose steps include no measured one
+has the loss and validation columns and empty statistics.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from .. import distributed
 from .._tensors import flatten
 from ..distributed import DistributedPerExample
 from ..stats import AdaptiveBatchSize, GradientAlignment, NoiseScale, ParamSNR, adam_preconditioner, norm_quantiles
+from ..stats.smoothing import is_measured
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from . import fsdp
 from .config import ConfigError, TrainConfig
@@ -79,14 +86,18 @@ class _Window:
     examples: int = 0
     steps: int = 0
     norms: list[float] = field(default_factory=list)
+    measured: int = 0  # steps with statistics (all but those that measure_every skips)
 
-    def add(self, sums: torch.Tensor, examples: int, sq_norms: torch.Tensor, task: str) -> None:
-        """Add one step: ``sums`` = (Σ loss, Σ correct) over its examples, (examples,) sq_norms."""
+    def add(self, sums: torch.Tensor, examples: int, sq_norms: torch.Tensor | None, task: str) -> None:
+        """Add one step: ``sums`` = (Σ loss, Σ correct) over its examples, (examples,) sq_norms
+        (None for a step not measured)."""
         self.loss += float(sums[0])
         self.correct += 0.0 if task == "regression" else float(sums[1])
         self.examples += examples
         self.steps += 1
-        self.norms += sq_norms.double().sqrt().tolist()
+        if sq_norms is not None:
+            self.measured += 1
+            self.norms += sq_norms.double().sqrt().tolist()
 
 
 def prepare_run_dir(path: str | Path) -> Path:
@@ -383,7 +394,7 @@ def _restore(run: _Run, state: dict) -> None:
         run.model.load_state_dict(state["model"])
         run.optimizer.load_state_dict(state["optimizer"])
     run.stats.load_state_dict(state)
-    run.window = _Window(**state["window"])
+    run.window = _Window(**{"measured": state["window"]["steps"], **state["window"]})  # (older: all measured)
     run.step, run.epoch, run.offset, run.examples = state["step"], state["epoch"], state["offset"], state["examples"]
     run.batch_sizes = [tuple(change) for change in state["batch_sizes"]]
     if run.rule is not None:
@@ -397,10 +408,11 @@ def _restore(run: _Run, state: dict) -> None:
 
 
 def _next_batch(run: _Run) -> torch.Tensor:
-    """The next global batch, (B,) example indices; with ``auto``, B first follows the noise
-    scale, and the learning rate follows B."""
+    """The next global batch, (B,) example indices; with ``auto``, after a measured step, B first
+    follows the noise scale, and the learning rate follows B."""
     rule = run.rule
-    if rule is not None and rule.update(run.stats.follows.estimate(INTERVAL_LEVEL)) != run.batch_sizes[-1][1]:
+    after_measured = run.step == 0 or is_measured(run.step - 1, run.config.measure_every)  # else nothing new
+    if rule is not None and after_measured and rule.update(run.stats.follows.estimate(INTERVAL_LEVEL)) != run.batch_sizes[-1][1]:
         run.batch_sizes.append((run.step, rule.batch_size))
         for group in run.optimizer.param_groups:
             group["lr"] = run.config.lr * rule.lr_factor
@@ -409,17 +421,24 @@ def _next_batch(run: _Run) -> torch.Tensor:
 
 def _step(run: _Run, ddp: nn.Module, dpe: DistributedPerExample, batch: torch.Tensor) -> None:
     """One optimizer step on one global batch (``batch``: its example indices); updates the
-    statistics and the window and advances the position."""
+    statistics (on a measured step) and the window and advances the position."""
     run.optimizer.zero_grad(set_to_none=True)
-    local, sq_norms = _backward_micro_batches(run, ddp, dpe, batch)
-    merged = dpe.step(sums=local)  # p.grad: the global batch's mean gradient
-    weights = run.stats.preconditioner()
-    run.optimizer.step()
-    if run.sharded:
-        merged = fsdp.whole(merged)
-        weights = fsdp.whole_tensors(weights)
-    run.stats.update(merged, weights)
-    run.window.add(merged.sums, merged.n, distributed.all_gather_cat(sq_norms), run.dataset.task)
+    if is_measured(run.step, run.config.measure_every):
+        local, sq_norms = _backward_micro_batches(run, ddp, dpe, batch)
+        merged = dpe.step(sums=local)  # p.grad: the global batch's mean gradient
+        weights = run.stats.preconditioner()
+        run.optimizer.step()
+        if run.sharded:
+            merged = fsdp.whole(merged)
+            weights = fsdp.whole_tensors(weights)
+        run.stats.update(merged, weights)
+        run.window.add(merged.sums, merged.n, distributed.all_gather_cat(sq_norms), run.dataset.task)
+    else:
+        with dpe.paused():
+            local, _ = _backward_micro_batches(run, ddp, dpe, batch)
+            n, sums = dpe.plain_step(sums=local)  # p.grad: the same mean gradient, nothing measured
+        run.optimizer.step()
+        run.window.add(sums, n, None, run.dataset.task)
     run.step += 1
     run.offset += batch.numel()
     run.examples += batch.numel()
@@ -432,7 +451,7 @@ def _backward_micro_batches(
 
     Returns:
         (2,) float64 (Σ loss, Σ correct) over this rank's examples, and their (examples,)
-        float64 per-example squared gradient norms.
+        float64 per-example squared gradient norms (none inside ``dpe.paused()``).
     """
     local = torch.zeros(2, dtype=torch.float64)
     sq_norms = [torch.zeros(0, dtype=torch.float64)]
@@ -447,11 +466,12 @@ def _backward_micro_batches(
         with distributed.no_sync(ddp):
             out = ddp(x)
             losses = per_example_losses(task, out, y)
-            result = dpe.backward(losses)
+            result = dpe.backward(losses)  # None when paused
         accuracy = per_example_accuracy(task, out, y)
         local[0] += losses.detach().double().sum().item()
         local[1] += 0.0 if accuracy is None else accuracy.double().sum().item()
-        sq_norms.append(result.sq_norms.detach().double().cpu())
+        if result is not None:
+            sq_norms.append(result.sq_norms.detach().double().cpu())
     return local, torch.cat(sq_norms)
 
 
@@ -537,12 +557,10 @@ def _device() -> torch.device:
 
 
 def _row(run: _Run, validation: tuple[float, float | None]) -> dict:
-    """One metrics row: the window's means, ``validation`` (loss, accuracy), and the smoothed statistics."""
-    window, stats = run.window, run.stats
+    """One metrics row: the window's means, ``validation`` (loss, accuracy), and the smoothed
+    statistics if a step of the window was measured (``measure_every``), else none."""
+    window = run.window
     val_loss, val_accuracy = validation
-    estimate = stats.noise.estimate(INTERVAL_LEVEL)  # one read-out of the smoothed sums for the whole row
-    norms = torch.tensor(window.norms, dtype=torch.float64)
-    quantiles = norm_quantiles(norms, QUANTILES)
     row = {
         Column.STEP: run.step,
         Column.EPOCH: run.epoch,
@@ -553,6 +571,20 @@ def _row(run: _Run, validation: tuple[float, float | None]) -> dict:
         Column.ACCURACY: None if run.dataset.task == "regression" else window.correct / window.examples,
         Column.VAL_LOSS: val_loss,
         Column.VAL_ACCURACY: val_accuracy,
+    }
+    if window.measured:
+        row.update(_statistics_columns(run))
+    return row
+
+
+def _statistics_columns(run: _Run) -> dict:
+    """The statistics of a row: smoothed noise scale and SNR, per-example norms of the window's
+    measured steps, the cosine between their batch gradients."""
+    window, stats = run.window, run.stats
+    estimate = stats.noise.estimate(INTERVAL_LEVEL)  # one read-out of the smoothed sums for the whole row
+    norms = torch.tensor(window.norms, dtype=torch.float64)
+    quantiles = norm_quantiles(norms, QUANTILES)
+    row = {
         Column.B_SIMPLE: _finite_or_none(estimate.b_simple),
         Column.B_SIMPLE_LOW: _finite_or_none(estimate.lower),
         Column.B_SIMPLE_HIGH: _finite_or_none(estimate.upper),
@@ -562,7 +594,7 @@ def _row(run: _Run, validation: tuple[float, float | None]) -> dict:
         Column.NORM_MAX: float(norms.max()),
     }
     row.update({Column.snr(name): _finite_or_none(v) for name, v in stats.snr.layer_snr().items()})
-    row[Column.GRAD_COSINE] = _finite_or_none(stats.alignment.recent_cosine(window.steps))
+    row[Column.GRAD_COSINE] = _finite_or_none(stats.alignment.recent_cosine(window.measured))
     if stats.precond is not None:
         p = stats.precond.estimate(INTERVAL_LEVEL)
         row[Column.B_PRECOND] = _finite_or_none(p.b_simple)
@@ -605,7 +637,7 @@ class _Progress:
             "epoch": row[Column.EPOCH] + 1,
             "loss": f"{row[Column.LOSS]:.4f}",
             "val_acc": "-" if row[Column.VAL_ACCURACY] is None else f"{row[Column.VAL_ACCURACY]:.3f}",
-            "B_simple": "-" if row[Column.B_SIMPLE] is None else f"{row[Column.B_SIMPLE]:.1f}",
+            "B_simple": "-" if row.get(Column.B_SIMPLE) is None else f"{row[Column.B_SIMPLE]:.1f}",
         }
         if self.unit == "example":
             fields["B"] = row[Column.BATCH_SIZE]
