@@ -10,13 +10,12 @@ Public API:
     errors: UnsupportedModuleError, ExampleCouplingError, CaptureError.
 """
 
+from . import distributed, stats
 from .checks import AdditivityReport, IdentityReport, SamplingReport, check_additivity, check_identity, check_sampling
+from .distributed import DistributedPerExample, StepResult
 from .errors import CaptureError, ExampleCouplingError, PergradError, UnsupportedModuleError, VerificationError
 from .per_example import PerExample, PerExampleResult
-from . import distributed
-from .distributed import DistributedPerExample, StepResult
 from .rules import Rule, register_rule, registered_rules
-from . import stats
 from .stats import AdaptiveBatchSize, NoiseScale, ParamSNR, StatsWarning
 
 __version__ = "0.1.0"

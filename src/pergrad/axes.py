@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 __all__ = ["Axis", "Lost", "Tracker", "axis_of", "examples_first", "mark", "new_forward"]
+
 
 class Axis(NamedTuple):
     """The example axis of a tensor: ``dim`` holds ``outer · n · inner`` rows, examples in the
@@ -62,7 +64,7 @@ State = Axis | Lost | None
 
 # id(tensor) -> (weak reference, state) for the forward pass in progress: kept beside the
 # tensors, not on them, so that nothing of pergrad's travels with a tensor that is saved or copied
-_STATES: dict[int, tuple[weakref.ref, "State"]] = {}
+_STATES: dict[int, tuple[weakref.ref, State]] = {}
 
 
 def new_forward() -> None:
@@ -124,7 +126,7 @@ class Tracker(TorchFunctionMode):
             mark(out, state)
         else:
             states = state if isinstance(state, list) else [state] * len(out)
-            for o, s in zip(out, states):
+            for o, s in zip(out, states, strict=True):
                 if isinstance(o, Tensor):
                     mark(o, s)
         return out
@@ -482,7 +484,7 @@ def _einsum(func, args, kwargs, out) -> State:
     if not _ or "..." in spec:
         return Lost(_name(func), "an implicit output or an ellipsis")
     found = None
-    for term, x in zip(terms, operands):
+    for term, x in zip(terms, operands, strict=False):  # (a malformed equation fails in torch)
         s = axis_of(x)
         if isinstance(s, Lost):
             return s
@@ -770,7 +772,10 @@ def _table() -> dict:
     add(["scaled_dot_product_attention"], _attention)
     add(["multi_head_attention_forward"], _mha)
     add(["triu", "tril"], _trailing(lambda x, a, k: 2))
-    add(["layer_norm", "native_layer_norm", "rms_norm"], _trailing(lambda x, a, k: len(_as_shape(_arg(a, k, 1, "normalized_shape")))))
+    add(
+        ["layer_norm", "native_layer_norm", "rms_norm"],
+        _trailing(lambda x, a, k: len(_as_shape(_arg(a, k, 1, "normalized_shape")))),
+    )
     add(["group_norm", "instance_norm"] + [f"conv{d}d" for d in (1, 2, 3)] + [f"conv_transpose{d}d" for d in (1, 2, 3)],
         _trailing(lambda x, a, k: x.dim() - 1))  # fmt: skip
     add(["batch_norm"], _batch_norm)

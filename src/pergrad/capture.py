@@ -11,8 +11,9 @@ from __future__ import annotations
 import functools
 import inspect
 import types
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -55,7 +56,7 @@ class Target:
     param_ids: frozenset[int] = frozenset()
     shared: bool = False
     detached: dict[str, nn.Parameter] = field(default_factory=dict)
-    slot: "_Slot | None" = None  # where the call in progress gets its gradient-building function
+    slot: _Slot | None = None  # where the call in progress gets its gradient-building function
     modes: list[tuple[DirectMode, DirectCall]] = field(default_factory=list)
     last_path: str | None = None  # of the latest call that took the direct path
 
@@ -127,7 +128,9 @@ class Capture:
         modules = dict(model.named_modules())
         unknown = sorted(set(example_axes or {}) - set(modules))
         if unknown:
-            raise ValueError(f"example_axes names {unknown}, not modules of the model; paths are those of model.named_modules().")
+            raise ValueError(
+                f"example_axes names {unknown}, not modules of the model; paths are those of model.named_modules()."
+            )
         self.targets = _targets(model, on_unsupported)
         self.keep = Keep(grads=False, second=False)
         self.n_forward: int | None = None  # examples of the forward pass in progress
@@ -291,7 +294,9 @@ class Capture:
             return None  # examples elsewhere, or flattened with positions: the pieces need regrouping first
         if target.shared and not self.keep.grads:
             return None  # its factored records are combined with another module's (tied weights)
-        names = [n for n in target.rule.grads_in_backward(module, args, self.keep) if module._parameters[n].requires_grad]
+        names = [
+            n for n in target.rule.grads_in_backward(module, args, self.keep) if module._parameters[n].requires_grad
+        ]
         target.detached = {n: module._parameters[n] for n in names}
         for n, p in target.detached.items():
             module._parameters[n] = p.detach()
@@ -490,7 +495,7 @@ class Capture:
         half = (torch.float16, torch.bfloat16)
         return any(g is not None and g.dtype in half for t in self.targets for c in t.calls for g in c.grad_outputs)
 
-    def paused(self) -> "_Paused":
+    def paused(self) -> _Paused:
         """Context in which forwards are not captured (rules that recompute a forward)."""
         return _Paused(self)
 
@@ -588,7 +593,7 @@ def _positional(module: nn.Module, kwargs: dict) -> tuple[tuple, dict]:
     return bound.args[1:], bound.kwargs
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _forward_signature(cls: type) -> inspect.Signature:
     return inspect.signature(cls.forward)
 
@@ -670,7 +675,9 @@ def _as_read(call: Call, rule: Rule) -> Call:
     internals = layout.internals if layout is not None else {}
     return replace(
         call,
-        args=tuple(fix(a, s) for a, s in zip(call.args, layout.args)) if layout else tuple(map(widen, call.args)),
+        args=tuple(fix(a, s) for a, s in zip(call.args, layout.args, strict=True))
+        if layout
+        else tuple(map(widen, call.args)),
         kwargs={k: fix(v, layout.kwargs[k] if layout else None) for k, v in call.kwargs.items()},
         grad_outputs=[fix(g, layout.outputs[k] if layout else None) for k, g in enumerate(call.grad_outputs)],
         internals={k: fix(v, internals.get(k)) for k, v in call.internals.items()},

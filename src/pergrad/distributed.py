@@ -39,16 +39,16 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Mapping
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ._tensors import flatten, sq_norms
 from .per_example import PerExample, PerExampleResult
 from .sharded import Sharding, global_sq_norms, is_sharded, local
-from ._tensors import flatten, sq_norms
 from .stats.batch import BatchEstimate, per_example_estimate, two_batch_estimate, weighted_sq_norms
 
 __all__ = [
@@ -182,7 +182,7 @@ class DistributedPerExample:
         self.group = group
         self._reset()
 
-    def __enter__(self) -> "DistributedPerExample":
+    def __enter__(self) -> DistributedPerExample:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -336,7 +336,11 @@ class DistributedPerExample:
         if sharding is None:
             result = merged.step_result(self._reduce_grads(merged.n, _world(self.group)))
         else:
-            second = None if self._second is None else {k: Sharding.to_dtensor(m, self._params[k]) for k, m in self._second.items()}
+            second = (
+                None
+                if self._second is None
+                else {k: Sharding.to_dtensor(m, self._params[k]) for k, m in self._second.items()}
+            )
             result = _sharded_step_result(merged, self._scale_sharded_grads(merged.n), second)
         self._reset()
         return result
@@ -444,7 +448,9 @@ def _check_equal_batches(total: int, sq_sizes: float, world: int) -> None:
     )
 
 
-def _sharded_step_result(merged: "_MergedSums", mean_grads: dict[str, Tensor], second: dict[str, Tensor] | None) -> StepResult:
+def _sharded_step_result(
+    merged: _MergedSums, mean_grads: dict[str, Tensor], second: dict[str, Tensor] | None
+) -> StepResult:
     """The :class:`StepResult` of a sharded model: ``mean_grads`` and ``second`` (summed over the
     ranks' examples by reduce-scatters) are DTensors sharded like the parameters; ‖ḡ‖² is summed
     over the ranks' rows in one ``all_reduce``."""
@@ -477,12 +483,14 @@ class _MergedSums:
         if grad_sq is None:
             grad_sq = sq_norms({k: g.detach().double() for k, g in mean_grads.items()}, zero)
         norms = [s.cpu() for s in grad_sq.values()]
-        grad_sq = torch.stack([torch.stack(norms).sum(), *norms]) if norms else torch.zeros(1, dtype=torch.float64)
+        total_and_norms = (
+            torch.stack([torch.stack(norms).sum(), *norms]) if norms else torch.zeros(1, dtype=torch.float64)
+        )
         return StepResult(
             n=self.n,
             names=self.names,
             sq_norm_sums=v[_SCALARS : _SCALARS + 1 + p],
-            grad_sq_norms=grad_sq,
+            grad_sq_norms=total_and_norms,
             mean_grads=mean_grads,
             second_moment=second,
             micro_batches=int(v[1]),

@@ -10,13 +10,14 @@ pieces ``P_j`` (``∇L = Σ_j P_j``); the gradient of example j's own loss is th
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
-from . import _tensors, verify as _verify
+from . import _tensors
+from . import verify as _verify
 from .capture import Capture, rule_of_calls
 from .errors import CaptureError, VerificationError
 from .rules import Keep, records
@@ -153,7 +154,7 @@ class PerExample:
         self._pausing = 0  # depth of paused() blocks in progress
         self._capture.on_external_backward = self._gather
 
-    def __enter__(self) -> "PerExample":
+    def __enter__(self) -> PerExample:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -335,7 +336,9 @@ class PerExample:
             return []
         return [(checks.backwards // verify) % n]
 
-    def result(self, reduction: str = "mean", *, loss_scale: float = 1.0, grad_scale: float | None = None) -> PerExampleResult:
+    def result(
+        self, reduction: str = "mean", *, loss_scale: float = 1.0, grad_scale: float | None = None
+    ) -> PerExampleResult:
         """What the backward passes run by someone else since the last call measured.
 
         With the hooks attached, an ordinary ``loss.backward()`` (a framework's, on the batch's
@@ -380,7 +383,9 @@ class PerExample:
             watched, low_precision = self._watched, self._low_precision
             self.watch_sums(False)
             with torch.no_grad():
-                self._check_pieces_add_up(_PerParameter.merged([part for _, part in parts]), watched, 1.0, low_precision)
+                self._check_pieces_add_up(
+                    _PerParameter.merged([part for _, part in parts]), watched, 1.0, low_precision
+                )
         accounted = frozenset().union(*(part.accounted for _, part in parts))
         unseen = [k for k, p in self._params.items() if k not in accounted and p.grad is not None]
         self._check_accounted([k for k in unseen if bool(self._params[k].grad.any())], accounted)
@@ -393,7 +398,9 @@ class PerExample:
         if self.want_second_moment:
             second = {k: sum(part.second[k] for _, part in parts) * scale**2 for k in names}
         unscale = loss_scale if grad_scale is None else grad_scale
-        batch = {k: (torch.zeros_like(p) if p.grad is None else p.grad.detach() / unscale) for k, p in self._params.items()}
+        batch = {
+            k: (torch.zeros_like(p) if p.grad is None else p.grad.detach() / unscale) for k, p in self._params.items()
+        }
         if self._sharding is None:
             param_batch_sq = _tensors.sq_norms(batch, torch.zeros((), dtype=torch.float64))
         else:
@@ -433,12 +440,20 @@ class PerExample:
         if self._sharding is not None:  # read from the Sharding by _check_pieces_add_up
             self._watched = {}
             return
-        self._watched = {name: torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for name, p in self._params.items()}
+        self._watched = {
+            name: torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
+            for name, p in self._params.items()
+        }
         for name, p in self._params.items():
             self._watch_handles.append(p.register_hook(_tensors.adder(self._watched[name])))
 
     def check_result(
-        self, result: PerExampleResult, loss_of: Callable[[int], Tensor], examples: list[int], *, up_to_factor: bool = False
+        self,
+        result: PerExampleResult,
+        loss_of: Callable[[int], Tensor],
+        examples: list[int],
+        *,
+        up_to_factor: bool = False,
     ) -> None:
         """Compare a result of backward passes run by someone else with autograd on single examples.
 
@@ -510,7 +525,9 @@ class PerExample:
         finally:
             capture.clear()
 
-    def _check_against_autograd(self, losses: Tensor, result: PerExampleResult, low_precision: bool, examples: list[int]) -> None:
+    def _check_against_autograd(
+        self, losses: Tensor, result: PerExampleResult, low_precision: bool, examples: list[int]
+    ) -> None:
         """Compare ‖∇ℓⱼ‖² per parameter with autograd's, for j in ``examples``, through the
         retained graph (``.grad`` is stashed and restored; plain ``backward`` so that
         reentrant activation checkpointing works too), with the tolerance of
@@ -554,7 +571,9 @@ class PerExample:
         workers, where DistributedDataParallel may average it during the backward pass, unless
         the backward is known to run under ``no_sync`` (set by DistributedPerExample)."""
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        return self.local_grads or self._sharding is not None or not distributed or torch.distributed.get_world_size() == 1
+        return (
+            self.local_grads or self._sharding is not None or not distributed or torch.distributed.get_world_size() == 1
+        )
 
     def _direction(self, name: str, p: Tensor) -> tuple[Tensor, Tensor]:
         """(x (R,), y (C,)): a fixed random rank-one direction of parameter ``name`` seen as an
@@ -568,7 +587,7 @@ class PerExample:
             found = self._directions[name] = (x.to(p.device), y.to(p.device))
         return found
 
-    def _check_pieces_add_up(self, per_param: "_PerParameter", fresh: dict, scale, low_precision: bool) -> None:
+    def _check_pieces_add_up(self, per_param: _PerParameter, fresh: dict, scale, low_precision: bool) -> None:
         """Check that each parameter's per-example pieces add up to the batch gradient autograd
         computed, along the fixed random direction x yᵀ of :meth:`_direction`: ``|xᵀ(Σⱼ P_j)y −
         xᵀ(∇L)y| ≤ rtol·(s + 10⁻³·max s)`` with ``s = ‖∇L‖ + Σⱼ ‖P_j‖`` of the parameter and the
@@ -654,7 +673,9 @@ class PerExample:
             "registered parent class whose forward it overrides. Please report the model."
         )
 
-    def _per_parameter(self, n: int, scale: float, params: dict[str, nn.Parameter], probe: bool = False) -> "_PerParameter":
+    def _per_parameter(
+        self, n: int, scale: float, params: dict[str, nn.Parameter], probe: bool = False
+    ) -> _PerParameter:
         """Every target's records, gathered by parameter name, turned into results, rescaled.
 
         A parameter gets the records of every module that used it (tied weights, a module
@@ -678,7 +699,9 @@ class PerExample:
                 if self.want_grads:
                     grads[name] = like.new_zeros((n, *shape))
                 if self.want_second_moment:
-                    second[name] = torch.zeros_like(like) if sharding is None else sharding.second_moment(name, [], scale, p)
+                    second[name] = (
+                        torch.zeros_like(like) if sharding is None else sharding.second_moment(name, [], scale, p)
+                    )
                 continue
             sq[name] = records.sq_norms(records_of_p, p.shape)
             if probe:
@@ -714,8 +737,8 @@ class PerExample:
             if not calls:
                 continue
             rule = rule_of_calls(target, calls)
-            for local, recs in rule.records(target.module, calls).items():
-                found.setdefault(target.param_names[local], []).extend(recs)
+            for name, recs in rule.records(target.module, calls).items():
+                found.setdefault(target.param_names[name], []).extend(recs)
         return found
 
 
@@ -733,12 +756,14 @@ class _PerParameter:
     probes: dict[str, Tensor] = field(default_factory=dict)  # see PerExample._check_pieces_add_up
 
     @staticmethod
-    def merged(parts: list["_PerParameter"]) -> "_PerParameter":
+    def merged(parts: list[_PerParameter]) -> _PerParameter:
         """The squared norms and probes of several backwards' parts (scale 1) as one, for
         :meth:`PerExample._check_pieces_add_up`: norms concatenated, probes added."""
         names = list(parts[0].sq)
         sq = {k: torch.cat([part.sq[k] for part in parts]) for k in names}
-        probes = {k: sum(part.probes[k] for part in parts) for k in parts[0].probes if all(k in part.probes for part in parts)}
+        probes = {
+            k: sum(part.probes[k] for part in parts) for k in parts[0].probes if all(k in part.probes for part in parts)
+        }
         return _PerParameter(stacked=torch.stack(list(sq.values())), sq=sq, probes=probes)
 
 
@@ -785,4 +810,3 @@ def _check_finite(losses: Tensor, reduced: Tensor) -> None:
     bad = (~torch.isfinite(losses.detach())).nonzero().flatten().tolist()
     where = f"losses of examples {bad[:10]} are NaN or infinite" if bad else "the losses' sum overflows"
     raise ValueError(f"{where}; fix the data or the model first.")
-

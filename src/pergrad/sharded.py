@@ -28,8 +28,8 @@ Index letters: ``n`` examples, ``R`` rows of a parameter (its first axis), ``W``
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -122,7 +122,11 @@ class Sharding:
         owners: dict[int, str] = {id(p): name for name, p in params.items()}
         self._handles = []
         for module in model.modules():
-            own = {local_name: owners[id(p)] for local_name, p in module._parameters.items() if p is not None and id(p) in owners}
+            own = {
+                local_name: owners[id(p)]
+                for local_name, p in module._parameters.items()
+                if p is not None and id(p) in owners
+            }
             if own:
                 # not prepended: FSDP2's own pre-hook (prepended) has gathered the parameters by then
                 self._handles.append(module.register_forward_pre_hook(self._seen_hook(module, own)))
@@ -150,7 +154,7 @@ class Sharding:
                 )
 
     @classmethod
-    def of(cls, model: nn.Module, params: dict[str, Tensor], direction: Callable) -> "Sharding | None":
+    def of(cls, model: nn.Module, params: dict[str, Tensor], direction: Callable) -> Sharding | None:
         """A :class:`Sharding` where any trainable parameter is a DTensor, else None."""
         if not any(is_sharded(p) for p in params.values()):
             return None
@@ -288,7 +292,9 @@ class Sharding:
     @staticmethod
     def to_dtensor(shard: Tensor, like: Tensor) -> Tensor:
         """A DTensor of ``like``'s global shape and placements from this rank's rows ``shard``."""
-        return DTensor.from_local(shard, like.device_mesh, like.placements, shape=like.shape, stride=_contiguous_strides(like.shape))
+        return DTensor.from_local(
+            shard, like.device_mesh, like.placements, shape=like.shape, stride=_contiguous_strides(like.shape)
+        )
 
 
 def global_sq_norms(tensors: dict[str, Tensor | None]) -> dict[str, Tensor]:
@@ -296,11 +302,14 @@ def global_sq_norms(tensors: dict[str, Tensor | None]) -> dict[str, Tensor]:
     squares summed over the ranks in ONE ``all_reduce`` (None counts 0). Collective."""
     names = list(tensors)
     sharded = [t for t in tensors.values() if is_sharded(t)]
-    parts = [torch.zeros((), dtype=torch.float64) if t is None else local(t).detach().double().square().sum().cpu() for t in tensors.values()]
+    parts = [
+        torch.zeros((), dtype=torch.float64) if t is None else local(t).detach().double().square().sum().cpu()
+        for t in tensors.values()
+    ]
     flat = torch.stack(parts) if parts else torch.zeros(0, dtype=torch.float64)
     if sharded:
         flat = sum_over_ranks(flat, sharded[0])
-    return dict(zip(names, flat.unbind()))
+    return dict(zip(names, flat.unbind(), strict=True))
 
 
 def sum_over_ranks(values: Tensor, like: Tensor) -> Tensor:

@@ -11,9 +11,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -85,7 +85,9 @@ def worst_mismatch(
     return worst
 
 
-def single_example_sq_norms(params: dict[str, nn.Parameter], loss: Tensor, *, retain_graph: bool = False) -> dict[str, float]:
+def single_example_sq_norms(
+    params: dict[str, nn.Parameter], loss: Tensor, *, retain_graph: bool = False
+) -> dict[str, float]:
     """{name: ‖∇ loss‖²} per parameter by autograd, through ``loss.backward`` (so that reentrant
     activation checkpointing works), ``.grad`` stashed before and restored after."""
     stash = {name: p.grad for name, p in params.items()}
@@ -249,7 +251,7 @@ class StepCheck:
         examples: which of the step's n examples to check (see :class:`Schedule`).
     """
 
-    def __init__(self, pe: "PerExample", model: nn.Module, examples: Callable[[int], list[int]]):
+    def __init__(self, pe: PerExample, model: nn.Module, examples: Callable[[int], list[int]]):
         self.pe = pe
         self.examples = examples
         self.batches: list[Any] = []
@@ -273,7 +275,7 @@ class StepCheck:
             m.training = training
         self.pe.watch_sums(False)
 
-    def finish(self, result: "PerExampleResult", loss_of: Callable[[Any], Tensor]) -> None:
+    def finish(self, result: PerExampleResult, loss_of: Callable[[Any], Tensor]) -> None:
         """Check the step's result: example j's ‖∇ℓⱼ‖² per parameter against autograd's gradient
         of ``loss_of(example j as a batch of one)`` (a 0-dim loss with its graph, run with dropout
         off), up to one positive factor per example (a framework's loss may average over tokens

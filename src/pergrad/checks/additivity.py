@@ -13,8 +13,8 @@ on the loss alone (∂ℓᵢ/∂outputs) and on each module alone (∂(vᵢ·out
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -141,8 +141,7 @@ def check_additivity(
     losses = loss_fn(outputs, y)
     if losses.shape != (n,):
         raise ValueError(
-            f"loss_fn must return one loss per example, shape ({n},), got {tuple(losses.shape)}: "
-            "use reduction='none'."
+            f"loss_fn must return one loss per example, shape ({n},), got {tuple(losses.shape)}: use reduction='none'."
         )
     max_leak = _leak(lambda i: losses[i], probe_in[0], probes)
 

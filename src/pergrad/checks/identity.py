@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -141,15 +141,13 @@ def check_identity(
     return IdentityReport(max_abs, max_rel, pergrad_diff, n, model_dtype, tolerance, cause, pergrad_error)
 
 
-
 def _losses(model: nn.Module, x: Tensor, y: Tensor, loss_fn) -> Tensor:
     """(n,) per-example losses of a forward of ``x``, or a ValueError naming the fix."""
     losses = loss_fn(model(x), y)
     n = x.shape[0]
     if losses.shape != (n,):
         raise ValueError(
-            f"loss_fn must return one loss per example, shape ({n},), got {tuple(losses.shape)}: "
-            "use reduction='none'."
+            f"loss_fn must return one loss per example, shape ({n},), got {tuple(losses.shape)}: use reduction='none'."
         )
     return losses
 
@@ -176,7 +174,9 @@ def _max_abs_diff(actual: dict[str, Tensor], expected: dict[str, Tensor]) -> flo
     return _max_abs({k: actual[k] - expected[k] for k in expected})
 
 
-def _pergrad_diff(model, x, y, loss_fn, alone: dict[str, Tensor], on_unsupported: str) -> tuple[float | None, str | None]:
+def _pergrad_diff(
+    model, x, y, loss_fn, alone: dict[str, Tensor], on_unsupported: str
+) -> tuple[float | None, str | None]:
     """pergrad's per-example gradients against the independent ones (relative), or its error."""
     try:
         with PerExample(model, grads=True, on_unsupported=on_unsupported) as pe:

@@ -105,8 +105,7 @@ class SamplingReport:
             problems.append(f"the index order is {direction}, not a random permutation")
         if self.chi2_p_value is not None and self.chi2_p_value * self._num_tests < self.level:
             problems.append(
-                "batches differ in their label mix far more than random batches would "
-                "(label-sorted or clustered data)"
+                "batches differ in their label mix far more than random batches would (label-sorted or clustered data)"
             )
         if self.coverage_checked and self.repeated:
             problems.append(f"{self.repeated} draws repeat an example already seen this epoch")

@@ -29,10 +29,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "OUT/report.html. Run the same command again to resume.",
     )
     add_config_arguments(parser)
-    parser.add_argument("--quick", action="store_true",
-                        help="a smaller sweep: every other batch size, 2 seeds, 2 branch points (3 learning rates, as the full one)")
-    parser.add_argument("--jobs", type=int, default=None, metavar="N",
-                        help="parallel training processes (default: the available cores)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smaller sweep: every other batch size, 2 seeds, 2 branch points (3 learning rates, as the full one)",
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=None, metavar="N", help="parallel training processes (default: the available cores)"
+    )
     parser.add_argument("--seeds", type=int, default=None, metavar="N",
                         help="seeds per batch size and learning rate, >= 2 (default: 3, quick: 2)")  # fmt: skip
     parser.add_argument("--target-loss", type=float, default=None, metavar="LOSS",

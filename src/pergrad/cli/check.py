@@ -42,7 +42,10 @@ def format_table(rows, width: int = 120) -> str:
     name_w = max(len("check"), *(len(r.check) for r in rows))
     result_w = max(len("result"), *(len(_result(r)) for r in rows))
     meaning_w = max(30, width - name_w - result_w - 4)
-    lines = [f"{'check':<{name_w}}  {'result':<{result_w}}  what it means", "-" * min(width, name_w + result_w + 4 + meaning_w)]
+    lines = [
+        f"{'check':<{name_w}}  {'result':<{result_w}}  what it means",
+        "-" * min(width, name_w + result_w + 4 + meaning_w),
+    ]
     for r in rows:
         wrapped = textwrap.wrap(r.meaning, meaning_w) or [""]
         lines.append(f"{r.check:<{name_w}}  {_result(r):<{result_w}}  {wrapped[0]}")

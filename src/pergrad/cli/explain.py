@@ -69,9 +69,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         metavar="K",
         help=f"mini-batch size, {MIN_BATCH} to {MAX_BATCH} (default: 3)",
     )
-    parser.add_argument(
-        "--seed", type=int, default=0, help="seed that draws the mini-batch (default: 0)"
-    )
+    parser.add_argument("--seed", type=int, default=0, help="seed that draws the mini-batch (default: 0)")
     parser.add_argument(
         "--out",
         type=Path,
@@ -105,9 +103,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def regression_data(
-    w_true: tuple[float, ...], b_true: float, x_mean: float
-) -> tuple[Tensor, Tensor]:
+def regression_data(w_true: tuple[float, ...], b_true: float, x_mean: float) -> tuple[Tensor, Tensor]:
     """The fixed synthetic dataset ``y = x·w* + b* + noise``, in float64.
 
     Args:
@@ -177,10 +173,8 @@ def format_report(batch: BatchGradients, index: Tensor, seed: int) -> str:
     lines = [
         "pergrad explain: a mini-batch gradient is the average of per-example gradients",
         "",
-        f"model  f(x) = weight·x + bias, nn.Linear({len(W_TRUE)}, 1): {n_params} parameters, "
-        "float64, all zero",
-        f"data   {N_EXAMPLES} examples, x ~ N(0, I), y = x·w* + noise;  "
-        "loss per example ℓᵢ = ½ (f(xᵢ) − yᵢ)²",
+        f"model  f(x) = weight·x + bias, nn.Linear({len(W_TRUE)}, 1): {n_params} parameters, float64, all zero",
+        f"data   {N_EXAMPLES} examples, x ~ N(0, I), y = x·w* + noise;  loss per example ℓᵢ = ½ (f(xᵢ) − yᵢ)²",
         f"batch  B = {n_batch} examples drawn at random (--seed {seed})",
         "",
         header,
@@ -268,9 +262,7 @@ def _draw_surface(ax: Axes, x: np.ndarray, y: np.ndarray, lo: np.ndarray, hi: np
     levels = np.geomspace(loss.min(), loss.max(), 24)
     filled = ax.contourf(w, b, loss, levels=levels, norm=LogNorm(), cmap="Blues_r")
     ax.contour(w, b, loss, levels=levels, colors="white", linewidths=0.3, alpha=0.6)
-    ax.figure.colorbar(
-        filled, ax=ax, label="mean loss L(w, b) over all examples (log scale)", format="{x:.2g}"
-    )
+    ax.figure.colorbar(filled, ax=ax, label="mean loss L(w, b) over all examples (log scale)", format="{x:.2g}")
 
 
 def _draw_arrows(ax: Axes, theta: np.ndarray, steps: np.ndarray) -> None:
@@ -341,9 +333,7 @@ def _batch_size(text: str) -> int:
     except ValueError:
         k = None
     if k is None or not MIN_BATCH <= k <= MAX_BATCH:
-        raise argparse.ArgumentTypeError(
-            f"must be a whole number from {MIN_BATCH} to {MAX_BATCH}, got '{text}'"
-        )
+        raise argparse.ArgumentTypeError(f"must be a whole number from {MIN_BATCH} to {MAX_BATCH}, got '{text}'")
     return k
 
 
@@ -352,10 +342,7 @@ def _prepare_out_dir(out_dir: Path) -> str | None:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        return (
-            f"cannot create --out directory '{out_dir}' ({err.strerror}); "
-            "pass a directory you can write to"
-        )
+        return f"cannot create --out directory '{out_dir}' ({err.strerror}); pass a directory you can write to"
     if not os.access(out_dir, os.W_OK | os.X_OK):
         return f"--out directory '{out_dir}' is not writable; pass a directory you can write to"
     return None

@@ -26,7 +26,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "directory written by a callback of pergrad.integrations (Lightning, the Hugging Face "
         "Trainer), the sections its metrics.csv carries.",
     )
-    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the directory of a pergrad train run (its --out)")
+    parser.add_argument(
+        "run_dir", type=Path, metavar="RUN_DIR", help="the directory of a pergrad train run (its --out)"
+    )
     return parser
 
 

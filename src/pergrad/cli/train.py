@@ -179,8 +179,8 @@ def _run_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def _train_and_report(args: argparse.Namespace, rank: int) -> int:
-    from ..train.loop import train
     from ..report import ReportError, build_report
+    from ..train.loop import train
 
     try:
         config = _run_config(args)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -128,7 +129,9 @@ class StepStatistics:
             row.update({Column.B_PRECOND: p.b_simple, Column.B_PRECOND_LOW: p.lower, Column.B_PRECOND_HIGH: p.upper})
         if self.norms.numel():
             quantiles = norm_quantiles(self.norms, [q for _, q in Column.NORM_QUANTILES])
-            row.update({Column.norm(label): float(v) for (label, _), v in zip(Column.NORM_QUANTILES, quantiles, strict=True)})
+            row.update(
+                {Column.norm(label): float(v) for (label, _), v in zip(Column.NORM_QUANTILES, quantiles, strict=True)}
+            )
             row[Column.NORM_MAX] = float(self.norms.max())
         snr = self.snr.layer_snr() if self._sharded_snr is None else self._sharded_snr
         row.update({Column.snr(name): v for name, v in snr.items()})
@@ -139,7 +142,7 @@ class StepStatistics:
         return {PREFIX + k: v for k, v in self.values().items() if v is not None}
 
 
-def _preconditioned_estimate(step: StepResult, weights: dict[str, torch.Tensor], like: torch.Tensor | None):
+def _preconditioned_estimate(step: StepResult, weights: Mapping[str, torch.Tensor], like: torch.Tensor | None):
     """``step.estimate(preconditioner=weights)``; for a sharded model (``like`` one of its DTensors),
     from each rank's rows of the second moments, mean gradient and P (Adam's state is sharded like
     the parameters), the weighted sums added over the ranks in one ``all_reduce`` (collective)."""
@@ -229,4 +232,3 @@ class RunDirectory:
     def append(self, row: dict) -> None:
         """Add one row ({:class:`Column` name: value}) and rewrite ``metrics.csv``."""
         self.log.append(row)
-

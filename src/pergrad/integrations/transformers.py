@@ -60,6 +60,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import TrainerCallback
 
 from .._tensors import adder
@@ -98,7 +99,7 @@ class PergradCallback(TrainerCallback):
         self.beta = beta
         self.schedule = Schedule(verify)
         self._check: StepCheck | None = None  # of the step in progress
-        self._model = None
+        self._model: nn.Module | None = None
         self.run_dir = run_dir
         self.on_unsupported = on_unsupported
         self.statistics = StepStatistics(beta)
@@ -111,7 +112,7 @@ class PergradCallback(TrainerCallback):
         self._batch_size = 0
 
     @classmethod
-    def attach(cls, trainer, **options) -> "PergradCallback":
+    def attach(cls, trainer, **options) -> PergradCallback:
         """A new callback (``options`` as for the constructor), placed before ``trainer``'s other
         callbacks so that the ``report_to`` integrations log its metrics too; returns it."""
         callback = cls(**options)

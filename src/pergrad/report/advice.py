@@ -157,7 +157,10 @@ def advise_batch_size(
             "steps."
         )
     if b_crit is not None:
-        message += f" (The measured B_crit is at least {number(b_crit[1])}, not bounded above, so the advice reads {predictor}.)"
+        message += (
+            f" (The measured B_crit is at least {number(b_crit[1])}, not bounded above,"
+            f" so the advice reads {predictor}.)"
+        )
     return BatchSizeAdvice(
         verdict, batch_size, median, med_low, med_high, first, last, len(rows), n_logged,
         f"{why}{message} Numbers used: {used}.", basis=predictor,

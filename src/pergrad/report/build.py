@@ -17,12 +17,12 @@ import torch
 from .. import __version__
 from .._atomic import write_atomic
 from .._json import jsonable
-from . import figures, sections
 from ..checks import check_sampling
 from ..stats.alignment import AlignmentReport, GradientAlignment
 from ..stats.smoothing import describe_smoothing
 from ..train.metrics import Column
 from ..train.suite import first_epoch
+from . import figures, sections
 from .advice import advise_batch_size
 from .cbs import cbs_section, load_cbs
 from .framework import framework_report, framework_settings
@@ -91,9 +91,7 @@ def build_report(run_dir: str | Path) -> Path:
     with figures.style():
         parts = [
             sections.summary_section(run, x.shape[0], dataset.val_x.shape[0], advice),
-            sections.assumptions_section(
-                sampling, config.order, _label_mix(dataset, batches), alignment, metrics
-            ),
+            sections.assumptions_section(sampling, config.order, _label_mix(dataset, batches), alignment, metrics),
             sections.curves_section(metrics),
             sections.noise_scale_section(
                 metrics, advice, config, batch_sizes, describe_smoothing(config.noise_beta, config.measure_every)
@@ -111,8 +109,7 @@ def build_report(run_dir: str | Path) -> Path:
 
     html = page(
         title="pergrad run report",
-        subtitle=f"{run.path.resolve()} · {config.model} on {config.dataset} · "
-        f"step {run.checkpoint.get('step', '–')}",
+        subtitle=f"{run.path.resolve()} · {config.model} on {config.dataset} · step {run.checkpoint.get('step', '–')}",
         nav=list(sections.SECTIONS),
         sections=[body for body, _ in parts],
         footer=sections.footer(run.path, __version__),
@@ -170,4 +167,3 @@ def _label_mix(dataset, batches: list[torch.Tensor]) -> np.ndarray | None:
     classes = int(labels.max()) + 1
     counts = np.stack([np.bincount(labels[b].numpy(), minlength=classes) for b in batches])
     return counts / counts.sum(1, keepdims=True)
-

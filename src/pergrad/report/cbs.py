@@ -138,7 +138,13 @@ def _targets_table(cbs: dict) -> list:
             _with_interval(t["b_simple"], t["b_simple_interval"]),
             _with_interval(t.get("b_precond"), t.get("b_precond_interval")),
         ))  # fmt: skip
-    header = ["target loss", "B_crit (grid and seeds)", "B_crit (seeds only)", "B_simple at the target", "B_P at the target"]
+    header = [
+        "target loss",
+        "B_crit (grid and seeds)",
+        "B_crit (seeds only)",
+        "B_simple at the target",
+        "B_P at the target",
+    ]
     return [table(header, rows, numeric=(0, 1, 2, 3, 4), table_id="cbs-targets")]
 
 
@@ -159,8 +165,10 @@ def _numbers(cbs: dict) -> list[tuple[str, str]]:
         ("S_min, fewest steps", number(cbs["s_min"])),
         ("E_min, fewest examples", number(cbs["e_min"])),
         ("B_crit = E_min / S_min", _with_interval(cbs["b_crit"], cbs["b_crit_interval"])),
-        ("B_crit, seed bootstrap only (best learning rate per B)", _with_interval(cbs["b_crit"], cbs.get("b_crit_seed_interval"))),
-        ("batch sizes whose best learning rate is at the grid's edge", ", ".join(str(b) for b in cbs.get("lr_at_edge") or []) or "none"),
+        ("B_crit, seed bootstrap only (best learning rate per B)",
+         _with_interval(cbs["b_crit"], cbs.get("b_crit_seed_interval"))),
+        ("batch sizes whose best learning rate is at the grid's edge",
+         ", ".join(str(b) for b in cbs.get("lr_at_edge") or []) or "none"),
         (f"B_simple of the run at the target (step {cbs['b_simple_step']})",
          _with_interval(cbs["b_simple"], cbs["b_simple_interval"])),
         ("B_simple / B_crit", _with_interval(cbs["ratio"], cbs.get("ratio_interval"))),
@@ -168,7 +176,8 @@ def _numbers(cbs: dict) -> list[tuple[str, str]]:
     if cbs.get("b_precond") is not None:
         ratio, interval = cbs.get("ratio_b_precond") or (None, None)
         rows += [
-            ("B_P = tr(PΣ)/GᵀPG of the run at the target (Adam's metric)", _with_interval(cbs["b_precond"], cbs["b_precond_interval"])),
+            ("B_P = tr(PΣ)/GᵀPG of the run at the target (Adam's metric)",
+             _with_interval(cbs["b_precond"], cbs["b_precond_interval"])),
             ("B_P / B_crit", _with_interval(ratio, interval)),
         ]  # fmt: skip
     truth = cbs.get("ground_truth")
@@ -221,8 +230,7 @@ def _verdict(cbs: dict) -> str:
         ratio = cbs["ratio"]
         size = "within" if 0.1 <= ratio <= 10 else "outside"
         text += (
-            f" B_simple / B_crit = {number(ratio)}: the prediction is {size} an order of magnitude of "
-            "the measurement."
+            f" B_simple / B_crit = {number(ratio)}: the prediction is {size} an order of magnitude of the measurement."
         )
     closer = _closer(cbs)
     if closer:
@@ -232,7 +240,10 @@ def _verdict(cbs: dict) -> str:
 
 def _closer(cbs: dict) -> str:
     """Which predictor, B_simple or B_P, is nearer the measured B_crit (in log ratio)."""
-    ratios = {name: (cbs.get(f"ratio_{key}") or (None, None))[0] for name, key in (("B_simple", "b_simple"), ("B_P", "b_precond"))}
+    ratios = {
+        name: (cbs.get(f"ratio_{key}") or (None, None))[0]
+        for name, key in (("B_simple", "b_simple"), ("B_P", "b_precond"))
+    }
     if any(r is None or not 0 < r < math.inf for r in ratios.values()):
         return ""
     best = min(ratios, key=lambda k: abs(math.log(ratios[k])))

@@ -18,8 +18,8 @@ from matplotlib.figure import Figure
 from matplotlib.image import imsave
 
 from ..stats.batch import noise_coefficient
-from .advice import BatchSizeAdvice
 from ..train.metrics import Column
+from .advice import BatchSizeAdvice
 from .run_files import Metrics
 from .unbiasedness import UnbiasednessCheck
 
@@ -40,8 +40,15 @@ TRAIN, VAL, ACCENT, GREY = "#1f6fb2", "#e8590c", "#2f9e44", "#868e96"
 PRECOND = "#7048e8"  # B_P, the noise scale in the preconditioner's metric
 MAX_SNR_LINES = 12  # more parameters than this: the SNR figure shows only the last values
 _DPI = 130
-_STYLE = {"font.size": 9.5, "axes.titlesize": 10.5, "axes.labelsize": 9.5, "legend.fontsize": 8.5,
-          "xtick.labelsize": 9, "ytick.labelsize": 9, "axes.edgecolor": "#868e96"}
+_STYLE = {
+    "font.size": 9.5,
+    "axes.titlesize": 10.5,
+    "axes.labelsize": 9.5,
+    "legend.fontsize": 8.5,
+    "xtick.labelsize": 9,
+    "ytick.labelsize": 9,
+    "axes.edgecolor": "#868e96",
+}
 
 
 def png_bytes(fig: Figure) -> bytes:
@@ -125,7 +132,9 @@ def noise_scale_figure(
     shown = np.where(np.isinf(b), np.nan, b)
     ax.plot(steps[kept], shown[kept], color=TRAIN, lw=1.8, label="B_simple = tr Σ / |G|²")
     if metrics.has(Column.B_PRECOND):
-        b_p, low_p, high_p = (metrics.column(c) for c in (Column.B_PRECOND, Column.B_PRECOND_LOW, Column.B_PRECOND_HIGH))
+        b_p, low_p, high_p = (
+            metrics.column(c) for c in (Column.B_PRECOND, Column.B_PRECOND_LOW, Column.B_PRECOND_HIGH)
+        )
         kept_p = ~np.isnan(b_p)
         ax.fill_between(steps[kept_p], np.where(np.isfinite(low_p) & (low_p > 0), low_p, bottom)[kept_p],
                         np.where(np.isinf(high_p), top, high_p)[kept_p], color=PRECOND, alpha=0.12, lw=0)  # fmt: skip

@@ -114,8 +114,12 @@ def _logged_norms(metrics: Metrics) -> tuple[Raw, dict]:
     body = section(
         "norms",
         dict(sections.SECTIONS)["norms"],
-        table(["quantile", f"last logged step ({step if step is not None else '–'})"],
-              [(label, number(logged[label])) for label in labels], numeric=(1,), table_id="norm-quantiles"),  # fmt: skip
+        table(
+            ["quantile", f"last logged step ({step if step is not None else '–'})"],
+            [(label, number(logged[label])) for label in labels],
+            numeric=(1,),
+            table_id="norm-quantiles",
+        ),  # fmt: skip
         lead="Quantiles of the per-example gradient norms ‖∇ℓᵢ‖ over the examples of the last logged step.",
     )
     return body, {"logged": logged, "logged_step": step}

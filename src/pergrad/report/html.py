@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import base64
 import html
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 __all__ = ["Raw", "esc", "data_uri", "figure", "table", "note", "section", "page", "CSS"]
 
@@ -38,8 +38,7 @@ def figure(png: bytes, alt: str, caption: str | Raw, figure_id: str | None = Non
     """An embedded PNG with a caption under it."""
     ident = f' id="{esc(figure_id)}"' if figure_id else ""
     return Raw(
-        f'<figure{ident}><img src="{data_uri(png)}" alt="{esc(alt)}">'
-        f"<figcaption>{esc(caption)}</figcaption></figure>"
+        f'<figure{ident}><img src="{data_uri(png)}" alt="{esc(alt)}"><figcaption>{esc(caption)}</figcaption></figure>'
     )
 
 
@@ -56,9 +55,7 @@ def table(
     cls = f' class="{esc(css_class)}"' if css_class else ""
 
     def cells(tag: str, values: Iterable[object]) -> str:
-        return "".join(
-            f'<{tag}{" class=num" if k in numeric else ""}>{esc(v)}</{tag}>' for k, v in enumerate(values)
-        )
+        return "".join(f"<{tag}{' class=num' if k in numeric else ''}>{esc(v)}</{tag}>" for k, v in enumerate(values))
 
     headers = list(headers)
     head = f"<thead><tr>{cells('th', headers)}</tr></thead>" if any(str(h) for h in headers) else ""

@@ -23,7 +23,6 @@ from ..train.models import build_model
 __all__ = ["ReportError", "Metrics", "Run", "load_metrics", "load_run", "load_data_and_model"]
 
 
-
 class ReportError(PergradError, ValueError):
     """A run directory the report cannot be built from; the message says what to do."""
 
@@ -91,8 +90,7 @@ def load_run(run_dir: str | Path) -> Run:
     path = Path(run_dir)
     if not path.is_dir():
         raise ReportError(
-            f"run directory {path} does not exist: pass the directory that pergrad train wrote "
-            "(its --out)"
+            f"run directory {path} does not exist: pass the directory that pergrad train wrote (its --out)"
         )
     try:
         config = TrainConfig.load(path / "config.toml")
@@ -104,9 +102,7 @@ def load_run(run_dir: str | Path) -> Run:
     except CheckpointError as err:
         raise ReportError(str(err)) from None
     if not isinstance(checkpoint.get("model"), dict) and not isinstance(checkpoint.get("sharded"), str):
-        raise ReportError(
-            f"{path / 'checkpoint.pt'} has no model weights; rerun pergrad train to write it"
-        )
+        raise ReportError(f"{path / 'checkpoint.pt'} has no model weights; rerun pergrad train to write it")
     return Run(path, config, metrics, checkpoint)
 
 
@@ -125,8 +121,7 @@ def load_metrics(path: Path) -> Metrics:
     except (OSError, UnicodeDecodeError, ValueError, TypeError) as err:
         reason = getattr(err, "strerror", None) or str(err)
         raise ReportError(
-            f"{path} is not a metrics file that pergrad train wrote ({reason}); "
-            "rerun pergrad train to rewrite it"
+            f"{path} is not a metrics file that pergrad train wrote ({reason}); rerun pergrad train to rewrite it"
         ) from None
     names = tuple(header.split(","))
     missing = [c for c in Column.REQUIRED if c not in names]
@@ -136,9 +131,7 @@ def load_metrics(path: Path) -> Metrics:
             "pergrad train wrote; rerun pergrad train to rewrite it"
         )
     if not rows:
-        raise ReportError(
-            f"{path} has no rows yet: train for at least log_every steps, then build the report"
-        )
+        raise ReportError(f"{path} has no rows yet: train for at least log_every steps, then build the report")
     if any(row.get(Column.STEP) is None or not math.isfinite(row[Column.STEP]) for row in rows):
         raise ReportError(f"{path} has a row without a step; rerun pergrad train to rewrite it")
     return Metrics(rows, names)

@@ -11,16 +11,16 @@ import numpy as np
 from torch import Tensor
 
 from ..checks.sampling import SamplingReport
+from ..stats.adaptive_batch import LR_SCALINGS
 from ..stats.alignment import AlignmentReport
 from ..stats.noise_scale import b_simple_ratio
+from ..train.config import TrainConfig
+from ..train.loop import batch_size_rule
+from ..train.metrics import Column
 from . import figures
 from ._format import number
 from .advice import FACTOR, TAIL, UNKNOWN, BatchSizeAdvice
 from .html import Raw, data_uri, esc, figure, note, section, table
-from ..stats.adaptive_batch import LR_SCALINGS
-from ..train.config import TrainConfig
-from ..train.loop import batch_size_rule
-from ..train.metrics import Column
 from .run_files import Metrics, Run
 from .theta import ExamplesAtTheta
 from .unbiasedness import UnbiasednessCheck
@@ -150,7 +150,7 @@ def assumptions_section(
     """The sampling check on the run's batch order, and how aligned its batch gradients were."""
     verdict = (
         f'<span class="{"ok" if sampling.passed else "warn"}">'
-        f'{"passes" if sampling.passed else "FAILS"}</span> the sampling check '
+        f"{'passes' if sampling.passed else 'FAILS'}</span> the sampling check "
         f"(p = {sampling.p_value:.2g} at level {sampling.level:g})"
     )
     lead = Raw(
@@ -282,7 +282,7 @@ def noise_scale_section(
     if metrics.has(Column.B_PRECOND):
         caption += (
             " Violet: B_P = tr(PΣ) / GᵀPG, the noise scale in Adam's metric P = 1/(√v̂ + ε) (its band, the "
-            f"95% interval); under Adam the advice reads B_P, and the table gives both."
+            "95% interval); under Adam the advice reads B_P, and the table gives both."
         )
     rows = [
         ("batch size B", advice.batch_size),
@@ -319,7 +319,9 @@ def noise_scale_section(
     return body, data
 
 
-def _adaptive_batch_size(config: TrainConfig, batch_sizes: list[tuple[int, int]], metrics: Metrics) -> tuple[list, dict]:
+def _adaptive_batch_size(
+    config: TrainConfig, batch_sizes: list[tuple[int, int]], metrics: Metrics
+) -> tuple[list, dict]:
     """What ``--batch-size auto`` did: its rule, the learning-rate rule, each change, and the
     steps it took for its examples against a fixed B_min."""
     rule = batch_size_rule(config)
@@ -395,9 +397,11 @@ def snr_section(metrics: Metrics, batch_size: int) -> tuple[Raw, dict]:
         "snr",
         _TITLES["snr"],
         figure(png, "per-parameter signal-to-noise ratio", caption),
-        Raw("<details><summary>Last values, highest first</summary>"
+        Raw(
+            "<details><summary>Last values, highest first</summary>"
             + table(["parameter", "SNR"], rows, numeric=(1,), table_id="snr-table").markup
-            + "</details>"),  # fmt: skip
+            + "</details>"
+        ),  # fmt: skip
     )
     return body, data
 
@@ -409,9 +413,7 @@ def norms_section(examples: ExamplesAtTheta, metrics: Metrics) -> tuple[Raw, dic
     at_theta.update(max=float(norms.max()), mean=float(norms.mean()))
     logged = {label: metrics.last(Column.norm(label))[0] for label in (*dict(Column.NORM_QUANTILES), "max")}
     logged_step = metrics.last(Column.norm("q50"))[1]
-    png = figures.png_bytes(
-        figures.norms_figure(norms, {k: at_theta[k] for k, _ in Column.NORM_QUANTILES}, logged)
-    )
+    png = figures.png_bytes(figures.norms_figure(norms, {k: at_theta[k] for k, _ in Column.NORM_QUANTILES}, logged))
     caption = (
         f"Each of the {len(norms)} training examples' gradient norm ‖∇ℓᵢ‖ at the saved parameters, "
         "computed with pergrad in one backward pass per chunk (model in eval mode, float64). "
@@ -420,17 +422,21 @@ def norms_section(examples: ExamplesAtTheta, metrics: Metrics) -> tuple[Raw, dic
         "than the rest: see the next section."
     )
     rows = [
-        (label, number(at_theta[label]), number(logged.get(label)))
-        for label in ("q10", "q50", "q90", "max", "mean")
+        (label, number(at_theta[label]), number(logged.get(label))) for label in ("q10", "q50", "q90", "max", "mean")
     ]
     body = section(
         "norms",
         _TITLES["norms"],
         figure(png, "histogram of per-example gradient norms", caption),
         table(
-            ["quantile", f"at θ, all {len(norms)} training examples",
-             f"last training window (metrics.csv, step {logged_step if logged_step is not None else '–'})"],
-            rows, numeric=(1, 2), table_id="norm-quantiles",
+            [
+                "quantile",
+                f"at θ, all {len(norms)} training examples",
+                f"last training window (metrics.csv, step {logged_step if logged_step is not None else '–'})",
+            ],
+            rows,
+            numeric=(1, 2),
+            table_id="norm-quantiles",
         ),  # fmt: skip
     )
     return body, {"n_examples": len(norms), "at_theta": at_theta, "logged": logged, "logged_step": logged_step}
@@ -464,7 +470,7 @@ def outliers_section(examples: ExamplesAtTheta, x: Tensor, y: Tensor, image_shap
                 f'<div class="card"><img src="{data_uri(png)}" alt="training example {r["index"]}">'
                 f'<div class="idx">#{r["index"]}</div>'
                 f'<div class="{verdict}">label {esc(r["target"])} → pred. {esc(r["prediction"])}</div>'
-                f'<div>‖∇ℓ‖ {esc(number(r["norm"], 3))} · loss {esc(number(r["loss"], 3))}</div></div>'
+                f"<div>‖∇ℓ‖ {esc(number(r['norm'], 3))} · loss {esc(number(r['loss'], 3))}</div></div>"
             )
         wrong = sum(r["target"] != r["prediction"] for r in records)
         caption = (
@@ -537,9 +543,7 @@ def unbiasedness_section(check: UnbiasednessCheck, run_batch_size: int) -> tuple
          f"{r.ratio:.3f}", f"{zv:+.1f}", number(r.mean_rel_error, 3), number(r.chance_rel_error, 3))
         for r, zv in zip(rows, z, strict=True)
     ]  # fmt: skip
-    convergence_rows = [
-        (c.draws, number(c.rel_error, 3), number(c.chance_rel_error, 3)) for c in check.convergence
-    ]
+    convergence_rows = [(c.draws, number(c.rel_error, 3), number(c.chance_rel_error, 3)) for c in check.convergence]
     body = section(
         "unbiasedness",
         _TITLES["unbiasedness"],
@@ -548,9 +552,10 @@ def unbiasedness_section(check: UnbiasednessCheck, run_batch_size: int) -> tuple
         figure(png, "measured against predicted batch-gradient error", caption),
         Raw("<h3>Measured against predicted, per batch size</h3>"),
         table(
-            ["B", "measured E‖ḡ_B − ∇C‖² ± s.e.", "predicted", "ratio", "z",
-             "‖mean ḡ_B − ∇C‖ / ‖∇C‖", "chance level"],
-            table_rows, numeric=range(7), table_id="unbiasedness-table",
+            ["B", "measured E‖ḡ_B − ∇C‖² ± s.e.", "predicted", "ratio", "z", "‖mean ḡ_B − ∇C‖ / ‖∇C‖", "chance level"],
+            table_rows,
+            numeric=range(7),
+            table_id="unbiasedness-table",
         ),  # fmt: skip
         note(
             f"z = (measured − predicted) / standard error: within ±3 when measurement and theory "
@@ -558,8 +563,12 @@ def unbiasedness_section(check: UnbiasednessCheck, run_batch_size: int) -> tuple
             "with ∇C against the error chance alone would leave."
         ),
         Raw(f"<h3>The mean of k batch gradients (B = {check.convergence_batch_size})</h3>"),
-        table(["k batches", "‖mean ḡ_B − ∇C‖ / ‖∇C‖", "chance level √(predicted / k) / ‖∇C‖"],
-              convergence_rows, numeric=(0, 1, 2), table_id="convergence-table"),  # fmt: skip
+        table(
+            ["k batches", "‖mean ḡ_B − ∇C‖ / ‖∇C‖", "chance level √(predicted / k) / ‖∇C‖"],
+            convergence_rows,
+            numeric=(0, 1, 2),
+            table_id="convergence-table",
+        ),  # fmt: skip
         note(identity),
         lead=lead,
     )
@@ -573,9 +582,16 @@ def unbiasedness_section(check: UnbiasednessCheck, run_batch_size: int) -> tuple
         "full_grad_sq_norm": check.full_grad_sq_norm,
         "autograd_max_diff": check.autograd_max_diff,
         "rows": [
-            {"batch_size": r.batch_size, "measured": r.measured, "std_error": r.std_error,
-             "predicted": r.predicted, "ratio": r.ratio, "z": zv,
-             "mean_rel_error": r.mean_rel_error, "chance_rel_error": r.chance_rel_error}
+            {
+                "batch_size": r.batch_size,
+                "measured": r.measured,
+                "std_error": r.std_error,
+                "predicted": r.predicted,
+                "ratio": r.ratio,
+                "z": zv,
+                "mean_rel_error": r.mean_rel_error,
+                "chance_rel_error": r.chance_rel_error,
+            }
             for r, zv in zip(rows, z, strict=True)
         ],  # fmt: skip
         "convergence_batch_size": check.convergence_batch_size,

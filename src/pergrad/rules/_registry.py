@@ -16,8 +16,9 @@ Scaling convention. A captured output gradient ``g`` is the gradient of the *red
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -42,7 +43,7 @@ class Layout:
     internals: dict[str, State]
 
     @classmethod
-    def of(cls, args: tuple, kwargs: dict, outputs: list[Tensor], internals: dict[str, Tensor]) -> "Layout":
+    def of(cls, args: tuple, kwargs: dict, outputs: list[Tensor], internals: dict[str, Tensor]) -> Layout:
         return cls(
             tuple(axis_of(a) for a in args),
             {k: axis_of(v) for k, v in kwargs.items()},
@@ -51,7 +52,7 @@ class Layout:
         )
 
     @classmethod
-    def examples_first(cls, call: "Call") -> "Layout":
+    def examples_first(cls, call: Call) -> Layout:
         """Every tensor of the call with its examples along axis 0."""
 
         def first(x):
@@ -99,7 +100,10 @@ class Call:
     def primary(self) -> tuple[Tensor | None, State]:
         """The first tensor input (positional, else by keyword) and where its examples are."""
         layout = self.layout or Layout.examples_first(self)
-        for x, s in (*zip(self.args, layout.args), *((v, layout.kwargs[k]) for k, v in self.kwargs.items())):
+        for x, s in (
+            *zip(self.args, layout.args, strict=True),
+            *((v, layout.kwargs[k]) for k, v in self.kwargs.items()),
+        ):
             if isinstance(x, Tensor):
                 return x, s
         return None, None

@@ -15,14 +15,13 @@ Two ways to get ``‖P_j‖²``:
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 from torch.linalg import vector_norm
 
 from ._registry import workspace
-
 
 CHUNK_ELEMENTS = 1 << 19  # per-example pieces built at once to be reduced, at most (2 MiB in float32: in cache)
 

@@ -94,7 +94,9 @@ def _projections(module: nn.MultiheadAttention, x_q: Tensor, x_k: Tensor, x_v: T
     if module._qkv_same_embed_dim:
         w_q, w_k, w_v = weight.chunk(3)
     else:
-        w_q, w_k, w_v = (w.detach() if detach else w for w in (module.q_proj_weight, module.k_proj_weight, module.v_proj_weight))
+        w_q, w_k, w_v = (
+            w.detach() if detach else w for w in (module.q_proj_weight, module.k_proj_weight, module.v_proj_weight)
+        )
     b_q, b_k, b_v = (None,) * 3 if bias is None else bias.chunk(3)
     return tuple(F.linear(x, w, b) for x, w, b in ((x_q, w_q, b_q), (x_k, w_k, b_k), (x_v, w_v, b_v)))
 
@@ -192,9 +194,7 @@ class MultiheadAttentionRule(FunctionalRule):
             x_q, x_k, x_v, g = (t.transpose(0, 1) for t in (x_q, x_k, x_v, g))
         if call.internals:  # exposed by the forward: their gradients came with the backward
             grads = call.internal_grads  # one unreached (e.g. a value no loss depends on) is zero
-            g_q, g_k, g_v = (
-                grads[name] if name in grads else torch.zeros_like(call.internals[name]) for name in "qkv"
-            )
+            g_q, g_k, g_v = (grads[name] if name in grads else torch.zeros_like(call.internals[name]) for name in "qkv")
             return {"q": (x_q, g_q), "k": (x_k, g_k), "v": (x_v, g_v), "out": (call.internals["o"], g)}
         n, L, _ = x_q.shape
         causal = bool(kw.get("is_causal", False)) and kw.get("attn_mask") is None

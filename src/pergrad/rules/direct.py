@@ -31,8 +31,9 @@ the module's path says so.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -296,7 +297,7 @@ class DirectMode(TorchFunctionMode):
         names = {d.name for _, d in found}
         constant = all(not self._batched(o) or not o.is_floating_point() or id(o) in self.buffers for o in others)
         if len(found) == 1 and constant:
-            (k, d), = found
+            ((k, d),) = found
             self.derived[id(out)] = _Derived(d.name, d.param, _compose(d.f, func, args, kwargs, k), out)
             return out
         self.record.unhandled.append(f"{_op_name(func)} on {sorted(names)}")
@@ -377,7 +378,7 @@ def _cat(mode, func, args, kwargs, found):
     """``torch.cat``/``stack`` of tensors with examples and tensors computed from a parameter
     (a class token expanded to the batch, joined to the patch embeddings)."""
     tensors = args[0] if args else kwargs.get("tensors")
-    dim = (args[1] if len(args) > 1 else kwargs.get("dim", 0))
+    dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
     if not isinstance(tensors, (list, tuple)) or kwargs.keys() - {"tensors", "dim"}:
         return None
     batched = _rank_and_batched(mode, list(tensors))
@@ -421,7 +422,9 @@ def _affine(mode, x: Tensor, channel_axis: int, weight, bias, normalised: Tensor
 
 
 def _layer_norm(mode, func, args, kwargs, found):
-    x, shape, weight, bias, eps = _bind(args, kwargs, ("input", "normalized_shape", "weight", "bias", "eps"), (None, 1e-5))
+    x, shape, weight, bias, eps = _bind(
+        args, kwargs, ("input", "normalized_shape", "weight", "bias", "eps"), (None, 1e-5)
+    )
     return _affine(mode, x, x.dim() - len(shape), weight, bias, F.layer_norm(x, shape, None, None, eps))
 
 
@@ -431,7 +434,9 @@ def _rms_norm(mode, func, args, kwargs, found):
 
 
 def _group_norm(mode, func, args, kwargs, found):
-    x, groups, weight, bias, eps = _bind(args, kwargs, ("input", "num_groups", "weight", "bias", "eps"), (None, None, 1e-5))
+    x, groups, weight, bias, eps = _bind(
+        args, kwargs, ("input", "num_groups", "weight", "bias", "eps"), (None, None, 1e-5)
+    )
     return _affine(mode, x, 1, weight, bias, F.group_norm(x, groups, None, None, eps))
 
 
@@ -512,7 +517,9 @@ def _addmm(mode, func, args, kwargs, found):
 
 
 def _embedding(mode, func, args, kwargs, found):
-    index, weight, padding_idx, max_norm = _bind(args, kwargs, ("input", "weight", "padding_idx", "max_norm"), (None, None))
+    index, weight, padding_idx, max_norm = _bind(
+        args, kwargs, ("input", "weight", "padding_idx", "max_norm"), (None, None)
+    )
     d = mode._tracked(weight)
     if d is None or d.f is not None or max_norm is not None or kwargs.get("scale_grad_by_freq"):
         return None

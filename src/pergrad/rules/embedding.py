@@ -112,4 +112,3 @@ def _bag_arguments(call: Call) -> tuple[Tensor, Tensor | None, Tensor | None]:
     names = ("input", "offsets", "per_sample_weights")
     values = dict(zip(names, call.args, strict=False)) | {k: v for k, v in call.kwargs.items() if k in names}
     return values["input"], values.get("offsets"), values.get("per_sample_weights")
-

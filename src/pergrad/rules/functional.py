@@ -96,7 +96,7 @@ class FunctionalRule(Rule):
             forward pass put its examples (:attr:`Call.layout`); tensors without are shared.
         """
         layout = call.layout or Layout.examples_first(call)
-        args = [as_batched(a, s) for a, s in zip(call.args, layout.args)]
+        args = [as_batched(a, s) for a, s in zip(call.args, layout.args, strict=True)]
         kwargs = {k: as_batched(v, layout.kwargs[k]) for k, v in call.kwargs.items()}
         return (
             tuple(a for a, _ in args),

@@ -21,6 +21,7 @@ from ._registry import Keep, Rule, register_rule
 from ._sequence import bias_grads, materialising_in_backward_is_cheaper, piece_chunks, row_sq_norms, weight_grads
 from .records import Dense, Outer, Record, Reduced
 
+
 @register_rule(nn.Linear)
 class LinearRule(Rule):
     """Weight (o, i): ``P_j = Σ_t g_jt a_jtᵀ``; bias (o,): ``Σ_t g_jt``."""

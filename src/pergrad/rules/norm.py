@@ -49,7 +49,9 @@ class _AffineNormRule(Rule):
         for call in calls:
             g = call.grad_outputs[0]
             if getattr(module, "weight", None) is not None and module.weight.requires_grad:
-                out.setdefault("weight", []).append(Dense(self.fold(module, self.normalised_of_call(module, call).mul_(g))))
+                out.setdefault("weight", []).append(
+                    Dense(self.fold(module, self.normalised_of_call(module, call).mul_(g)))
+                )
             if getattr(module, "bias", None) is not None and module.bias.requires_grad:
                 out.setdefault("bias", []).append(Dense(self.fold(module, g)))
         return out

@@ -51,7 +51,7 @@ class _States(NamedTuple):
     h: Tensor
     c: Tensor
 
-    def unsqueeze(self, dim: int) -> "_States":
+    def unsqueeze(self, dim: int) -> _States:
         return _States(self.h.unsqueeze(dim), self.c.unsqueeze(dim))
 
 

@@ -171,9 +171,7 @@ class GradientAlignment:
         )
 
 
-def consecutive_alignment_test(
-    batch_grads_sequence: Iterable[Tensor], **kwargs
-) -> AlignmentReport:
+def consecutive_alignment_test(batch_grads_sequence: Iterable[Tensor], **kwargs) -> AlignmentReport:
     """``GradientAlignment`` over a whole sequence of flat batch gradients, each of shape (D,).
 
     Keyword arguments go to ``GradientAlignment``.

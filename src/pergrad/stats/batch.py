@@ -39,7 +39,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Mapping, NamedTuple
+from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -57,6 +58,7 @@ __all__ = [
     "two_batch_estimate",
     "weighted_sq_norms",
 ]
+
 
 class StatsWarning(UserWarning):
     """A statistic cannot be estimated from the data given (one example has no variance...)."""
@@ -169,9 +171,7 @@ def batch_estimate(result: PerExampleResult, population_size: int | None = None)
     return _pick(_estimates(result, population_size), 0)
 
 
-def param_batch_estimates(
-    result: PerExampleResult, population_size: int | None = None
-) -> dict[str, BatchEstimate]:
+def param_batch_estimates(result: PerExampleResult, population_size: int | None = None) -> dict[str, BatchEstimate]:
     """:func:`batch_estimate` for each parameter: {name: BatchEstimate}, summing to the total."""
     estimates = _estimates(result, population_size)
     return {name: _pick(estimates, i + 1) for i, name in enumerate(result.param_sq_norms)}

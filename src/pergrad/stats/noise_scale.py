@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Mapping
 from statistics import NormalDist
-from typing import Callable, Mapping, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -95,12 +96,12 @@ class NoiseState(NamedTuple):
     cross: Tensor
 
     @classmethod
-    def init(cls, size: int) -> "NoiseState":
+    def init(cls, size: int) -> NoiseState:
         """A state of ``size`` coordinates that has seen no batch."""
         zeros = torch.zeros(size, dtype=torch.float64)
         return cls(*(zeros for _ in cls._fields))
 
-    def update(self, estimate: BatchEstimate, beta: float) -> "NoiseState":
+    def update(self, estimate: BatchEstimate, beta: float) -> NoiseState:
         """Decay the sums by β and add one batch's estimates, each of shape (k,).
 
         Raises:
@@ -128,7 +129,7 @@ class NoiseState(NamedTuple):
             cross=b * self.cross + t * g,
         )
 
-    def merge(self, other: "NoiseState") -> "NoiseState":
+    def merge(self, other: NoiseState) -> NoiseState:
         """The state of both streams together (workers at the same steps, or consecutive runs
         with β = 1)."""
         if other.weight.shape != self.weight.shape:
@@ -264,7 +265,7 @@ class NoiseScale:
             )
         self._add(tuple(names), BatchEstimate(t, g))
 
-    def merge(self, other: "NoiseScale") -> None:
+    def merge(self, other: NoiseScale) -> None:
         """Add another worker's state to this one (same β, same parameters)."""
         if other.beta != self.beta or other.population_size != self.population_size:
             raise ValueError(

@@ -76,11 +76,11 @@ class NormHistogram(NamedTuple):
     counts: Tensor
 
     @classmethod
-    def init(cls) -> "NormHistogram":
+    def init(cls) -> NormHistogram:
         """An empty histogram."""
         return cls(torch.zeros(2 + _LAST_BIN - _FIRST_BIN, dtype=torch.float64))
 
-    def update(self, sq_norms: Tensor) -> "NormHistogram":
+    def update(self, sq_norms: Tensor) -> NormHistogram:
         """Add a batch of (n,) squared norms, e.g. ``result.sq_norms`` or ``result.param_sq_norms[name]``."""
         norms = _checked_sq_norms(sq_norms).sqrt()
         positive = norms > 0
@@ -88,7 +88,7 @@ class NormHistogram(NamedTuple):
         index = torch.cat([torch.zeros(int((~positive).sum()), dtype=torch.long), 1 + (bins.long() - _FIRST_BIN)])
         return NormHistogram(self.counts + torch.bincount(index, minlength=self.counts.shape[0]).double())
 
-    def merge(self, other: "NormHistogram") -> "NormHistogram":
+    def merge(self, other: NormHistogram) -> NormHistogram:
         """Both histograms' counts together."""
         return NormHistogram(self.counts + other.counts)
 
@@ -142,13 +142,13 @@ class LargestNorms(NamedTuple):
     seen: int
 
     @classmethod
-    def init(cls, k: int) -> "LargestNorms":
+    def init(cls, k: int) -> LargestNorms:
         """An empty state keeping the k largest."""
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}.")
         return cls(torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.long), k, 0)
 
-    def update(self, sq_norms: Tensor, ids: Tensor | None = None) -> "LargestNorms":
+    def update(self, sq_norms: Tensor, ids: Tensor | None = None) -> LargestNorms:
         """Add a batch of (n,) squared norms with their (n,) global example ids.
 
         Without ids, examples are numbered by their position in this state's stream; pass
@@ -162,7 +162,7 @@ class LargestNorms(NamedTuple):
             raise ValueError(f"ids must have shape ({n},) like sq_norms, got {tuple(ids.shape)}.")
         return self._keep(torch.cat([self.sq_norms, values]), torch.cat([self.ids, ids.detach().cpu().long()]), n)
 
-    def merge(self, other: "LargestNorms") -> "LargestNorms":
+    def merge(self, other: LargestNorms) -> LargestNorms:
         """The k largest of both states (ids should be global)."""
         if other.k != self.k:
             raise ValueError(f"cannot merge states keeping k={self.k} and k={other.k}.")
@@ -173,7 +173,7 @@ class LargestNorms(NamedTuple):
         """(≤ k,) the largest norms, largest first."""
         return self.sq_norms.sqrt()
 
-    def _keep(self, values: Tensor, ids: Tensor, added: int) -> "LargestNorms":
+    def _keep(self, values: Tensor, ids: Tensor, added: int) -> LargestNorms:
         by_id = torch.sort(ids, stable=True).indices
         order = by_id[torch.sort(values[by_id], descending=True, stable=True).indices][: self.k]
         return LargestNorms(values[order], ids[order], self.k, self.seen + added)

@@ -15,7 +15,7 @@ References:
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -36,8 +36,8 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, model: nn.Module) -> C
         parameter has no state yet (before the first step). Call it (update the noise scale)
         before ``optimizer.step()`` on the batch: P is then the previous step's, independent of
         the batch it weighs, and tr(PΣ)̂, GᵀPĜ stay unbiased (after the step, v̂ holds that
-        batch's own squared gradient: at step 1, v̂ = ḡ² exactly). Parameters of the model that the optimizer does not hold are
-        left out (a trainable one then makes the noise scale raise, naming it).
+        batch's own squared gradient: at step 1, v̂ = ḡ² exactly). Parameters of the model that the
+        optimizer does not hold are left out (a trainable one then makes the noise scale raise, naming it).
 
     Raises:
         TypeError: another optimizer (its geometry is not Adam's).

@@ -73,7 +73,7 @@ class SNRState(NamedTuple):
     noise: dict[str, Tensor]
 
     @classmethod
-    def init(cls) -> "SNRState":
+    def init(cls) -> SNRState:
         """A state that has seen no batch; parameters are taken from the first update."""
         return cls({}, {})
 
@@ -84,7 +84,7 @@ class SNRState(NamedTuple):
         *,
         beta: float = 0.99,
         population_size: int | None = None,
-    ) -> "SNRState":
+    ) -> SNRState:
         """Decay the sums by β and add one batch.
 
         Args:
@@ -106,8 +106,7 @@ class SNRState(NamedTuple):
         check_beta(beta)
         if result.second_moment is None:
             raise ValueError(
-                "the result has no second moments: create the engine with "
-                "PerExample(model, second_moment=True)."
+                "the result has no second moments: create the engine with PerExample(model, second_moment=True)."
             )
         n = result.n
         if n < 2:
@@ -133,7 +132,7 @@ class SNRState(NamedTuple):
         *,
         beta: float = 0.99,
         population_size: int | None = None,
-    ) -> "SNRState":
+    ) -> SNRState:
         """Decay the sums by β and add one batch given by its sums, e.g. merged over workers.
 
         Args:
@@ -162,7 +161,7 @@ class SNRState(NamedTuple):
             noise[name] = beta * self.noise.get(name, 0.0) + estimate.trace_sigma
         return SNRState(signal, noise)
 
-    def merge(self, other: "SNRState") -> "SNRState":
+    def merge(self, other: SNRState) -> SNRState:
         """The state of both workers' batches together."""
         if not self.signal or not other.signal:
             return self if self.signal else other
@@ -224,7 +223,7 @@ class ParamSNR:
             second_moment, mean_grads, n, beta=self.beta, population_size=self.population_size
         )
 
-    def merge(self, other: "ParamSNR") -> None:
+    def merge(self, other: ParamSNR) -> None:
         """Add another worker's sums to this one (same β)."""
         if other.beta != self.beta or other.population_size != self.population_size:
             raise ValueError(f"cannot merge ParamSNR(beta={other.beta}) into ParamSNR(beta={self.beta}).")

@@ -58,8 +58,16 @@ from .metrics import Column, read_metrics
 from .sampler import BatchOrder
 
 __all__ = [
-    "CBSPlan", "make_plan", "run_cbs", "run_job", "branch_critical_batch", "scaled_lr", "grid_lr", "default_workers",
-    "RESULT", "TOLERANCE",
+    "CBSPlan",
+    "make_plan",
+    "run_cbs",
+    "run_job",
+    "branch_critical_batch",
+    "scaled_lr",
+    "grid_lr",
+    "default_workers",
+    "RESULT",
+    "TOLERANCE",
 ]
 
 RESULT = "cbs.json"
@@ -151,7 +159,8 @@ def make_plan(
         raise ConfigError(f"--second-target-loss must be a positive number, got {second_target}")
     if second_target is not None and target_loss is not None and not second_target > target_loss:
         raise ConfigError(
-            f"--second-target-loss ({second_target:g}) must be above --target-loss ({target_loss:g}): it is the easier target"
+            f"--second-target-loss ({second_target:g}) must be above --target-loss ({target_loss:g}): "
+            "it is the easier target"
         )
     if not (math.isfinite(tolerance) and tolerance >= 0):
         raise ConfigError(f"--tolerance must be a number >= 0, got {tolerance}")
@@ -498,7 +507,9 @@ def _summarize(config: TrainConfig, plan: CBSPlan, reference: dict, results: lis
     target, the noise scales at the reference's crossing of it, the branches. The top-level
     ``b_crit``, ``b_simple``, ``b_precond``... are those of the first target."""
     sweep = [r for r in results if r["kind"] == "sweep"]
-    predictors = reference.get("predictors") or [_predictors({Column.STEP: reference["b_simple_step"], **reference["b_simple"]})]
+    predictors = reference.get("predictors") or [
+        _predictors({Column.STEP: reference["b_simple_step"], **reference["b_simple"]})
+    ]
     at_targets = []
     for i, target in enumerate(reference.get("targets", [reference["target_loss"]])):
         measured = _measure(sweep, plan.seeds, i)
@@ -652,4 +663,3 @@ def _ground_truth(config: TrainConfig, plan: CBSPlan, reference: dict, out: Path
     }
     write_atomic(path, json.dumps(jsonable(truth), indent=1) + "\n")
     return truth
-

@@ -115,8 +115,14 @@ class TrainConfig:
                 "give --max-batch-size at least --min-batch-size",
             )
         else:
-            _check(isinstance(self.batch_size, int), f"batch_size must be a whole number or 'auto', got {self.batch_size!r}")
-            _check(self.batch_size >= 2, f"batch_size must be at least 2 (a variance needs two examples), got {self.batch_size}")
+            _check(
+                isinstance(self.batch_size, int),
+                f"batch_size must be a whole number or 'auto', got {self.batch_size!r}",
+            )
+            _check(
+                self.batch_size >= 2,
+                f"batch_size must be at least 2 (a variance needs two examples), got {self.batch_size}",
+            )
         _check(self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}")
         _check(self.log_every >= 1, f"log_every must be at least 1, got {self.log_every}")
         _check(0 < self.val_fraction <= 0.5, f"val_fraction must be in (0, 0.5], got {self.val_fraction}")
@@ -173,14 +179,14 @@ class TrainConfig:
             return self.accumulate
         return -(-self.accumulate * batch // self.max_batch_size)
 
-    def replace(self, **changes) -> "TrainConfig":
+    def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
+    def from_dict(cls, values: dict) -> TrainConfig:
         """Build from a mapping, refusing unknown keys and values of the wrong type."""
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(set(values) - set(known))
@@ -201,7 +207,7 @@ class TrainConfig:
         return cls(**typed)
 
     @classmethod
-    def load(cls, path: str | Path) -> "TrainConfig":
+    def load(cls, path: str | Path) -> TrainConfig:
         """Read a TOML file of top-level keys (the field names)."""
         path = Path(path)
         try:

@@ -14,8 +14,9 @@ With Adam, the statistics also keep B_P = tr(PΣ)/GᵀPG, the noise scale in Ada
 P = 1/(√v̂ + ε) (:func:`~pergrad.stats.adam_preconditioner`), logged as ``b_precond``.
 
 With ``batch_size = "auto"``, before each step an :class:`~pergrad.stats.AdaptiveBatchSize`
-reads the smoothed noise scale of the optimizer (B_simple for SGD, B_P for Adam) and its 95% interval and may change B (and the learning rate with
-it); the batch is then the next B examples of the epoch's permutation (:meth:`BatchOrder.take`).
+reads the smoothed noise scale of the optimizer (B_simple for SGD, B_P for Adam) and its 95% interval
+and may change B (and the learning rate with it); the batch is then the next B examples of the
+epoch's permutation (:meth:`BatchOrder.take`).
 The checkpoint keeps the rule and the batch sizes used so far (``batch_sizes``: the steps where
 B changed), so a resumed run makes the same decisions, and the report can rebuild the batches.
 
@@ -31,9 +32,10 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -45,16 +47,16 @@ from .._tensors import flatten
 from ..distributed import DistributedPerExample
 from ..stats import AdaptiveBatchSize, GradientAlignment, NoiseScale, ParamSNR, adam_preconditioner, norm_quantiles
 from ..stats.smoothing import is_measured
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from . import fsdp
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .data import Dataset, load_dataset
 from .losses import per_example_accuracy, per_example_losses
 from .metrics import Column, MetricsLog, read_metrics
 from .models import build_model
 from .sampler import BatchOrder
-from .tensorboard import TensorBoardLog
 from .suite import sampling_warning
+from .tensorboard import TensorBoardLog
 
 __all__ = [
     "RunResult", "train", "prepare_run_dir", "batch_size_rule", "QUANTILES", "ALIGNMENT_SKETCH", "ALIGNMENT_STEPS",
@@ -113,7 +115,9 @@ def prepare_run_dir(path: str | Path) -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
-        raise ConfigError(f"cannot write to output directory {run_dir} ({err.strerror}): choose another with --out") from None
+        raise ConfigError(
+            f"cannot write to output directory {run_dir} ({err.strerror}): choose another with --out"
+        ) from None
     return run_dir
 
 
@@ -205,7 +209,10 @@ def train(
     if board is not None:
         on_row = _also_to(board, run, on_row)
     run.model.train()
-    with DistributedPerExample(run.model, second_moment=True) as dpe, (contextlib.closing(board) if board else contextlib.nullcontext()):
+    with (
+        DistributedPerExample(run.model, second_moment=True) as dpe,
+        contextlib.closing(board) if board else contextlib.nullcontext(),
+    ):
         while run.epoch < config.epochs:
             while run.offset < n:
                 if stop_after is not None and run.step >= stop_after:
@@ -237,7 +244,7 @@ class _Statistics:
     precond: NoiseScale | None = None  # B_P in the optimizer's metric (Adam), else None
 
     @classmethod
-    def for_run(cls, config: TrainConfig, optimizer: torch.optim.Optimizer, model: nn.Module) -> "_Statistics":
+    def for_run(cls, config: TrainConfig, optimizer: torch.optim.Optimizer, model: nn.Module) -> _Statistics:
         precond = None
         if config.optimizer == "adam":
             precond = NoiseScale(beta=config.noise_beta, preconditioner=adam_preconditioner(optimizer, model))
@@ -386,7 +393,9 @@ def _restore(run: _Run, state: dict) -> None:
         )
     if "sharded" in state:  # every rank reads its shards, on any number of workers
         if not run.sharded:
-            raise CheckpointError(f"{run.run_dir} holds a sharded (--fsdp) checkpoint: resume it under torchrun with --fsdp")
+            raise CheckpointError(
+                f"{run.run_dir} holds a sharded (--fsdp) checkpoint: resume it under torchrun with --fsdp"
+            )
         fsdp.load_sharded(run.run_dir / state["sharded"], run.model, run.optimizer)
     elif run.sharded:
         raise CheckpointError(f"{run.run_dir} holds an unsharded checkpoint: resume it without --fsdp")
@@ -412,7 +421,11 @@ def _next_batch(run: _Run) -> torch.Tensor:
     follows the noise scale, and the learning rate follows B."""
     rule = run.rule
     after_measured = run.step == 0 or is_measured(run.step - 1, run.config.measure_every)  # else nothing new
-    if rule is not None and after_measured and rule.update(run.stats.follows.estimate(INTERVAL_LEVEL)) != run.batch_sizes[-1][1]:
+    if (
+        rule is not None
+        and after_measured
+        and rule.update(run.stats.follows.estimate(INTERVAL_LEVEL)) != run.batch_sizes[-1][1]
+    ):
         run.batch_sizes.append((run.step, rule.batch_size))
         for group in run.optimizer.param_groups:
             group["lr"] = run.config.lr * rule.lr_factor
@@ -486,7 +499,7 @@ def _also_to(board: TensorBoardLog, run: _Run, on_row: Callable[[dict], None] | 
     return both
 
 
-def _log(run: _Run, progress: "_Progress", on_row: Callable[[dict], None] | None) -> None:
+def _log(run: _Run, progress: _Progress, on_row: Callable[[dict], None] | None) -> None:
     """Rank 0 appends a metrics row for the steps since the previous one and shows it (a sharded
     model's validation forward runs on every rank)."""
     validation = evaluate(run.model, run.dataset) if run.lead or run.sharded else None
@@ -502,18 +515,20 @@ def _log(run: _Run, progress: "_Progress", on_row: Callable[[dict], None] | None
 def _checkpoint(run: _Run) -> None:
     """Rank 0 saves everything needed to continue exactly from here; a sharded model's shards are
     saved first by every rank (:mod:`pergrad.train.fsdp`), then ``checkpoint.pt`` names them."""
+    state: dict[str, Any] = {}  # the model's and optimizer's
     if run.sharded:
-        weights = {"sharded": fsdp.save_sharded(run.run_dir, f"{run.step}-{run.epoch}-{run.offset}", run.model, run.optimizer)}
+        folder = f"{run.step}-{run.epoch}-{run.offset}"
+        state = {"sharded": fsdp.save_sharded(run.run_dir, folder, run.model, run.optimizer)}
         fsdp.barrier()  # every rank's shards are written
     elif run.lead:
-        weights = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict()}
+        state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict()}
     if not run.lead:
         return
     save_checkpoint(
         run.run_dir / "checkpoint.pt",
         {
             "config": run.config.to_dict(),
-            **weights,
+            **state,
             **run.stats.state_dict(),
             "window": run.window.__dict__.copy(),
             "step": run.step,
@@ -526,7 +541,7 @@ def _checkpoint(run: _Run) -> None:
         },
     )
     if run.sharded:
-        fsdp.prune_sharded(run.run_dir, weights["sharded"])
+        fsdp.prune_sharded(run.run_dir, state["sharded"])
 
 
 def _open_run_dir(config: TrainConfig, resume: bool, lead: bool) -> tuple[Path, dict | None]:
@@ -625,7 +640,7 @@ class _Progress:
             self.bar = tqdm(total=total, initial=done, file=stream, unit=unit, dynamic_ncols=True, leave=True)
 
     @classmethod
-    def for_run(cls, run: _Run, quiet: bool, stream) -> "_Progress":
+    def for_run(cls, run: _Run, quiet: bool, stream) -> _Progress:
         epochs = run.config.epochs
         if run.rule is None:
             return cls(run.order.steps_per_epoch() * epochs, run.step, quiet, stream, run.lead)

@@ -49,7 +49,9 @@ class SequenceMLP(nn.Module):
     def __init__(self, vocab: int, length: int, d: int = 16, hidden: int = 128):
         super().__init__()
         self.embed = nn.Embedding(vocab, d)
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(length * d, hidden), nn.ReLU(), nn.Linear(hidden, length * vocab))
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(length * d, hidden), nn.ReLU(), nn.Linear(hidden, length * vocab)
+        )
         self.vocab = vocab
 
     def forward(self, tokens: Tensor) -> Tensor:

@@ -38,7 +38,9 @@ class BatchOrder:
         labels: (N,) labels, needed for "sorted".
     """
 
-    def __init__(self, num_examples: int, batch_size: int, seed: int, order: str = "shuffled", labels: Tensor | None = None):
+    def __init__(
+        self, num_examples: int, batch_size: int, seed: int, order: str = "shuffled", labels: Tensor | None = None
+    ):
         if order == "sorted" and labels is None:
             raise ValueError("order='sorted' sorts by label, and this dataset has none: use order='shuffled'.")
         self.num_examples, self.batch_size, self.seed, self.order = num_examples, batch_size, seed, order
@@ -46,7 +48,7 @@ class BatchOrder:
         self._last: tuple[int, Tensor] | None = None  # (epoch, permutation): take() reuses it
 
     @classmethod
-    def for_run(cls, config, dataset) -> "BatchOrder":
+    def for_run(cls, config, dataset) -> BatchOrder:
         """The batch order of a run: a ``TrainConfig``'s batch size (its first, for ``auto``),
         seed and order over a ``Dataset``'s training split (its labels for "sorted")."""
         return cls(dataset.train_x.shape[0], config.first_batch_size, config.seed, config.order, dataset.labels)
@@ -92,7 +94,9 @@ class BatchOrder:
         while start < self.num_examples:
             size = next(sizes, None)
             if size is None:
-                raise ValueError(f"the batch sizes ran out after {len(batches)} batches, {start} of {self.num_examples} examples")
+                raise ValueError(
+                    f"the batch sizes ran out after {len(batches)} batches, {start} of {self.num_examples} examples"
+                )
             batches.append(self.take(epoch, start, size))
             start += batches[-1].numel()
         return batches

@@ -35,7 +35,9 @@ class CheckRow:
     meaning: str
 
 
-def first_epoch(config: TrainConfig, dataset: Dataset, batch_sizes: list[tuple[int, int]] | None = None) -> list[Tensor]:
+def first_epoch(
+    config: TrainConfig, dataset: Dataset, batch_sizes: list[tuple[int, int]] | None = None
+) -> list[Tensor]:
     """The run's batches of indices in epoch 0.
 
     Args:
@@ -46,7 +48,9 @@ def first_epoch(config: TrainConfig, dataset: Dataset, batch_sizes: list[tuple[i
     return BatchOrder.for_run(config, dataset).batches(0, sizes)
 
 
-def sampling_report(config: TrainConfig, dataset: Dataset, batch_sizes: list[tuple[int, int]] | None = None) -> SamplingReport:
+def sampling_report(
+    config: TrainConfig, dataset: Dataset, batch_sizes: list[tuple[int, int]] | None = None
+) -> SamplingReport:
     """The sampling check on the run's first epoch of batches (see :func:`first_epoch`)."""
     return check_sampling(first_epoch(config, dataset, batch_sizes), dataset.labels)
 
@@ -82,7 +86,8 @@ def run_checks(config: TrainConfig) -> list[CheckRow]:
         CheckRow(
             "additivity (no coupling)",
             additivity.passed,
-            f"max leak {additivity.max_leak:.1g}" + (f" in {', '.join(additivity.culprits)}" if additivity.culprits else ""),
+            f"max leak {additivity.max_leak:.1g}"
+            + (f" in {', '.join(additivity.culprits)}" if additivity.culprits else ""),
             additivity.explanation,
         ),
         CheckRow(

@@ -35,8 +35,7 @@ class TensorBoardLog:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise ConfigError(
-                "--tensorboard needs the tensorboard package: pip install 'pergrad[tensorboard]' "
-                "(tensorboard==2.21.0)"
+                "--tensorboard needs the tensorboard package: pip install 'pergrad[tensorboard]' (tensorboard==2.21.0)"
             ) from None
         purge = None if resume_step is None else resume_step + 1
         self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge)
