@@ -33,7 +33,6 @@ import argparse
 import gc
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -41,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pergrad  # noqa: E402
-from workloads import Workload, llama, mlp  # noqa: E402
+from workloads import Workload, llama, mlp, seconds_per_step  # noqa: E402
 
 METHODS = ("plain", "attached", "with", "check 2", "check 1", "paused")
 VERIFY = {"attached": "first", "check 2": True, "check 1": 1}
@@ -60,28 +59,20 @@ def pergrad_step(w: Workload, pe: pergrad.PerExample) -> None:
 def timed(w: Workload, method: str, steps: int) -> float:
     """Seconds per step over ``steps`` consecutive steps of ``method``."""
     if method == "plain":
-        start = time.perf_counter()
-        for _ in range(steps):
-            plain_step(w)
-        return (time.perf_counter() - start) / steps
+        return seconds_per_step(lambda: plain_step(w), steps)
     if method == "with":
-        start = time.perf_counter()
-        for _ in range(steps):
+
+        def step_with():
             with pergrad.PerExample(w.model) as pe:
                 pergrad_step(w, pe)
-        return (time.perf_counter() - start) / steps
+
+        return seconds_per_step(step_with, steps)
     pe = pergrad.PerExample(w.model, verify=VERIFY.get(method, "first"))
     try:
         if method == "paused":
             with pe.paused():
-                start = time.perf_counter()
-                for _ in range(steps):
-                    plain_step(w)
-                return (time.perf_counter() - start) / steps
-        start = time.perf_counter()
-        for _ in range(steps):
-            pergrad_step(w, pe)
-        return (time.perf_counter() - start) / steps
+                return seconds_per_step(lambda: plain_step(w), steps)
+        return seconds_per_step(lambda: pergrad_step(w, pe), steps)
     finally:
         pe.remove()
 

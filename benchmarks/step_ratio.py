@@ -31,7 +31,6 @@ import argparse
 import gc
 import statistics
 import sys
-import time
 import warnings
 from dataclasses import dataclass
 
@@ -95,16 +94,10 @@ def timed(w: Workload, mode: str, steps: int) -> float:
     after it stops.
     """
     if mode == "plain":
-        start = time.perf_counter()
-        for _ in range(steps):
-            plain_step(w)
-        return (time.perf_counter() - start) / steps
+        return wl.seconds_per_step(lambda: plain_step(w), steps)
     pe = pergrad.PerExample(w.model, **MODES[mode])
     try:
-        start = time.perf_counter()
-        for _ in range(steps):
-            pergrad_step(w, pe)
-        return (time.perf_counter() - start) / steps
+        return wl.seconds_per_step(lambda: pergrad_step(w, pe), steps)
     finally:
         pe.remove()
 

@@ -8,6 +8,8 @@ per-example losses, shape ``(n,)``.
 
 from __future__ import annotations
 
+import time
+
 from dataclasses import dataclass
 from typing import Callable
 
@@ -253,3 +255,11 @@ def vit(n: int = 32, seed: int = 0, device: str = "cpu", key: str = "vit") -> Wo
     x, y = torch.randn(n, 3, 32, 32), torch.randint(0, 10, (n,))
     return Workload(key, f"ViT (transformers) 2L d128, 32x32/4, n={n}", model.to(device), x.to(device),
                     y.to(device), classification_losses)
+
+
+def seconds_per_step(step: Callable[[], object], steps: int) -> float:
+    """Seconds per call over ``steps`` consecutive calls of ``step``."""
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps
