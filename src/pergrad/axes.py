@@ -784,7 +784,7 @@ def _table() -> dict:
         add(pools + [f"{p}_pool{d}d_with_indices" for p in ("max", "adaptive_max")], _trailing(_last(d)))
     add(["interpolate", "upsample", "upsample_nearest", "upsample_bilinear"], _trailing(lambda x, a, k: x.dim() - 2))
     add(["pixel_shuffle", "pixel_unshuffle"], _trailing(lambda x, a, k: 3))
-    add(["one_hot"], _same_rank_plus)
+    add(["one_hot"], _same)  # a new last axis
     for name in ("lstm", "gru", "rnn_tanh", "rnn_relu"):
         f = getattr(torch._VF, name, None)
         if f is not None:
@@ -795,11 +795,6 @@ def _table() -> dict:
 def _last(count: int) -> Callable:
     """For :func:`_trailing`: a fixed number of trailing axes."""
     return lambda x, args, kwargs: count
-
-
-def _same_rank_plus(func, args, kwargs, out) -> State:
-    """one_hot: a new last axis."""
-    return _source(args, kwargs)[1]
 
 
 def _as_shape(shape) -> tuple:
