@@ -199,7 +199,8 @@ def test_several_children_called_in_one_step():
 def test_a_lightning_module_fitted_with_the_callback_through_a_child():
     """A real lightning.Trainer: training_step calls the child; nothing crashes and the step's
     statistics are logged."""
-    lightning = pytest.importorskip("lightning")
+    import lightning  # in the test extra
+
     from pergrad.integrations.lightning import PergradCallback
 
     class LitModule(lightning.LightningModule):
