@@ -662,7 +662,7 @@ def _as_read(call: Call, rule: Rule) -> Call:
     position-wise rule, every tensor with its examples moved to axis 0 ((n, …))."""
     layout = call.layout
     half = (torch.float16, torch.bfloat16)
-    moves = rule.flattens_positions and layout is not None
+    moves = rule.flattens_positions and layout is not None and not layout.examples_first_already()
     tensors = (*call.args, *call.grad_outputs)
     if not moves and not any(isinstance(x, Tensor) and x.dtype in half for x in tensors):
         return call  # the usual case: as captured

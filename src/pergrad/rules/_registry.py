@@ -28,6 +28,8 @@ from ..axes import Axis, State, axis_of
 if TYPE_CHECKING:
     from .records import Record
 
+_FIRST = Axis(0)
+
 __all__ = ["Call", "Keep", "Layout", "Rule", "on_grad", "register_rule", "rule_for", "registered_rules", "widen"]
 
 
@@ -50,6 +52,11 @@ class Layout:
             [axis_of(o) for o in outputs],
             {k: axis_of(v) for k, v in internals.items()},
         )
+
+    def examples_first_already(self) -> bool:
+        """Whether every tensor with examples holds them along axis 0, one row each (nothing to move)."""
+        states = (*self.args, *self.kwargs.values(), *self.outputs, *self.internals.values())
+        return all(s is None or s == _FIRST for s in states)
 
     @classmethod
     def examples_first(cls, call: Call) -> Layout:

@@ -15,7 +15,10 @@ Two ways to get ``‖P_j‖²``:
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -31,26 +34,81 @@ def gram_is_cheaper(t: int, i: int, o: int) -> bool:
     return t * (i + o) < i * o
 
 
-#: Cost, in multiply-adds, of one pass over an entry of materialised pieces (summing them into
-#: the batch gradient, squaring them): measured on CPU, where a memory pass over (32, 512, 128)
-#: float32 pieces takes as long as about 3 multiply-adds per entry in a batched matmul.
-PASS_COST = 3
-#: Extra cost of a batched matmul of per-example pieces over the single matmul of the batch
-#: gradient it replaces, as a fraction of its multiply-adds (small matrices run less efficiently).
-BATCHED_OVERHEAD = 0.05
+#: How a weight applied at t > 1 positions gets its per-example squared norms when nothing else
+#: needs its pieces: "measured" (default) times both ways once per shape and process (see
+#: :func:`build_in_backward`); "gram" and "materialise" force one (tests, benchmarks).
+FORM = "measured"
+#: Multiply-adds one timing of :func:`build_in_backward` may take, at most (a few ms on a CPU core):
+#: wider layers are timed on fewer examples, whose costs scale with n.
+TIMING_BUDGET = 1 << 27
+
+# (device type, dtype, t rounded down to a power of two, i, o) -> whether building is faster
+_BUILD_IS_FASTER: dict[tuple, bool] = {}
 
 
-def materialising_in_backward_is_cheaper(t: int, i: int, o: int) -> bool:
-    """Whether building the per-example pieces during the backward pass (their sum then *is* the
-    batch weight gradient, which autograd no longer computes) costs less than the Gram form
-    on top of autograd's gradient, per example.
+def build_in_backward(x: Tensor, o: int) -> bool:
+    """Whether to build a weight's per-example pieces ``P_j`` during the backward pass, reduced
+    at once (:func:`reduced_pieces`; their sum then *is* the batch gradient, which autograd no
+    longer computes), rather than let autograd compute the batch gradient and take the norms
+    afterwards by :func:`weight_sq_norms` (the Gram form where it has fewer multiply-adds).
 
-    Materialising costs the batched matmul's inefficiency, ``BATCHED_OVERHEAD·t·i·o``, plus
-    two passes over the i·o entries (the sum into the batch gradient, the squared norm); the
-    Gram form, ``t²·(i+o)`` multiply-adds. With t = 1 neither is needed
-    (``‖a‖²‖g‖²``).
+    Both do the weight gradient's n·t·i·o multiply-adds or more; which is faster depends on how
+    well the machine runs a batched matmul with a short inner dimension t against one large
+    matmul, and no fixed model gets that right across CPUs and GPUs (on a 2-core Xeon at t = 64
+    the batched pieces take 2-3x the time of the matmul they replace, while the Gram form takes
+    0.6x). So both are timed, once per process for each (device, dtype, t up to a power of two,
+    i, o), on the call's own input and at most ``TIMING_BUDGET`` multiply-adds (a few examples
+    of a wide layer), and the faster is kept. The result is exact either way.
+
+    Args:
+        x: (n, *, i) the layer's input, t > 1 positions in ``*``.
+        o: the layer's output width.
     """
-    return BATCHED_OVERHEAD * t * i * o + 2 * PASS_COST * i * o < t * t * (i + o)
+    if FORM != "measured":
+        return FORM == "materialise"
+    n, i = x.shape[0], x.shape[-1]
+    t = x.numel() // max(1, n * i)
+    key = (x.device.type, x.dtype, 1 << (t.bit_length() - 1), i, o)
+    faster = _BUILD_IS_FASTER.get(key)
+    if faster is None:
+        c = max(1, min(n, TIMING_BUDGET // max(1, t * i * o)))
+        with torch.no_grad():
+            a = x[:c].detach().reshape(c, t, i)
+            g = a.new_ones(c, t, o)  # values do not change the cost (ones: no subnormals)
+            flat_a, flat_g = a.reshape(-1, i), g.reshape(-1, o)
+            built = _seconds(lambda: reduced_pieces(a, g), a)
+            later = _seconds(lambda: (flat_g.T @ flat_a, weight_sq_norms(a, g)), a)
+        faster = _BUILD_IS_FASTER[key] = built < later
+    return faster
+
+
+def _seconds(work, like: Tensor, repeats: int = 5) -> float:
+    """The median of ``repeats`` timings of ``work()``, after one untimed run, each started with
+    the CPU's caches holding other data (as in a training step, where a layer's inputs were
+    written long before its backward reads them)."""
+    sync = torch.cuda.synchronize if like.is_cuda else (lambda: None)
+    evict = None if like.is_cuda else torch.empty(_cache_bytes() // 4)
+    work()
+    times = []
+    for _ in range(repeats):
+        if evict is not None:
+            evict.fill_(1.0)
+        sync()
+        start = time.perf_counter()
+        work()
+        sync()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[repeats // 2]
+
+
+def _cache_bytes() -> int:
+    """Bytes of the CPU's largest cache (Linux sysfs; 32 MiB where it cannot be read)."""
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = index.read_text().strip()
+        if text[:-1].isdigit() and text[-1] in "KM":
+            sizes.append(int(text[:-1]) << (10 if text[-1] == "K" else 20))
+    return max(sizes, default=32 << 20)
 
 
 def row_sq_norms(x: Tensor) -> Tensor:
@@ -75,6 +133,21 @@ def piece_chunks(a: Tensor, g: Tensor) -> Iterator[tuple[slice, Tensor]]:
         rows = slice(start, min(start + chunk, m))
         c = rows.stop - start
         yield rows, torch.bmm(g[rows].transpose(1, 2), a[rows], out=scratch[: c * o * i].view(c, o, i))
+
+
+def reduced_pieces(a: Tensor, g: Tensor, second: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(m, t, i), (m, t, o) -> the pieces ``P_j`` built a chunk at a time and reduced at once:
+    their sum ``Σ_j P_j`` (o, i), squared norms ``‖P_j‖²`` (m,), and with ``second`` their
+    elementwise second moment ``Σ_j P_j²`` (o, i) (else None). No (m, o, i) tensor is built."""
+    grad = a.new_zeros(g.shape[2], a.shape[2])
+    sq = a.new_empty(a.shape[0])
+    moment = a.new_zeros(grad.shape) if second else None
+    for rows, pieces in piece_chunks(a, g):
+        grad += pieces.sum(0)
+        sq[rows] = row_sq_norms(pieces.view(pieces.shape[0], -1))
+        if moment is not None:
+            moment += pieces.square_().sum(0)
+    return grad, sq, moment
 
 
 def weight_sq_norms(a: Tensor, g: Tensor) -> Tensor:

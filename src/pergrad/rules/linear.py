@@ -4,11 +4,11 @@ The positions ``*`` are flattened into t; calls of a shared module are concatena
 which makes the per-example piece the sum over calls and puts the cross terms into the norm.
 The math is that of :mod:`._sequence`.
 
-Where the weight's per-example pieces ``P_j = Σ_t g_jt a_jtᵀ`` are cheaper to materialise than
-the Gram form (see :func:`._sequence.materialising_in_backward_is_cheaper`: from a few dozen
-positions on), or needed anyway (gradients, second moments), they are built during the backward
-pass and the batch weight gradient is their sum, which autograd then does not compute a second
-time: the norms cost only their squares. The pieces are built in chunks of examples and reduced at once
+Where building the weight's per-example pieces ``P_j = Σ_t g_jt a_jtᵀ`` is faster than the
+Gram form on top of autograd's weight gradient (timed once per shape, see
+:func:`._sequence.build_in_backward`), or they are needed anyway (gradients, second moments),
+they are built during the backward pass and the batch weight gradient is their sum, which
+autograd then does not compute a second time: the norms cost only their squares. The pieces are built in chunks of examples and reduced at once
 to norms (and second moments when asked for), so no (n, o, i) tensor outlives the call's
 backward unless the per-example gradients themselves are needed.
 """
@@ -18,7 +18,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ._registry import Keep, Rule, register_rule
-from ._sequence import bias_grads, materialising_in_backward_is_cheaper, piece_chunks, row_sq_norms, weight_grads
+from ._sequence import bias_grads, build_in_backward, reduced_pieces, weight_grads
 from .records import Dense, Outer, Record, Reduced
 
 
@@ -36,15 +36,15 @@ class LinearRule(Rule):
         if t == 1:
             return ()
         # the Gram form's second moments and gradients materialise the pieces anyway
-        cheaper = materialising_in_backward_is_cheaper(t, module.in_features, module.out_features)
-        if not (keep.grads or keep.second or cheaper):
+        if not (keep.grads or keep.second or build_in_backward(x, module.out_features)):
             return ()
         return ("weight",) if module.bias is None else ("weight", "bias")
 
     def backward_call(self, module, call, grad_output, keep: Keep):
         """The weight's pieces in chunks of examples that stay in cache while they are summed
         into the batch gradient and squared (and squared elementwise, for second moments), built
-        into one reused scratch buffer; the bias's pieces ``Σ_t g_jt`` from the same chunk of ``g``."""
+        into one reused scratch buffer (:func:`._sequence.reduced_pieces`); the bias's pieces
+        ``Σ_t g_jt``."""
         n = grad_output.shape[0]
         a = call.args[0].reshape(n, -1, module.in_features)  # (n, t, i)
         g = grad_output.reshape(n, -1, module.out_features)  # (n, t, o)
@@ -55,17 +55,8 @@ class LinearRule(Rule):
                 pieces["weight"] = weight_grads(a, g)
             call.pieces.update(pieces)
             return {name: piece.sum(0) for name, piece in pieces.items()}
-        grad = a.new_zeros(module.weight.shape)
-        sq = a.new_empty(n)
-        second = a.new_zeros(module.weight.shape) if keep.second else None
-        bias = g.new_empty(n, module.out_features) if with_bias else None
-        for rows, pieces in piece_chunks(a, g):  # (c, o, i) each
-            grad += pieces.sum(0)
-            sq[rows] = row_sq_norms(pieces.view(pieces.shape[0], -1))
-            if second is not None:
-                second += pieces.square_().sum(0)
-            if bias is not None:
-                bias[rows] = bias_grads(g[rows])
+        grad, sq, second = reduced_pieces(a, g, keep.second)
+        bias = bias_grads(g) if with_bias else None
         call.pieces["weight_sq"] = sq
         if second is not None:
             call.pieces["weight_second"] = second

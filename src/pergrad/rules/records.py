@@ -284,7 +284,7 @@ def _self_sq(r: Record, shape: torch.Size) -> Tensor:
         example, _, rows = distinct_rows(r.index, r.g, shape[0])
         return r.g.new_zeros(r.n).index_add_(0, example, seq.row_sq_norms(rows))
     if isinstance(r, Dense):
-        return r.pieces.reshape(r.n, -1).square().sum(1)
+        return seq.row_sq_norms(r.pieces.reshape(r.n, -1))
     return r.sq
 
 
