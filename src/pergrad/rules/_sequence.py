@@ -15,7 +15,6 @@ Two ways to get ``‖P_j‖²``:
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterator
 from pathlib import Path

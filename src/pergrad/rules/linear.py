@@ -8,9 +8,10 @@ Where building the weight's per-example pieces ``P_j = Σ_t g_jt a_jtᵀ`` is fa
 Gram form on top of autograd's weight gradient (timed once per shape, see
 :func:`._sequence.build_in_backward`), or they are needed anyway (gradients, second moments),
 they are built during the backward pass and the batch weight gradient is their sum, which
-autograd then does not compute a second time: the norms cost only their squares. The pieces are built in chunks of examples and reduced at once
-to norms (and second moments when asked for), so no (n, o, i) tensor outlives the call's
-backward unless the per-example gradients themselves are needed.
+autograd then does not compute a second time: the norms cost only their squares. The pieces
+are built in chunks of examples and reduced at once to norms (and second moments when asked
+for), so no (n, o, i) tensor outlives the call's backward unless the per-example gradients
+themselves are needed.
 """
 
 from __future__ import annotations
