@@ -383,9 +383,13 @@ class Capture:
         explicitly, so that its output gradient arrives per example. Any other call is
         returned unchanged."""
         n = self.n_forward
+        if n is None or n == 1:
+            return args, kwargs, output
         outputs = output_tensors(output)
+        if not outputs or any(o.dim() > 0 and o.shape[0] != 1 for o in outputs):  # the usual case
+            return args, kwargs, output
         tensors = [x for x in (*args, *kwargs.values(), *outputs) if isinstance(x, Tensor) and x.dim() > 0]
-        if n is None or n == 1 or not outputs or any(axis_of(x) != (0, 1, 1) or x.shape[0] != 1 for x in tensors):
+        if any(axis_of(x) != (0, 1, 1) or x.shape[0] != 1 for x in tensors):
             return args, kwargs, output
 
         def widen_batch(x):

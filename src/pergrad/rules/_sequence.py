@@ -153,7 +153,7 @@ def weight_sq_norms(a: Tensor, g: Tensor) -> Tensor:
     """(m, t, i), (m, t, o) -> (m,): ``‖Σ_t g_jt a_jtᵀ‖²``, by the cheaper of two exact forms."""
     m, t, i = a.shape
     if t == 1:
-        return row_sq_norms(a[:, 0]) * row_sq_norms(g[:, 0])
+        return (vector_norm(a, dim=(1, 2)) * vector_norm(g, dim=(1, 2))).square()  # ‖a‖²‖g‖²
     if gram_is_cheaper(t, i, g.shape[2]):
         gram_a = torch.bmm(a, a.transpose(1, 2))  # (m, t, t)
         gram_g = torch.bmm(g, g.transpose(1, 2))  # (m, t, t)
@@ -167,7 +167,7 @@ def weight_sq_norms(a: Tensor, g: Tensor) -> Tensor:
 def weight_second_moment(a: Tensor, g: Tensor) -> Tensor:
     """(m, t, i), (m, t, o) -> (o, i): ``Σ_j P_j²`` (elementwise square)."""
     if a.shape[1] == 1:
-        return g[:, 0].square().T @ a[:, 0].square()
+        return g.select(1, 0).square().T @ a.select(1, 0).square()
     second = a.new_zeros(g.shape[2], a.shape[2])
     for _, pieces in piece_chunks(a, g):
         second += pieces.square_().sum(0)
@@ -176,4 +176,4 @@ def weight_second_moment(a: Tensor, g: Tensor) -> Tensor:
 
 def bias_grads(g: Tensor) -> Tensor:
     """(m, t, o) -> (m, o): ``Σ_t g_jt``."""
-    return g[:, 0] if g.shape[1] == 1 else g.sum(1)
+    return g.select(1, 0) if g.shape[1] == 1 else g.sum(1)

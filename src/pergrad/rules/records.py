@@ -279,7 +279,8 @@ def distinct_rows(index: Tensor, g: Tensor, vocab: int) -> tuple[Tensor, Tensor,
 def _self_sq(r: Record, shape: torch.Size) -> Tensor:
     """(n,) ‖P_j‖² of one record."""
     if isinstance(r, Outer):
-        return seq.weight_sq_norms(r.v, r.u).reshape(r.n, r.groups).sum(1)
+        sq = seq.weight_sq_norms(r.v, r.u)
+        return sq if r.groups == 1 else sq.reshape(r.n, r.groups).sum(1)
     if isinstance(r, Rows):
         example, _, rows = distinct_rows(r.index, r.g, shape[0])
         return r.g.new_zeros(r.n).index_add_(0, example, seq.row_sq_norms(rows))
