@@ -40,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pergrad  # noqa: E402
+import workloads as wl  # noqa: E402
 from workloads import Workload, llama, mlp, seconds_per_step  # noqa: E402
 
 METHODS = ("plain", "attached", "with", "check 2", "check 1", "paused")
@@ -115,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", choices=["mlp", "llama"])
     parser.add_argument("--methods", nargs="+", choices=METHODS, help="a subset of the methods (plain and attached always)")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="time under the system's malloc defaults (default: freed memory kept for reuse)")
     args = parser.parse_args(argv)
+    wl.steady_allocator(args.system_malloc)
     torch.set_num_threads(args.threads)
     makers = {"mlp": mlp, "llama": llama}
     for key, make in makers.items():

@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import workloads as wl  # noqa: E402
 
 
 def _lightning_run(steps: int, measure_every: int | None) -> float:
@@ -116,7 +118,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: a shared machine's cores)")
     parser.add_argument("--measure-every", type=int, nargs="+", default=[10], metavar="K",
                         help="a measure_every column for each K (default: 10)")  # fmt: skip
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="time under the system's malloc defaults (default: freed memory kept for reuse)")
     args = parser.parse_args()
+    wl.steady_allocator(args.system_malloc)
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     torch.set_num_threads(args.threads)

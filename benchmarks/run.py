@@ -653,9 +653,9 @@ def measure_memory(workload: str, method_key: str, device: str, threads: int, la
                    details: dict | None = None) -> tuple[float | None, str]:
     """(extra bytes, error) from a fresh process; ``details`` receives everything the child reported
     (with ``largest``, also ``largest_allocation_bytes``)."""
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in wl.STEADY_MALLOC}
     # large blocks straight from and back to the OS, so that the resident set follows what is live
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", workload, method_key,
            "--device", device, "--threads", str(threads)] + (["--largest-allocation"] if largest else [])
     try:
@@ -768,6 +768,7 @@ def environment(device: str) -> dict[str, str]:
         "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "device": f"{device} ({hw})",
         "threads": str(torch.get_num_threads()),
+        "allocator": wl.allocator_note(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "torch": torch.__version__,
@@ -1021,8 +1022,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="also measure the largest single allocation of a step (one more step per memory "
                              "process, under torch's profiler)")
     parser.add_argument("--no-scaling", action="store_true", help="skip the scaling plot")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="time under the system's malloc defaults (default: restart with freed memory kept "
+                             "for reuse, see workloads.STEADY_MALLOC)")
     parser.add_argument("--memory-child", nargs=2, metavar=("WORKLOAD", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if not args.memory_child:
+        wl.steady_allocator(args.system_malloc)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(args.threads)

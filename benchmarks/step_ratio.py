@@ -232,7 +232,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="pergrad modes to time (default all)")
     parser.add_argument("--no-check", action="store_true", help="skip the sanity checks (timing only)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="time under the system's malloc defaults (default: freed memory kept for reuse)")
     args = parser.parse_args(argv)
+    wl.steady_allocator(args.system_malloc)
     rounds, warmup = (5, 1) if args.quick else (args.rounds, args.warmup)
 
     torch.set_num_threads(args.threads)
@@ -246,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(rtol {RTOL:.0e}), .grad matches the plain step, grads and second moments agree")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32 CPU; "
           f"median of {rounds} rounds after {warmup} untimed; one measurement averages "
-          f"the steps of about {args.target_ms:g} ms\n")
+          f"the steps of about {args.target_ms:g} ms; {wl.allocator_note()}\n")
     rows = []
     for w in chosen:
         rows.append(measure(w, rounds, warmup, args.target_ms / 1e3, args.modes))

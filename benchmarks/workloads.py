@@ -8,6 +8,8 @@ per-example losses, shape ``(n,)``.
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 
 from dataclasses import dataclass
@@ -263,3 +265,27 @@ def seconds_per_step(step: Callable[[], object], steps: int) -> float:
     for _ in range(steps):
         step()
     return (time.perf_counter() - start) / steps
+
+
+#: glibc malloc settings of a timing process: freed memory is kept for reuse, never handed back to
+#: the system. With the defaults, whether a large block is given back (and page-faulted in again,
+#: zeroed, on the next step: hundreds of faults per MLP step) depends on the heap's history, and
+#: the same step's time jumps by 30-50% between processes, for the plain step and every tool alike.
+#: PyTorch's CPU tuning guides give the same advice through jemalloc or tcmalloc.
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str((1 << 32) - 1)}
+
+
+def steady_allocator(system_malloc: bool) -> None:
+    """Restart this script under :data:`STEADY_MALLOC` (glibc reads it at start), once; a no-op with
+    ``system_malloc``, when already set, or off Linux."""
+    if system_malloc or not sys.platform.startswith("linux") or all(os.environ.get(k) for k in STEADY_MALLOC):
+        return
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **STEADY_MALLOC})
+
+
+def allocator_note() -> str:
+    """How this process's allocator was set, for a results header."""
+    if all(os.environ.get(k) == v for k, v in STEADY_MALLOC.items()):
+        return "glibc malloc with freed memory kept for reuse (" + ", ".join(f"{k}={v}" for k, v in STEADY_MALLOC.items()) + ")"
+    return "the system's malloc defaults"
