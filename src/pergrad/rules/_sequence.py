@@ -15,6 +15,7 @@ Two ways to get ``‖P_j‖²``:
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -138,10 +139,15 @@ def reduced_pieces(a: Tensor, g: Tensor, second: bool = False) -> tuple[Tensor, 
     """(m, t, i), (m, t, o) -> the pieces ``P_j`` built a chunk at a time and reduced at once:
     their sum ``Σ_j P_j`` (o, i), squared norms ``‖P_j‖²`` (m,), and with ``second`` their
     elementwise second moment ``Σ_j P_j²`` (o, i) (else None). No (m, o, i) tensor is built."""
-    grad = a.new_zeros(g.shape[2], a.shape[2])
-    sq = a.new_empty(a.shape[0])
-    moment = a.new_zeros(grad.shape) if second else None
-    for rows, pieces in piece_chunks(a, g):
+    m, o, i = a.shape[0], g.shape[2], a.shape[2]
+    chunks = piece_chunks(a, g)
+    first = next(chunks, None)
+    if first is not None and first[0].stop == m:  # one chunk (the usual case): reduced straight from it
+        pieces = first[1]
+        return pieces.sum(0), row_sq_norms(pieces.view(m, -1)), pieces.square_().sum(0) if second else None
+    grad, sq = a.new_zeros(o, i), a.new_zeros(m)
+    moment = a.new_zeros(o, i) if second else None
+    for rows, pieces in itertools.chain([first] if first is not None else [], chunks):
         grad += pieces.sum(0)
         sq[rows] = row_sq_norms(pieces.view(pieces.shape[0], -1))
         if moment is not None:
