@@ -10,6 +10,7 @@ pieces ``P_j`` (``∇L = Σ_j P_j``); the gradient of example j's own loss is th
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -805,7 +806,7 @@ def _check_finite(losses: Tensor, reduced: Tensor) -> None:
     One scalar test, read on the host: on CUDA, where that waits for the forward to finish,
     :meth:`PerExample.backward` calls it only on the steps it verifies.
     """
-    if torch.isfinite(reduced.detach()):
+    if math.isfinite(reduced.item()):  # one scalar read (cheaper than a tensor op and bool())
         return
     bad = (~torch.isfinite(losses.detach())).nonzero().flatten().tolist()
     where = f"losses of examples {bad[:10]} are NaN or infinite" if bad else "the losses' sum overflows"
