@@ -127,7 +127,7 @@ def per_example_weight_grads(module: nn.modules.conv._ConvNd, x: Tensor, g: Tens
         pieces = torch.bmm(patches.reshape(n * groups, -1, t), g.reshape(n * groups, o // groups, t).transpose(1, 2))
         return pieces.transpose(1, 2).reshape(n, *module.weight.shape)
     x, padding = _backward_padding(module, x)
-    stacked_weight = module.weight.detach().repeat(n, *[1] * (module.weight.dim() - 1))  # only its shape is read
+    stacked_weight = module.weight.new_empty(n * o, *module.weight.shape[1:])  # only its shape is read: no copy
     _, grads, _ = torch.ops.aten.convolution_backward(
         g.reshape(1, n * o, *g.shape[2:]),
         x.reshape(1, n * c, *x.shape[2:]),
