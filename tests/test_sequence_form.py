@@ -59,6 +59,14 @@ def test_wide_layers_are_timed_on_fewer_examples(fresh, monkeypatch):
 def test_timing_leaves_the_random_stream_and_the_graph_alone(monkeypatch):
     monkeypatch.setattr(_sequence, "FORM", "measured")
     monkeypatch.setattr(_sequence, "_BUILD_IS_FASTER", {})
+    grad_modes = []
+    reduced = _sequence.reduced_pieces
+
+    def watched(a, g, second=False):
+        grad_modes.append((torch.is_grad_enabled(), a.requires_grad))
+        return reduced(a, g, second)
+
+    monkeypatch.setattr(_sequence, "reduced_pieces", watched)
     x = torch.randn(3, 4, 5, requires_grad=True)
     torch.manual_seed(0)
     want = torch.rand(3)
@@ -66,6 +74,7 @@ def test_timing_leaves_the_random_stream_and_the_graph_alone(monkeypatch):
     _sequence.build_in_backward(x, 6)
     assert torch.equal(torch.rand(3), want)
     assert x.grad is None and len(_sequence._BUILD_IS_FASTER) == 1
+    assert grad_modes and set(grad_modes) == {(False, False)}  # no graph built on the user's input
 
 
 def test_a_forced_form_is_not_timed(fresh, monkeypatch):

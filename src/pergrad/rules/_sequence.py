@@ -15,7 +15,7 @@ Two ways to get ``‖P_j‖²``:
 
 from __future__ import annotations
 
-import itertools
+import functools
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,9 +54,9 @@ def build_in_backward(x: Tensor, o: int) -> bool:
 
     Both do the weight gradient's n·t·i·o multiply-adds or more; which is faster depends on how
     well the machine runs a batched matmul with a short inner dimension t against one large
-    matmul, and no fixed model gets that right across CPUs and GPUs (on a 2-core Xeon at t = 64
-    the batched pieces take 2-3x the time of the matmul they replace, while the Gram form takes
-    0.6x). So both are timed, once per process for each (device, dtype, t up to a power of two,
+    matmul, and no fixed model gets that right across CPUs and GPUs (on a 2-core EPYC at t = 64
+    the batched pieces take 1.6-2.3x the time of the matmul they replace, the Gram form 0.6-1.4x
+    it, depending on the widths). So both are timed, once per process for each (device, dtype, t up to a power of two,
     i, o), on the call's own input and at most ``TIMING_BUDGET`` multiply-adds (a few examples
     of a wide layer), and the faster is kept. The result is exact either way.
 
@@ -101,6 +101,7 @@ def _seconds(work, like: Tensor, repeats: int = 5) -> float:
     return sorted(times)[repeats // 2]
 
 
+@functools.cache
 def _cache_bytes() -> int:
     """Bytes of the CPU's largest cache (Linux sysfs; 32 MiB where it cannot be read)."""
     sizes = []
@@ -127,7 +128,7 @@ def piece_chunks(a: Tensor, g: Tensor) -> Iterator[tuple[slice, Tensor]]:
     next chunk overwrites (reduce each chunk before asking for the next; it may be changed)."""
     m, _, i = a.shape
     o = g.shape[2]
-    chunk = max(1, CHUNK_ELEMENTS // (o * i))
+    chunk = _chunk_rows(o, i)
     scratch = workspace(min(chunk, m) * o * i, a)
     for start in range(0, m, chunk):
         rows = slice(start, min(start + chunk, m))
@@ -135,19 +136,21 @@ def piece_chunks(a: Tensor, g: Tensor) -> Iterator[tuple[slice, Tensor]]:
         yield rows, torch.bmm(g[rows].transpose(1, 2), a[rows], out=scratch[: c * o * i].view(c, o, i))
 
 
+def _chunk_rows(o: int, i: int) -> int:
+    """Rows (examples) whose (o, i) pieces :func:`piece_chunks` builds at once."""
+    return max(1, CHUNK_ELEMENTS // (o * i))
+
+
 def reduced_pieces(a: Tensor, g: Tensor, second: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
     """(m, t, i), (m, t, o) -> the pieces ``P_j`` built a chunk at a time and reduced at once:
     their sum ``Σ_j P_j`` (o, i), squared norms ``‖P_j‖²`` (m,), and with ``second`` their
     elementwise second moment ``Σ_j P_j²`` (o, i) (else None). No (m, o, i) tensor is built."""
     m, o, i = a.shape[0], g.shape[2], a.shape[2]
-    chunks = piece_chunks(a, g)
-    first = next(chunks, None)
-    if first is not None and first[0].stop == m:  # one chunk (the usual case): reduced straight from it
-        pieces = first[1]
+    if 0 < m <= _chunk_rows(o, i):  # one chunk (the usual case): reduced straight from it
+        ((_, pieces),) = piece_chunks(a, g)
         return pieces.sum(0), row_sq_norms(pieces.view(m, -1)), pieces.square_().sum(0) if second else None
-    grad, sq = a.new_zeros(o, i), a.new_zeros(m)
-    moment = a.new_zeros(o, i) if second else None
-    for rows, pieces in itertools.chain([first] if first is not None else [], chunks):
+    grad, sq, moment = a.new_zeros(o, i), a.new_zeros(m), a.new_zeros(o, i) if second else None
+    for rows, pieces in piece_chunks(a, g):
         grad += pieces.sum(0)
         sq[rows] = row_sq_norms(pieces.view(pieces.shape[0], -1))
         if moment is not None:
