@@ -217,8 +217,7 @@ def draw_picture(index: Tensor) -> Figure:
     steps = -torch.cat([batch.per_example, batch.per_example.mean(0, keepdim=True), full[None]])
 
     theta = np.array(LINE_THETA)
-    design = torch.cat([x, torch.ones_like(x)], 1)  # (N, 2): the mean loss is least squares
-    optimum = torch.linalg.lstsq(design, y[:, None]).solution.squeeze(1).numpy()
+    optimum = _line_fit(x.squeeze(1), y)
     half = 0.75 * np.abs(theta - optimum).max() + 1.0  # a square view around θ and the optimum
     lo, hi = (theta + optimum) / 2 - half, (theta + optimum) / 2 + half
 
@@ -307,6 +306,18 @@ def _arrow_scale(start: np.ndarray, steps: np.ndarray, lo: np.ndarray, hi: np.nd
     room = np.where(steps > 0, hi - start, start - lo)  # (m, 2) room in each arrow's direction
     with np.errstate(divide="ignore"):
         return float(np.min(room / np.abs(steps)))
+
+
+def _line_fit(x: Tensor, y: Tensor) -> np.ndarray:
+    """The minimum (w, b) of the mean loss ``½ mean((w·x + b − y)²)`` over x (N,), y (N,):
+    ``w = cov(x, y) / var(x)``, ``b = ȳ − w·x̄``.
+
+    In closed form rather than by a least-squares solver, whose LAPACK routine may round
+    differently from run to run when the machine is busy; the picture must not.
+    """
+    dx, dy = x - x.mean(), y - y.mean()
+    w = (dx * dy).sum() / dx.square().sum()
+    return np.array([w.item(), (y.mean() - w * x.mean()).item()])
 
 
 def _linear(weight: Tensor, bias: float) -> nn.Linear:
