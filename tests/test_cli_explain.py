@@ -79,6 +79,18 @@ def test_batch_gradients_match_closed_form():
     torch.testing.assert_close(batch.autograd, expected.mean(0), atol=1e-10, rtol=0)
 
 
+def test_the_pictures_optimum_is_the_least_squares_line():
+    """The closed form the picture uses against the normal equations solved independently,
+    on the picture's data and on a line whose minimum is known exactly."""
+    x, y = explain.regression_data(explain.LINE_TRUE[:1], explain.LINE_TRUE[1], x_mean=1.0)
+    design = torch.cat([x, torch.ones_like(x)], 1)  # (N, 2)
+    normal = torch.linalg.solve(design.T @ design, design.T @ y)
+    torch.testing.assert_close(torch.from_numpy(explain._line_fit(x.squeeze(1), y)), normal, atol=1e-12, rtol=0)
+
+    exact = torch.tensor([0.0, 1.0, 2.0, 3.0], dtype=torch.float64)
+    assert explain._line_fit(exact, 3 * exact - 2).tolist() == [3.0, -2.0]
+
+
 def test_writes_a_png_and_prints_its_path(tmp_path, capsys):
     out_dir = tmp_path / "new" / "dir"
     code, out, err = run_explain(capsys, "--out", str(out_dir))
