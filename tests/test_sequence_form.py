@@ -104,3 +104,19 @@ def test_either_measured_choice_gives_the_reference_norms(fresh, built, verify):
         torch.testing.assert_close(result.param_sq_norms[name], g.reshape(4, -1).square().sum(1), rtol=1e-10, atol=0)
         torch.testing.assert_close(model.get_parameter(name).grad, g.mean(0), rtol=1e-10, atol=0)
     assert set(_sequence._BUILD_IS_FASTER.values()) == {built < 2.0}
+
+
+@pytest.mark.parametrize("reported, want", [("491520K", 64 << 20), ("32768K", 32 << 20), ("2M", 2 << 20)])
+def test_caches_are_evicted_with_at_most_64_mib(tmp_path, monkeypatch, reported, want):
+    """A cloud VM reports its host's whole last-level cache (480 MiB); filling that before each
+    timing made the first step of a small Llama take seconds."""
+    (tmp_path / "index0").mkdir()
+    (tmp_path / "index0" / "size").write_text("48K\n")
+    (tmp_path / "index3").mkdir()
+    (tmp_path / "index3" / "size").write_text(reported + "\n")
+    monkeypatch.setattr(_sequence, "CPU_CACHES", tmp_path)
+    _sequence._evict_bytes.cache_clear()
+    try:
+        assert _sequence._evict_bytes() == want
+    finally:
+        _sequence._evict_bytes.cache_clear()

@@ -87,7 +87,7 @@ def _seconds(work, like: Tensor, repeats: int = 5) -> float:
     the CPU's caches holding other data (as in a training step, where a layer's inputs were
     written long before its backward reads them)."""
     sync = torch.cuda.synchronize if like.is_cuda else (lambda: None)
-    evict = None if like.is_cuda else torch.empty(_cache_bytes() // 4)
+    evict = None if like.is_cuda else torch.empty(_evict_bytes() // 4)
     work()
     times = []
     for _ in range(repeats):
@@ -101,15 +101,24 @@ def _seconds(work, like: Tensor, repeats: int = 5) -> float:
     return sorted(times)[repeats // 2]
 
 
+#: Bytes written between two timings, at most: a virtual machine may report its host's whole
+#: last-level cache (480 MiB on a 2-core cloud VM), and writing that before each of a shape's
+#: twelve timings made the first step of a 2-layer Llama take 2.5 s (0.44 s with 64 MiB, the
+#: same choices but where the two forms are within noise: benchmarks/README.md).
+EVICT_BYTES_MAX = 64 << 20
+CPU_CACHES = Path("/sys/devices/system/cpu/cpu0/cache")  # Linux sysfs: index*/size
+
+
 @functools.cache
-def _cache_bytes() -> int:
-    """Bytes of the CPU's largest cache (Linux sysfs; 32 MiB where it cannot be read)."""
+def _evict_bytes() -> int:
+    """Bytes written to push a timing's data out of the CPU's caches: those of its largest cache
+    (32 MiB where sysfs cannot be read), at most ``EVICT_BYTES_MAX``."""
     sizes = []
-    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+    for index in CPU_CACHES.glob("index*/size"):
         text = index.read_text().strip()
         if text[:-1].isdigit() and text[-1] in "KM":
             sizes.append(int(text[:-1]) << (10 if text[-1] == "K" else 20))
-    return max(sizes, default=32 << 20)
+    return min(max(sizes, default=32 << 20), EVICT_BYTES_MAX)
 
 
 def row_sq_norms(x: Tensor) -> Tensor:
