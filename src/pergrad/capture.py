@@ -8,9 +8,9 @@ outputs; those receive the gradient of the reduced loss during the backward pass
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
-import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -73,21 +73,43 @@ class Target:
         return self.last_path or "direct"
 
 
-def _untracked(hook: Callable) -> Callable:
-    """``hook`` run with torch functions dispatched straight to torch: pergrad's own operations
-    (reading shapes, detaching, registering gradient hooks) are not followed by the forward
-    pass's :class:`~pergrad.axes.Tracker` nor watched by a direct mode, which would cost a Python
-    call each and learn nothing; a tensor a hook hands back to the forward pass is marked
-    explicitly."""
+class _Hook:
+    """One of the capture's hooks as registered on a module: ``hook`` run with torch functions
+    dispatched straight to torch. pergrad's own operations (reading shapes, detaching,
+    registering gradient hooks) are then not followed by the forward pass's
+    :class:`~pergrad.axes.Tracker` nor watched by a direct mode, which would cost a Python call
+    each and learn nothing; a tensor a hook hands back to the forward pass is marked explicitly.
 
-    @functools.wraps(hook)
-    def untracked(*args, **kwargs):
+    A copy of the module gets :func:`_inert` in its place: ``copy.deepcopy`` of a hooked model
+    (an EMA or teacher model, a best-so-far snapshot) runs as a plain model and holds nothing of
+    the capture's, and ``torch.save`` of the whole model pickles.
+    """
+
+    __slots__ = ("hook",)
+
+    def __init__(self, hook: Callable):
+        self.hook = hook
+
+    def __call__(self, *args, **kwargs):
         if torch.compiler.is_compiling():  # traced by dynamo, which handles the modes itself
-            return hook(*args, **kwargs)
+            return self.hook(*args, **kwargs)
         with torch._C.DisableTorchFunction():
-            return hook(*args, **kwargs)
+            return self.hook(*args, **kwargs)
 
-    return untracked
+    def __deepcopy__(self, memo) -> Callable:
+        return _inert
+
+    def __reduce__(self):
+        return _inert_hook, ()
+
+
+def _inert(*args, **kwargs) -> None:
+    """What a copy of a hooked module gets for each of the capture's hooks: nothing happens."""
+
+
+def _inert_hook() -> Callable:
+    """:func:`_inert`, as an unpickled copy of a hooked module gets it."""
+    return _inert
 
 
 def _detached(x: Any) -> Any:
@@ -148,7 +170,7 @@ class Capture:
         self._exposing = [t for t in self.targets if type(t.rule).exposing_forward is not Rule.exposing_forward]
         for t in self._exposing:
             _EXPOSING[id(t.module)] = (self, t)
-            t.module.forward = types.MethodType(_exposing_forward, t.module)
+            t.module.forward = _ExposingForward(t.module)
 
     def _attach(self, model: nn.Module, modules: dict[str, nn.Module], example_axes: dict[str, int]) -> list:
         """Register the hooks: a forward pass may start at the model, at every module that holds
@@ -164,14 +186,14 @@ class Capture:
             t, axis = targets.get(id(module)), declared.get(id(module))
             if t is not None:
                 # after the module's other pre-hooks (FSDP2's gathers its parameters; a cast input is the input)
-                handles.append(module.register_forward_pre_hook(_untracked(self._pre_hook(t, axis)), with_kwargs=True))
+                handles.append(module.register_forward_pre_hook(_Hook(self._pre_hook(t, axis)), with_kwargs=True))
                 handles.append(
-                    module.register_forward_hook(_untracked(self._forward_hook(t)), with_kwargs=True, always_call=True)
+                    module.register_forward_hook(_Hook(self._forward_hook(t)), with_kwargs=True, always_call=True)
                 )
             elif id(module) in holders:
-                start = _untracked(self._start_hook(axis))
+                start = _Hook(self._start_hook(axis))
                 handles.append(module.register_forward_pre_hook(start, with_kwargs=True, prepend=True))
-                handles.append(module.register_forward_hook(_untracked(self._end_hook), always_call=True))
+                handles.append(module.register_forward_hook(_Hook(self._end_hook), always_call=True))
         return handles
 
     @property
@@ -700,18 +722,34 @@ def _computed_from_parameters(mode: DirectMode, output: Any) -> bool:
 _EXPOSING: dict[int, tuple[Capture, Target]] = {}
 
 
-def _exposing_forward(module: nn.Module, *args, **kwargs):
-    """A hooked module's forward: its rule's exposing form while capturing, else its own.
+class _ExposingForward:
+    """Installed as ``module.forward`` on a hooked module whose rule has an exposing forward:
+    the rule's exposing form while capturing, else the class's forward.
 
-    Installed as a bound method on the instance, so that a deep copy of the model (whose
-    copy is not in ``_EXPOSING``) and pickling fall back to the class's forward.
+    A deep copy of the model gets one bound to the copy, which is not in ``_EXPOSING`` and so
+    runs the class's forward; a pickled model (``torch.save`` of the whole model) gets the
+    class's forward itself.
     """
-    found = _EXPOSING.get(id(module))
-    if found is None or found[1].module is not module or not found[0]._capturing():
-        return type(module).forward(module, *args, **kwargs)
-    target = found[1]
-    output, target.internals = target.rule.exposing_forward(module, args, kwargs)
-    return output
+
+    __slots__ = ("module",)
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self, *args, **kwargs):
+        module = self.module
+        found = _EXPOSING.get(id(module))
+        if found is None or found[1].module is not module or not found[0]._capturing():
+            return type(module).forward(module, *args, **kwargs)
+        target = found[1]
+        output, target.internals = target.rule.exposing_forward(module, args, kwargs)
+        return output
+
+    def __deepcopy__(self, memo) -> _ExposingForward:
+        return _ExposingForward(copy.deepcopy(self.module, memo))
+
+    def __reduce__(self):
+        return getattr, (self.module, "forward")  # the class's, while unpickling the module's state
 
 
 def _store_internal_grad(call: Call, name: str):
