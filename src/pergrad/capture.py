@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -41,6 +42,8 @@ class Target:
         rule: its rule.
         param_names: local parameter name -> name in ``model.named_parameters()``.
         calls: the calls captured since the last backward.
+        anchors: one per call, weak references to the gradient hooks of its outputs, which only
+            the call's autograd graph holds: all dead once the graph was dropped.
         internals: what the rule's exposing forward returned for the call in progress.
         param_ids: ids of those parameters.
         shared: whether one of its parameters is also used by another module (tied weights).
@@ -52,6 +55,7 @@ class Target:
     rule: Rule
     param_names: dict[str, str]
     calls: list[Call]
+    anchors: list[tuple[weakref.ref, ...]] = field(default_factory=list)
     internals: dict[str, Tensor] = field(default_factory=dict)
     param_ids: frozenset[int] = frozenset()
     shared: bool = False
@@ -62,6 +66,26 @@ class Target:
 
     def describe(self) -> str:
         return f"{type(self.module).__name__} at '{self.path or '<model>'}'"
+
+    def keep(self, call: Call, hooks: list[Callable]) -> None:
+        """Hold ``call`` until the next backward, or until its graph is gone: until none of
+        ``hooks`` (gradient hooks that its graph holds, and nothing else) is alive."""
+        self.calls.append(call)
+        self.anchors.append(tuple(weakref.ref(h) for h in hooks))
+
+    def drop_abandoned(self) -> None:
+        """Forget the calls whose graphs were dropped before any backward reached them (a
+        validation pass run with gradients on), and the tensors they saved: no gradient hook of
+        theirs, nor of their direct path's, is alive, so none can reach them any more."""
+        alive = [
+            k
+            for k, (call, refs) in enumerate(zip(self.calls, self.anchors, strict=True))
+            if _may_be_reached(call, refs)
+        ]
+        if len(alive) == len(self.calls):
+            return
+        self.calls[:] = [self.calls[k] for k in alive]
+        self.anchors[:] = [self.anchors[k] for k in alive]
 
     def path_taken(self) -> str:
         """How this module's per-example gradients are computed (see :attr:`Capture.paths`)."""
@@ -221,6 +245,9 @@ class Capture:
         if not self._capturing():
             return
         starting = self._entry is None
+        if starting and torch._C._current_graph_task_id() == -1:  # not a recomputation inside a backward
+            for t in self.targets:
+                t.drop_abandoned()
         if starting and not any(t.calls for t in self.targets):  # not a second pass of one step
             axes.new_forward()
         if starting or declared is not None:
@@ -371,13 +398,13 @@ class Capture:
                 call.pieces["direct"] = record
             if detached and slot is None:
                 call.grad_outputs = [None]
-                target.calls.append(call)
                 build = self._backward_call(target, call, list(detached))
 
                 def noticed_build(grad_output: Tensor) -> list[Tensor]:
                     self._noticed(_store_grad(call, 0))(grad_output)
                     return build(grad_output)
 
+                target.keep(call, [noticed_build])  # held by the node below
                 return mark(_RuleBuildsGrads.apply(output, noticed_build, *detached.values()), axis_of(output))
             outputs = output_tensors(output)
             if slot is not None:  # its output gradient reaches the slot before the input's node runs
@@ -386,14 +413,17 @@ class Capture:
             if not any(o.requires_grad for o in outputs):
                 return None if record is None else output
             call.grad_outputs = [None] * len(outputs)
+            hooks = []  # that the graph holds
             for k, o in enumerate(outputs):
                 if o.requires_grad:
-                    on_grad(o, self._noticed(_store_grad(call, k)))
+                    hooks.append(_store_grad(call, k))
+                    on_grad(o, self._noticed(hooks[-1]))
             for name, tensor in internals.items():
                 call.internals[name] = tensor.detach()
                 if tensor.requires_grad:
-                    on_grad(tensor, self._noticed(_store_internal_grad(call, name)))
-            target.calls.append(call)
+                    hooks.append(_store_internal_grad(call, name))
+                    on_grad(tensor, self._noticed(hooks[-1]))
+            target.keep(call, hooks)
             return output
 
         return hook
@@ -529,6 +559,7 @@ class Capture:
         """Drop every saved tensor, and the example axes followed in the forward pass."""
         for t in self.targets:
             t.calls.clear()
+            t.anchors.clear()
         axes.new_forward()
 
     def remove(self) -> None:
@@ -676,6 +707,15 @@ def _rule_of(target: Target, call: Call) -> Rule:
     """The rule that computes a call: the direct path for a call its rule saw without examples."""
     record = call.pieces.get("direct")
     return DIRECT if record is not None and record.without_examples else target.rule
+
+
+def _may_be_reached(call: Call, hooks: tuple[weakref.ref, ...]) -> bool:
+    """Whether ``call`` was reached by a backward, or its graph is still alive (one of its
+    gradient hooks, or of its direct path's, is)."""
+    if call.reached or _direct_reached(call) or any(ref() is not None for ref in hooks):
+        return True
+    record = call.pieces.get("direct")
+    return record is not None and record.graph_alive()
 
 
 def _direct_reached(call: Call) -> bool:

@@ -31,6 +31,7 @@ the module's path says so.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,6 +112,8 @@ class DirectCall:
         without_examples: a call of a module with a registered rule whose input had no example
             axis (T5's relative-position buckets): its output is computed from the parameters
             alone, followed until it meets the batch.
+        hooks: weak references to the gradient hooks the mode registered, which only the
+            call's autograd graph holds (see :meth:`graph_alive`).
     """
 
     dense: dict[str, Tensor] = field(default_factory=dict)
@@ -120,6 +123,16 @@ class DirectCall:
     n: int | None = None
     shared_output: str | None = None
     without_examples: bool = False
+    hooks: list[weakref.ref] = field(default_factory=list)
+
+    def hooked(self, hook: Callable[[Tensor], None]) -> Callable[[Tensor], None]:
+        """``hook``, about to be registered on the call's graph, remembered weakly."""
+        self.hooks.append(weakref.ref(hook))
+        return hook
+
+    def graph_alive(self) -> bool:
+        """Whether a gradient may still reach this call's pieces: some hook of its is alive."""
+        return any(ref() is not None for ref in self.hooks)
 
     @property
     def reached(self) -> bool:
@@ -204,7 +217,7 @@ class DirectMode(TorchFunctionMode):
             big = param.unsqueeze(0).expand(self.n, *param.shape)
             if big.requires_grad:
                 dense = self.record.dense
-                big.register_hook(lambda grad: dense.__setitem__(name, grad))
+                big.register_hook(self.record.hooked(lambda grad: dense.__setitem__(name, grad)))
             self.expanded[name] = big
         return self.expanded[name]
 
@@ -259,7 +272,9 @@ class DirectMode(TorchFunctionMode):
         y = F.embedding(index, d.param, padding_idx)
         record = Factored("lookup", _rows(self, index, where, None), d.name, padding_idx=padding_idx)
         if y.requires_grad:
-            on_grad(y, lambda grad: setattr(record, "g", _rows(self, grad, where, d.param.shape[1])))
+            on_grad(
+                y, self.record.hooked(lambda grad: setattr(record, "g", _rows(self, grad, where, d.param.shape[1])))
+            )
             self.record.records.append(record)
         self.record.ops.add("embedding")
         return y
@@ -484,7 +499,7 @@ def _linear_map(mode, x: Tensor, weight: Tensor, bias: Tensor | None, layout: st
         y = F.linear(x, weight if layout == "oi" else weight.T, bias)
         record = Factored(layout, a.detach(), dw.name, None if bias is None else db.name)
         if y.requires_grad:
-            on_grad(y, lambda grad: setattr(record, "g", _rows(mode, grad, where, o)))
+            on_grad(y, mode.record.hooked(lambda grad: setattr(record, "g", _rows(mode, grad, where, o))))
             mode.record.records.append(record)
         return y
     if dw is not None:
@@ -537,7 +552,7 @@ def _embedding(mode, func, args, kwargs, found):
     y = F.embedding(index, weight, padding_idx)
     record = Factored("lookup", _rows(mode, index, where, None), d.name, padding_idx=padding_idx)
     if y.requires_grad:
-        on_grad(y, lambda grad: setattr(record, "g", _rows(mode, grad, where, weight.shape[1])))
+        on_grad(y, mode.record.hooked(lambda grad: setattr(record, "g", _rows(mode, grad, where, weight.shape[1]))))
         mode.record.records.append(record)
     return y
 
