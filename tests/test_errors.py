@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import pergrad
@@ -222,3 +223,21 @@ def test_linear_pieces_built_in_chunks_match_the_reference(monkeypatch):
         assert torch.allclose(result.param_sq_norms[name], expected, rtol=1e-10, atol=0)
         assert torch.allclose(result.second_moment[name], reference[name].square().sum(0), rtol=1e-10, atol=0)
         assert torch.allclose(p.grad, plain[name], rtol=1e-10, atol=1e-14)
+
+
+def test_a_parameter_unfrozen_after_attaching_is_named_before_any_gradient():
+    """Gradual unfreezing: a parameter frozen when PerExample was created and trainable now has
+    no hooks and no rule behind it. Before: a KeyError from deep inside the records."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    model[0].weight.requires_grad_(False)
+    with pergrad.PerExample(model) as pe:
+        pe.backward(F.cross_entropy(model(x), y, reduction="none"))
+        model.zero_grad(set_to_none=True)
+        model[0].weight.requires_grad_(True)
+        with pytest.raises(pergrad.CaptureError, match=r"'0\.weight' was frozen when PerExample was created"):
+            pe.backward(F.cross_entropy(model(x), y, reduction="none"))
+        assert all(p.grad is None for p in model.parameters())  # raised before the backward
+        with pytest.raises(pergrad.CaptureError, match=r"'0\.weight' was frozen"):  # a backward run by someone else
+            F.cross_entropy(model(x), y).backward()

@@ -178,6 +178,8 @@ class Capture:
                 f"example_axes names {unknown}, not modules of the model; paths are those of model.named_modules()."
             )
         self.targets = _targets(model, on_unsupported)
+        # watched for a change of mind: the targets and their hooks cover the parameters trainable now
+        self._frozen = [(name, p) for name, p in model.named_parameters() if not p.requires_grad]
         self.keep = Keep(grads=False, second=False)
         self.n_forward: int | None = None  # examples of the forward pass in progress
         self.input_axis = 0 if batch_first else 1
@@ -493,7 +495,8 @@ class Capture:
         """Raise, before any gradient is computed, if the captured forward cannot be used.
 
         Raises:
-            CaptureError: nothing captured since the last backward, a call whose batch size is
+            CaptureError: nothing captured since the last backward, a parameter frozen when the
+                capture was made that is trainable now, a call whose batch size is
                 not n (nor n·t positions flattened examples-first, for a position-wise layer),
                 or a module that returns a tensor computed from its parameters alone.
             ExampleCouplingError: a module that mixes examples (e.g. BatchNorm in training).
@@ -502,6 +505,15 @@ class Capture:
             raise CaptureError(
                 "No forward pass was captured since the last backward: run the model's forward "
                 "(with gradients enabled, after creating PerExample, outside pe.paused()) before each backward."
+            )
+        thawed = [name for name, p in self._frozen if p.requires_grad]
+        if thawed:
+            self.clear()
+            raise CaptureError(
+                f"'{thawed[0]}'{f' and {len(thawed) - 1} more' if len(thawed) > 1 else ''} was frozen when "
+                "PerExample was created and is trainable now: pergrad hooks the parameters that train when "
+                "it is created. Create it again after changing which parameters train (pe.remove(); "
+                "pe = pergrad.PerExample(model, ...)); the callbacks and pergrad train do not follow such a change."
             )
         for t in self.targets:
             if t.calls and (reason := t.rule.check(t.module)):
