@@ -241,3 +241,39 @@ def test_a_parameter_unfrozen_after_attaching_is_named_before_any_gradient():
         assert all(p.grad is None for p in model.parameters())  # raised before the backward
         with pytest.raises(pergrad.CaptureError, match=r"'0\.weight' was frozen"):  # a backward run by someone else
             F.cross_entropy(model(x), y).backward()
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_module_put_into_the_model_after_attaching_is_named_not_left_out(verify):
+    """A new head after PerExample was created (fine-tuning on new classes) has no hooks. Before:
+    its per-example gradients were silently left out of sq_norms, and the old head's read as zeros."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    with pergrad.PerExample(model, verify=verify) as pe:
+        pe.backward(F.cross_entropy(model(x), y, reduction="none"))
+        model[0].weight = model[0].weight  # the same parameter again (as tie_weights() does): fine
+        model[1] = nn.Tanh()  # a module without parameters: fine
+        pe.backward(F.cross_entropy(model(x), y, reduction="none"))
+        model.zero_grad(set_to_none=True)
+        model[2] = nn.Linear(8, 3).double()
+        with pytest.raises(pergrad.CaptureError, match=r"'2' has trainable parameters that pergrad does not hook"):
+            pe.backward(F.cross_entropy(model(x), y, reduction="none"))
+        assert all(p.grad is None for p in model.parameters())
+    with pergrad.PerExample(model, verify=verify) as pe:  # created again: measured, new head included
+        result = pe.backward(F.cross_entropy(model(x), y, reduction="none"))
+    for j in range(5):
+        model.zero_grad()
+        F.cross_entropy(model(x[j : j + 1]), y[j : j + 1]).backward()
+        want = sum(p.grad.square().sum() for p in model.parameters())
+        torch.testing.assert_close(result.sq_norms[j], want, rtol=1e-10, atol=0)
+
+
+def test_a_new_parameter_on_a_module_of_the_model_is_named():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3)).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    with pergrad.PerExample(model) as pe:
+        model[0].weight = nn.Parameter(torch.randn(3, 4, dtype=torch.float64))
+        with pytest.raises(pergrad.CaptureError, match=r"'0\.weight' has trainable parameters"):
+            pe.backward(model(x).square().sum(1))

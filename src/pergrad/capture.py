@@ -180,6 +180,9 @@ class Capture:
         self.targets = _targets(model, on_unsupported)
         # watched for a change of mind: the targets and their hooks cover the parameters trainable now
         self._frozen = [(name, p) for name, p in model.named_parameters() if not p.requires_grad]
+        #: a trainable parameter put into the model since (a new head, an adapter), by path; None
+        self.added: str | None = None
+        self._registrations = _watch_registrations(self, modules, {id(p) for p in model.parameters()})
         self.keep = Keep(grads=False, second=False)
         self.n_forward: int | None = None  # examples of the forward pass in progress
         self.input_axis = 0 if batch_first else 1
@@ -496,7 +499,8 @@ class Capture:
 
         Raises:
             CaptureError: nothing captured since the last backward, a parameter frozen when the
-                capture was made that is trainable now, a call whose batch size is
+                capture was made that is trainable now or a trainable one put into the model
+                since (:func:`_watch_registrations`), a call whose batch size is
                 not n (nor n·t positions flattened examples-first, for a position-wise layer),
                 or a module that returns a tensor computed from its parameters alone.
             ExampleCouplingError: a module that mixes examples (e.g. BatchNorm in training).
@@ -505,6 +509,14 @@ class Capture:
             raise CaptureError(
                 "No forward pass was captured since the last backward: run the model's forward "
                 "(with gradients enabled, after creating PerExample, outside pe.paused()) before each backward."
+            )
+        if self.added is not None:
+            self.clear()
+            raise CaptureError(
+                f"the model changed after PerExample was created: '{self.added}' has trainable parameters "
+                "that pergrad does not hook, whose per-example gradients would be missing. Create it "
+                "again after changing the model (pe.remove(); pe = pergrad.PerExample(model, ...)); the "
+                "callbacks and pergrad train do not follow such a change."
             )
         thawed = [name for name, p in self._frozen if p.requires_grad]
         if thawed:
@@ -576,9 +588,10 @@ class Capture:
 
     def remove(self) -> None:
         """Remove the hooks and drop every saved tensor."""
-        for h in self._handles:
+        for h in (*self._handles, *self._registrations):
             h.remove()
         self._handles.clear()
+        self._registrations.clear()
         for t in self._exposing:
             _EXPOSING.pop(id(t.module), None)
             t.module.__dict__.pop("forward", None)
@@ -593,6 +606,39 @@ class Capture:
                 if id(p) not in seen:
                     seen.add(id(p))
                     yield t.param_names[local], p
+
+
+def _watch_registrations(capture: Capture, modules: dict[str, nn.Module], known: set[int]) -> list:
+    """Process-wide hooks that set ``capture.added`` when a module or parameter with trainable
+    parameters not among ``known`` (ids) is put into one of ``modules`` ({path: module}, the
+    model's when the capture was made): ``model.head = nn.Linear(...)``, an adapter. The
+    capture is held weakly, and the hooks go when it does (or at :meth:`Capture.remove`).
+    FSDP2's swaps of its own parameters do not go through them."""
+    ref = weakref.ref(capture)
+    paths = {id(m): path for path, m in modules.items()}
+
+    def note(parent: nn.Module, name: str, params) -> None:
+        c = ref()
+        if c is None or c.added is not None or id(parent) not in paths:
+            return
+        if any(p.requires_grad and id(p) not in known for p in params):
+            c.added = f"{paths[id(parent)]}.{name}".lstrip(".")
+
+    def on_module(parent, name, child):
+        if child is not None:
+            note(parent, name, child.parameters())
+
+    def on_parameter(parent, name, param):
+        if param is not None:
+            note(parent, name, [param])
+
+    handles = [
+        nn.modules.module.register_module_module_registration_hook(on_module),
+        nn.modules.module.register_module_parameter_registration_hook(on_parameter),
+    ]
+    for h in handles:
+        weakref.finalize(capture, h.remove)
+    return handles
 
 
 def _targets(model: nn.Module, on_unsupported: str) -> list[Target]:
