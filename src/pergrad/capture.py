@@ -42,8 +42,9 @@ class Target:
         rule: its rule.
         param_names: local parameter name -> name in ``model.named_parameters()``.
         calls: the calls captured since the last backward.
-        anchors: one per call, weak references to the gradient hooks of its outputs, which only
-            the call's autograd graph holds: all dead once the graph was dropped.
+        anchors: one per call, weak references to the gradient hooks of its outputs and internals
+            (or to its rule's gradient-building function), which only the call's autograd graph
+            holds: all dead once the graph was dropped.
         internals: what the rule's exposing forward returned for the call in progress.
         param_ids: ids of those parameters.
         shared: whether one of its parameters is also used by another module (tied weights).
