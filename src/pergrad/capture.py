@@ -511,22 +511,12 @@ class Capture:
                 "No forward pass was captured since the last backward: run the model's forward "
                 "(with gradients enabled, after creating PerExample, outside pe.paused()) before each backward."
             )
-        if self.added is not None:
+        if (change := self._unhooked_change()) is not None:
             self.clear()
             raise CaptureError(
-                f"the model changed after PerExample was created: '{self.added}' has trainable parameters "
-                "that pergrad does not hook, whose per-example gradients would be missing. Create it "
-                "again after changing the model (pe.remove(); pe = pergrad.PerExample(model, ...)); the "
-                "callbacks and pergrad train do not follow such a change."
-            )
-        thawed = [name for name, p in self._frozen if p.requires_grad]
-        if thawed:
-            self.clear()
-            raise CaptureError(
-                f"'{thawed[0]}'{f' and {len(thawed) - 1} more' if len(thawed) > 1 else ''} was frozen when "
-                "PerExample was created and is trainable now: pergrad hooks the parameters that train when "
-                "it is created. Create it again after changing which parameters train (pe.remove(); "
-                "pe = pergrad.PerExample(model, ...)); the callbacks and pergrad train do not follow such a change."
+                f"{change}: its per-example gradients would be missing. Create PerExample again after "
+                "changing the model or which parameters train (pe.remove(); pe = pergrad.PerExample(model, "
+                "...)); the callbacks and pergrad train do not follow such a change."
             )
         for t in self.targets:
             if t.calls and (reason := t.rule.check(t.module)):
@@ -579,6 +569,21 @@ class Capture:
     def paused(self) -> _Paused:
         """Context in which forwards are not captured (rules that recompute a forward)."""
         return _Paused(self)
+
+    def _unhooked_change(self) -> str | None:
+        """What the model gained since the capture was made that its hooks do not cover: a
+        trainable parameter put into it (:func:`_watch_registrations`) or one that was frozen
+        then; None if nothing."""
+        if self.added is not None:
+            return (
+                f"'{self.added}' has trainable parameters that pergrad does not hook (put into the model "
+                "after PerExample was created)"
+            )
+        thawed = [name for name, p in self._frozen if p.requires_grad]
+        if thawed:
+            more = f" (and {len(thawed) - 1} more)" if len(thawed) > 1 else ""
+            return f"'{thawed[0]}'{more} was frozen when PerExample was created and is trainable now, unhooked"
+        return None
 
     def clear(self) -> None:
         """Drop every saved tensor, and the example axes followed in the forward pass."""
